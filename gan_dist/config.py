@@ -1,0 +1,321 @@
+"""Typed run configuration.
+
+Defaults live in the dataclasses below. A YAML file (``--config``) and dotted command-line
+overrides (``train.batch_size=128``) are layered on top, then checked field by field, so a typo
+or a bad value stops the run before any process group exists, with a message that names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad key or value. The message names the key; entry points turn it into exit status 2."""
+
+
+def opt(default: Any, help: str, *, ge: float | None = None, gt: float | None = None, le: float | None = None):
+    """A config field with its documentation and an optional numeric range."""
+    meta = {"help": help, "ge": ge, "gt": gt, "le": le}
+    if dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: Literal["mnist", "fashion_mnist"] = opt("mnist", "dataset read with torchvision's IDX readers")
+    root: str = opt("data", "folder holding the IDX files, flat or as <root>/<MNIST|FashionMNIST>/raw/")
+    split: Literal["train", "test"] = opt("train", "split to train on")
+    download: bool = opt(True, "download into <root>/<Dataset>/raw when the files are missing")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: Literal["mlp", "dcgan"] = opt("mlp", "mlp: the tutorial's networks; dcgan: conditional conv nets")
+    z_dim: int = opt(100, "latent size", ge=1)
+    embed_dim: int = opt(10, "size of the label embedding fed to G (and to D with concat conditioning)", ge=1)
+    g_hidden: tuple[int, ...] = opt((256, 512, 1024), "mlp: hidden widths of G", ge=1)
+    d_hidden: tuple[int, ...] = opt((1024, 512, 256), "mlp: hidden widths of D", ge=1)
+    d_dropout: float = opt(0.3, "dropout after each hidden layer of D", ge=0.0, le=0.95)
+    width: int = opt(64, "dcgan: base channel count", ge=8)
+    conditioning: Literal["concat", "projection"] = opt(
+        "concat", "how D sees the label: concatenated embedding, or a projection head (Miyato 2018)"
+    )
+    spectral_norm: bool = opt(False, "spectral normalisation on every weight layer of D")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    kind: Literal["bce", "hinge"] = opt("bce", "bce: the tutorial's loss on logits; hinge: the SNGAN loss")
+    label_smoothing: float = opt(0.0, "bce only: one-sided smoothing, real targets become 1 - this", ge=0, le=0.5)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    g_lr: float = opt(1e-4, "Adam learning rate of G", gt=0)
+    d_lr: float = opt(1e-4, "Adam learning rate of D (TTUR: set it apart from g_lr)", gt=0)
+    g_betas: tuple[float, float] = opt((0.9, 0.999), "Adam betas of G", ge=0.0, le=0.9999)
+    d_betas: tuple[float, float] = opt((0.9, 0.999), "Adam betas of D", ge=0.0, le=0.9999)
+
+
+@dataclass(frozen=True)
+class EMAConfig:
+    enabled: bool = opt(False, "keep an exponential moving average of G; used for samples and evaluation")
+    decay: float = opt(0.999, "EMA decay per step; half-life = ln(0.5)/ln(decay) steps", gt=0.0, le=1.0)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = opt(64, "batch per rank and per D step; the global batch is this times the world size", ge=1)
+    epochs: int = opt(30, "passes over the data", ge=1)
+    max_steps: int | None = opt(None, "stop after this many steps (G updates), if set", ge=1)
+    seed: int = opt(0, "seeds init, data order and the per-rank noise and dropout streams", ge=0)
+    n_critic: int = opt(1, "D steps per G step; each D step takes its own real batch", ge=1)
+    resume: str = opt("auto", "auto: newest valid checkpoint in run_dir; never: fresh run; or a checkpoint path")
+
+
+@dataclass(frozen=True)
+class AmpConfig:
+    enabled: bool = opt(True, "autocast the forward passes and losses")
+    dtype: Literal["bfloat16", "float16"] = opt("bfloat16", "float16 is CUDA only and uses a GradScaler")
+
+
+@dataclass(frozen=True)
+class DistConfig:
+    device: Literal["auto", "cpu", "cuda"] = opt("auto", "auto: cuda:LOCAL_RANK when CUDA exists, else CPU")
+    bucket_cap_mb: float = opt(25.0, "DDP gradient bucket size", gt=0)
+    gradient_as_bucket_view: bool = opt(True, "let gradients alias DDP's buckets (saves a copy)")
+    sync_batchnorm: bool = opt(False, "convert BatchNorm to SyncBatchNorm (dcgan); else each rank keeps its own stats")
+    timeout_s: int = opt(600, "collective timeout", ge=10)
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = opt(1000, "save every this many steps (0: off)", ge=0)
+    every_minutes: float = opt(0.0, "also save when this many minutes passed since the last save (0: off)", ge=0)
+    keep_last: int = opt(3, "rolling checkpoints kept", ge=1)
+
+
+@dataclass(frozen=True)
+class WandbConfig:
+    mode: Literal["online", "offline", "disabled"] = opt("offline", "WANDB_MODE in the environment wins")
+    project: str = opt("gan_dist", "W&B project")
+    entity: str | None = opt(None, "W&B entity (team or user)")
+    name: str | None = opt(None, "run name; default: the run_dir's name")
+    group: str | None = opt(None, "run group")
+    tags: tuple[str, ...] = opt((), "run tags")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    every_steps: int = opt(50, "all-reduce and log metrics every this many steps", ge=1)
+    samples_every_steps: int = opt(0, "also write a sample grid every this many steps (0: once per epoch)", ge=0)
+    progress: bool = opt(True, "progress bar on rank 0 when stderr is a terminal")
+    wandb: WandbConfig = opt(WandbConfig(), "Weights & Biases")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every_steps: int = opt(0, "score G during training every this many steps (0: off); keeps checkpoints/best.pt", ge=0)
+    n_samples: int = opt(10000, "generated samples per evaluation, split evenly over classes and ranks", ge=10)
+    seed: int = opt(1234, "seed of the evaluation latents, fixed so runs compare", ge=0)
+    judge_dir: str = opt("~/.cache/gan_dist/judges", "cache of the trained judge classifiers")
+    batch_size: int = opt(500, "generation and feature batch", ge=1)
+
+
+@dataclass(frozen=True)
+class Config:
+    run_dir: str = opt("runs/default", "where everything a run writes goes")
+    data: DataConfig = opt(DataConfig(), "dataset")
+    model: ModelConfig = opt(ModelConfig(), "networks")
+    loss: LossConfig = opt(LossConfig(), "GAN loss")
+    optim: OptimConfig = opt(OptimConfig(), "optimizers")
+    ema: EMAConfig = opt(EMAConfig(), "generator EMA")
+    train: TrainConfig = opt(TrainConfig(), "training loop")
+    amp: AmpConfig = opt(AmpConfig(), "mixed precision")
+    dist: DistConfig = opt(DistConfig(), "devices and DDP")
+    checkpoint: CheckpointConfig = opt(CheckpointConfig(), "checkpoints")
+    log: LogConfig = opt(LogConfig(), "metrics, samples, W&B")
+    eval: EvalConfig = opt(EvalConfig(), "quality metrics")
+
+    def __post_init__(self) -> None:
+        if self.loss.kind == "hinge" and self.loss.label_smoothing > 0:
+            raise ConfigError("loss.label_smoothing: only applies to loss.kind=bce")
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"list of {_type_name(args[0])}"
+        return f"list of {len(args)} {_type_name(args[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it in canonical form."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise bad
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(tp):
+            return None
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        args = typing.get_args(tp)
+        if args[1:] == (Ellipsis,):
+            return tuple(_coerce(v, args[0], key) for v in value)
+        if len(value) != len(args):
+            raise bad
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise bad from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise bad
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    raise TypeError(f"unsupported config type {tp!r} at {key}")
+
+
+def _check_range(value: Any, meta: typing.Mapping[str, Any], key: str) -> None:
+    """Apply the field's ge/gt/le bounds to a number, or to each number of a list."""
+    for v in value if isinstance(value, tuple) else (value,):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        for name, holds, word in (("ge", operator.ge, ">="), ("gt", operator.gt, ">"), ("le", operator.le, "<=")):
+            bound = meta.get(name)
+            if bound is not None and not holds(v, bound):
+                raise ConfigError(f"{key}: expected values {word} {bound}, got {value!r}")
+
+
+def from_dict(cls: type, data: typing.Mapping[str, Any], prefix: str = "") -> Any:
+    """Build the dataclass ``cls`` from a nested mapping; every key and value is checked."""
+    if not isinstance(data, typing.Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if name not in known:
+            raise ConfigError(f"unknown config key '{key}'; known here: {', '.join(known)}")
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = from_dict(tp, value if value is not None else {}, f"{key}.")
+        else:
+            kwargs[name] = _coerce(value, tp, key)
+            _check_range(kwargs[name], known[name].metadata, key)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: '{part}' is not a section")
+        node = child
+    node[leaf] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``a.b=value`` -> ("a.b", YAML-parsed value), so ``true``, ``3`` and ``[1, 2]`` get their types."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override '{item}': expected key=value")
+    try:
+        return key, yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        return key, raw
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Defaults, then the YAML file, then the overrides; validated as a whole."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except OSError as e:
+            raise ConfigError(f"--config: cannot read {path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config: {path} is not valid YAML: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"--config: {path} must hold a mapping at the top level")
+        tree = loaded or {}
+    for item in overrides:
+        _set_dotted(tree, *parse_override(item))
+    return from_dict(Config, tree)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict of builtins (tuples become lists): safe for YAML, JSON and ``weights_only``."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, (tuple, list)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[str]:
+    """One line per leaf key: name, type, default and meaning (for ``--help``)."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines += describe(tp, f"{prefix}{f.name}.")
+            continue
+        default = getattr(defaults, f.name)
+        shown = yaml.safe_dump(list(default) if isinstance(default, tuple) else default,
+                               default_flow_style=True).strip().removesuffix("...").strip()
+        lines.append(f"  {prefix}{f.name} ({_type_name(tp)}) = {shown}\n      {f.metadata['help']}")
+    return lines

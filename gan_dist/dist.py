@@ -1,0 +1,106 @@
+"""The distributed environment, read once from the launcher's variables and passed around.
+
+torchrun, submitit (through ``launch.slurm``) and a plain ``python -m`` all end up here: RANK,
+LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT are the whole contract.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+
+from gan_dist.config import DistConfig
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    device: torch.device
+    control: tdist.ProcessGroup | None = None
+    """A gloo group for host-side flags (stop signals, save status): agreeing on them never syncs a GPU."""
+
+    @property
+    def is_main(self) -> bool:
+        """Global rank 0: the only process that writes files, logs and checkpoints."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.distributed:
+            tdist.barrier(group=self.control)
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when it is true on some rank. Every rank must call it."""
+        if not self.distributed:
+            return flag
+        t = torch.tensor([int(flag)], dtype=torch.int32)
+        tdist.all_reduce(t, op=tdist.ReduceOp.MAX, group=self.control)
+        return bool(t.item())
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum a tensor over ranks in place (on the training device's backend)."""
+        if self.distributed:
+            tdist.all_reduce(t)
+        return t
+
+    def all_gather_cat(self, t: torch.Tensor) -> torch.Tensor:
+        """Concatenate along dim 0 the tensors of every rank, in rank order; shapes may differ in dim 0."""
+        if not self.distributed:
+            return t
+        sizes = [torch.zeros(1, dtype=torch.int64, device=t.device) for _ in range(self.world_size)]
+        tdist.all_gather(sizes, torch.tensor([t.shape[0]], device=t.device))
+        top = int(max(s.item() for s in sizes))
+        padded = torch.zeros((top, *t.shape[1:]), dtype=t.dtype, device=t.device)
+        padded[: t.shape[0]] = t
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        tdist.all_gather(parts, padded)
+        return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
+
+
+def _env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def setup(cfg: DistConfig) -> DistEnv:
+    """Join the process group described by the environment (or run alone when there is none)."""
+    rank, world = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
+    local_rank, local_world = _env_int("LOCAL_RANK", 0), _env_int("LOCAL_WORLD_SIZE", 1)
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        # Each rank gets its share of the cores, so N ranks never oversubscribe the node.
+        torch.set_num_threads(max(1, usable_cores() // local_world))
+    control = None
+    if world > 1:
+        timeout = datetime.timedelta(seconds=cfg.timeout_s)
+        tdist.init_process_group(
+            "nccl" if use_cuda else "gloo",
+            rank=rank,
+            world_size=world,
+            timeout=timeout,
+            **({"device_id": device} if use_cuda else {}),
+        )
+        control = tdist.new_group(backend="gloo", timeout=timeout) if use_cuda else tdist.group.WORLD
+    return DistEnv(rank, local_rank, world, local_world, device, control)
+
+
+def teardown(env: DistEnv) -> None:
+    if env.distributed and tdist.is_initialized():
+        tdist.destroy_process_group()

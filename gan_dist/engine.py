@@ -1,0 +1,209 @@
+"""One GAN iteration under DDP: ``n_critic`` D steps, then one G step.
+
+The phases follow StyleGAN2-ADA's loop:
+- D step: fakes are made by the bare G under ``no_grad``; only D's DDP all-reduces.
+- G step: D is frozen and runs inside ``D.no_sync()``, so D's gradients are never computed
+  nor all-reduced; only G's DDP all-reduces.
+Every random draw (noise, fake labels, dropout masks) is a function of (seed, rank, step), so a
+resumed run replays exactly the streams an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from gan_dist.config import AmpConfig, Config, ConfigError, LossConfig
+from gan_dist.data import NUM_CLASSES
+from gan_dist.dist import DistEnv
+from gan_dist.models import EMA, build_models
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers; close inputs give unrelated streams."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class NoiseStream:
+    """Latents and fake labels of one rank, reseeded from (seed, rank, step, phase) at every draw."""
+
+    def __init__(self, seed: int, rank: int, z_dim: int, device: torch.device) -> None:
+        self.seed, self.rank, self.z_dim, self.device = seed, rank, z_dim, device
+        self.gen = torch.Generator(device)
+
+    def draw(self, step: int, phase: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self.gen.manual_seed(derive_seed(self.seed, self.rank, step, phase))
+        z = torch.randn(n, self.z_dim, generator=self.gen, device=self.device)
+        labels = torch.randint(0, NUM_CLASSES, (n,), generator=self.gen, device=self.device)
+        return z, labels
+
+    def seed_dropout(self, step: int) -> None:
+        """Dropout draws from the default generator; pin it to the step too."""
+        torch.manual_seed(derive_seed(self.seed, self.rank, step, -1))
+
+
+class GANLoss:
+    """Losses on raw logits, computed in float32 (autocast would otherwise run them in bf16/fp16)."""
+
+    def __init__(self, cfg: LossConfig) -> None:
+        self.kind = cfg.kind
+        self.real_target = 1.0 - cfg.label_smoothing
+
+    def d(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+        real, fake = real.float(), fake.float()
+        if self.kind == "hinge":
+            return F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean()
+        return (F.binary_cross_entropy_with_logits(real, torch.full_like(real, self.real_target))
+                + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake)))
+
+    def g(self, fake: torch.Tensor) -> torch.Tensor:
+        fake = fake.float()
+        if self.kind == "hinge":
+            return -fake.mean()
+        return F.binary_cross_entropy_with_logits(fake, torch.ones_like(fake))
+
+
+class Precision:
+    """Autocast plus, for float16, the one GradScaler of both optimizers."""
+
+    def __init__(self, cfg: AmpConfig, device: torch.device) -> None:
+        self.dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float16
+        self.enabled = cfg.enabled
+        if cfg.enabled and self.dtype == torch.float16 and device.type != "cuda":
+            raise ConfigError("amp.dtype: float16 needs CUDA; use bfloat16 on CPU")
+        self.device_type = device.type
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.enabled and self.dtype == torch.float16)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
+
+    def step(self, loss: torch.Tensor, opt: torch.optim.Optimizer) -> None:
+        opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(opt)
+
+
+def _adam(module: nn.Module, lr: float, betas: tuple[float, float], device: torch.device) -> torch.optim.Adam:
+    # Fused Adam is one kernel for all parameters on CUDA; foreach is the fast path on CPU.
+    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.Adam(module.parameters(), lr=lr, betas=betas, **fast)
+
+
+@dataclass
+class StepMetrics:
+    """Per-iteration values, kept on the device: reading them would sync the GPU every step."""
+
+    d_loss: torch.Tensor
+    g_loss: torch.Tensor
+    d_real: torch.Tensor
+    d_fake: torch.Tensor
+
+    def stacked(self) -> torch.Tensor:
+        return torch.stack([self.d_loss, self.g_loss, self.d_real, self.d_fake])
+
+
+NAMES = ("d_loss", "g_loss", "d_real", "d_fake")
+
+
+class GANEngine:
+    """Networks, optimizers and the two phases. Owns nothing about files or logging."""
+
+    def __init__(self, cfg: Config, env: DistEnv) -> None:
+        torch.manual_seed(cfg.train.seed)  # identical init on every rank; DDP also broadcasts rank 0's
+        g, d = build_models(cfg.model)
+        if cfg.dist.sync_batchnorm and env.distributed:
+            g, d = nn.SyncBatchNorm.convert_sync_batchnorm(g), nn.SyncBatchNorm.convert_sync_batchnorm(d)
+        self.generator, self.discriminator = g.to(env.device), d.to(env.device)
+        self.G, self.D = self._wrap(self.generator, cfg, env), self._wrap(self.discriminator, cfg, env)
+        self.opt_g = _adam(self.generator, cfg.optim.g_lr, cfg.optim.g_betas, env.device)
+        self.opt_d = _adam(self.discriminator, cfg.optim.d_lr, cfg.optim.d_betas, env.device)
+        self.ema = EMA(self.generator, cfg.ema.decay) if cfg.ema.enabled else None
+        self.precision = Precision(cfg.amp, env.device)
+        self.loss = GANLoss(cfg.loss)
+        self.noise = NoiseStream(cfg.train.seed, env.rank, cfg.model.z_dim, env.device)
+
+    @staticmethod
+    def _wrap(module: nn.Module, cfg: Config, env: DistEnv) -> nn.Module:
+        if not env.distributed:
+            return module
+        return DDP(
+            module,
+            device_ids=[env.device.index] if env.device.type == "cuda" else None,
+            # BatchNorm stats stay per rank (or SyncBatchNorm): broadcasting them before each of D's
+            # two forwards rewrites buffers that autograd saved, an in-place error in recent PyTorch.
+            broadcast_buffers=False,
+            bucket_cap_mb=cfg.dist.bucket_cap_mb,
+            gradient_as_bucket_view=cfg.dist.gradient_as_bucket_view,
+        )
+
+    @property
+    def sampler(self) -> nn.Module:
+        """The generator that samples and evaluation use: the EMA when there is one."""
+        return self.ema.module if self.ema is not None else self.generator
+
+    def d_step(self, real: torch.Tensor, labels: torch.Tensor, z: torch.Tensor, fake_labels: torch.Tensor):
+        with torch.no_grad(), self.precision.autocast():
+            fake = self.generator(z, fake_labels)
+        with self.precision.autocast():
+            real_logits = self.D(real, labels)
+            fake_logits = self.D(fake, fake_labels)
+            loss = self.loss.d(real_logits, fake_logits)
+        self.precision.step(loss, self.opt_d)
+        with torch.no_grad():
+            return loss.detach(), torch.sigmoid(real_logits.float()).mean(), torch.sigmoid(fake_logits.float()).mean()
+
+    def g_step(self, z: torch.Tensor, fake_labels: torch.Tensor) -> torch.Tensor:
+        self.discriminator.requires_grad_(False)
+        try:
+            no_sync = self.D.no_sync() if isinstance(self.D, DDP) else contextlib.nullcontext()
+            with no_sync, self.precision.autocast():
+                loss = self.loss.g(self.D(self.G(z, fake_labels), fake_labels))
+            self.precision.step(loss, self.opt_g)
+        finally:
+            self.discriminator.requires_grad_(True)
+        return loss.detach()
+
+    def iteration(self, step: int, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> StepMetrics:
+        """One D step per real batch, then one G step; ``step`` picks the random streams."""
+        self.noise.seed_dropout(step)
+        scaler = self.precision.scaler
+        for phase, (real, labels) in enumerate(batches):
+            if phase:  # a second step() on opt_d needs the scaler updated in between
+                scaler.update()
+            d_loss, d_real, d_fake = self.d_step(real, labels, *self.noise.draw(step, phase, real.shape[0]))
+        g_loss = self.g_step(*self.noise.draw(step, len(batches), batches[0][0].shape[0]))
+        scaler.update()
+        if self.ema is not None:
+            self.ema.update(self.generator)
+        return StepMetrics(d_loss, g_loss, d_real, d_fake)
+
+    # ---- checkpoint plumbing: plain state dicts only, so ``torch.load(weights_only=True)`` reads them
+    def state_dict(self) -> dict:
+        state = {
+            "generator": self.generator.state_dict(),
+            "discriminator": self.discriminator.state_dict(),
+            "opt_g": self.opt_g.state_dict(),
+            "opt_d": self.opt_d.state_dict(),
+            "scaler": self.precision.scaler.state_dict(),
+        }
+        if self.ema is not None:
+            state["generator_ema"] = self.ema.module.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.load_state_dict(state["generator"])
+        self.discriminator.load_state_dict(state["discriminator"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_d.load_state_dict(state["opt_d"])
+        self.precision.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            # A checkpoint from a run without EMA starts the average from the current G.
+            self.ema.module.load_state_dict(state.get("generator_ema", state["generator"]))

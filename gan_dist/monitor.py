@@ -1,0 +1,176 @@
+"""What a run shows: metrics on the console, in ``metrics.jsonl`` and W&B, and fixed-noise sample grids.
+
+All ranks call in at the same steps (the metric all-reduce is a collective); only global rank 0
+touches files or W&B. W&B is optional at run time: if it cannot start, training goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torchvision.utils import make_grid, save_image
+
+from gan_dist.config import LogConfig, WandbConfig
+from gan_dist.data import NUM_CLASSES
+from gan_dist.dist import DistEnv
+from gan_dist.engine import NAMES, StepMetrics, derive_seed
+
+
+def start_wandb(cfg: WandbConfig, run_dir: Path, config: dict[str, Any], run_id: str | None):
+    """Open (or reopen, by id) the W&B run on rank 0. Returns None when disabled or when W&B fails."""
+    mode = os.environ.get("WANDB_MODE", cfg.mode)
+    if mode == "disabled":
+        return None
+    try:
+        import wandb
+
+        return wandb.init(
+            mode=mode,
+            project=cfg.project,
+            entity=cfg.entity,
+            name=cfg.name or run_dir.name,
+            group=cfg.group,
+            tags=list(cfg.tags),
+            config=config,
+            dir=str(run_dir),
+            id=run_id,
+            resume="allow",
+            settings=wandb.Settings(console="off", init_timeout=60),
+        )
+    except Exception as e:  # no network, no key, bad entity, broken install: never fatal
+        print(f"warning: W&B did not start ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+              "logging to the console and metrics.jsonl only", file=sys.stderr, flush=True)
+        return None
+
+
+def last_logged_step(path: Path) -> int:
+    """The highest step already in ``metrics.jsonl`` (0 if none): steps up to it are replays."""
+    last = 0
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                last = max(last, int(json.loads(line).get("step", 0)))
+            except (ValueError, AttributeError):
+                continue  # a line cut short by a crash
+    return last
+
+
+class MetricLogger:
+    """Accumulates step metrics on the device and reduces them over ranks every ``log.every_steps``.
+
+    After a resume, steps up to the last one already logged are written again to ``metrics.jsonl``
+    with ``"replayed": true`` (the newest record of a step wins) and are not sent to W&B, whose
+    step axis must only rise.
+    """
+
+    def __init__(self, cfg: LogConfig, env: DistEnv, run_dir: Path, wandb_run, batch_per_rank: int) -> None:
+        self.cfg, self.env, self.wandb = cfg, env, wandb_run
+        self.path = run_dir / "metrics.jsonl"
+        self.replay_until = last_logged_step(self.path) if env.is_main else 0
+        self.batch = batch_per_rank
+        self.sums = torch.zeros(len(NAMES), device=env.device)
+        self.count = 0
+        self.window_start = time.perf_counter()
+        self.lrs: dict[str, float] = {}
+
+    def update(self, metrics: StepMetrics) -> None:
+        self.sums += metrics.stacked()
+        self.count += 1
+
+    def due(self, step: int) -> bool:
+        return step % self.cfg.every_steps == 0
+
+    def flush(self, step: int, epoch: int, lrs: dict[str, float]) -> dict[str, float] | None:
+        """Every rank calls this at the same step: one all-reduce of the means and the images/s."""
+        if self.count == 0:
+            return None
+        elapsed = time.perf_counter() - self.window_start
+        local = torch.cat([self.sums / self.count, torch.tensor([self.count * self.batch / elapsed],
+                                                                device=self.sums.device)])
+        total = self.env.all_reduce_sum(local).tolist()  # the one host sync of the window
+        record: dict[str, Any] = {"step": step, "epoch": epoch}
+        record |= {k: v / self.env.world_size for k, v in zip(NAMES, total)}
+        record["images_per_s"] = total[-1]
+        self.sums.zero_()
+        self.count = 0
+        self.window_start = time.perf_counter()
+        if self.env.is_main:
+            self._write(record, lrs)
+        return record
+
+    def _write(self, record: dict[str, Any], lrs: dict[str, float]) -> None:
+        replayed = record["step"] <= self.replay_until
+        with self.path.open("a") as f:
+            f.write(json.dumps(record | ({"replayed": True} if replayed else {})) + "\n")
+        print(f"step {record['step']:>7} epoch {record['epoch']:>3} | d_loss {record['d_loss']:.4f} "
+              f"g_loss {record['g_loss']:.4f} D(x) {record['d_real']:.3f} D(G(z)) {record['d_fake']:.3f} | "
+              f"{record['images_per_s']:.0f} img/s" + (" (replayed)" if replayed else ""), flush=True)
+        if self.wandb is not None and not replayed:
+            extra = {f"lr/{k}": v for k, v in lrs.items()}
+            if self.env.device.type == "cuda":
+                extra["gpu/max_allocated_gb"] = torch.cuda.max_memory_allocated(self.env.device) / 2**30
+            train = {f"train/{k}": v for k, v in record.items() if k != "step"}
+            self.wandb.log(train | extra, step=record["step"])
+
+    def log_image(self, step: int, key: str, path: Path, caption: str) -> None:
+        if self.wandb is not None and step > self.replay_until:
+            import wandb
+
+            self.wandb.log({key: wandb.Image(str(path), caption=caption)}, step=step)
+
+
+def fixed_noise(z_dim: int, columns: int, seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``columns`` latents shared by all classes, so a grid row differs from the next only by the label."""
+    gen = torch.Generator("cpu").manual_seed(derive_seed(seed, 0xC0FFEE))
+    z = torch.randn(columns, z_dim, generator=gen).repeat(NUM_CLASSES, 1)
+    labels = torch.arange(NUM_CLASSES).repeat_interleave(columns)
+    return z.to(device), labels.to(device)
+
+
+@torch.no_grad()
+def generate(generator: nn.Module, z: torch.Tensor, labels: torch.Tensor, batch: int = 1000) -> torch.Tensor:
+    """Images in [-1, 1], from G in eval mode (BatchNorm uses its running stats), restoring its mode."""
+    was_training = generator.training
+    generator.eval()
+    try:
+        return torch.cat([generator(z[i:i + batch], labels[i:i + batch]).float()
+                          for i in range(0, z.shape[0], batch)])
+    finally:
+        generator.train(was_training)
+
+
+def save_grid(images: torch.Tensor, path: Path, columns: int) -> Path:
+    """A PNG grid of images in [-1, 1]; one class per row when ``images`` come from ``fixed_noise``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid = make_grid(images.cpu(), nrow=columns, padding=2, normalize=True, value_range=(-1, 1), pad_value=0.5)
+    save_image(grid, path)
+    return path
+
+
+class SampleWriter:
+    """The 10×10 fixed-noise grid, written by rank 0 as ``samples/step_<N>.png`` and sent to W&B."""
+
+    COLUMNS = 10
+
+    def __init__(self, cfg: LogConfig, env: DistEnv, run_dir: Path, z_dim: int, seed: int,
+                 logger: MetricLogger) -> None:
+        self.every = cfg.samples_every_steps
+        self.env, self.folder, self.logger = env, run_dir / "samples", logger
+        self.z, self.labels = fixed_noise(z_dim, self.COLUMNS, seed, env.device)
+
+    def due(self, step: int) -> bool:
+        return self.every > 0 and step % self.every == 0
+
+    def write(self, step: int, generator: nn.Module) -> Path | None:
+        if not self.env.is_main:
+            return None
+        path = save_grid(generate(generator, self.z, self.labels), self.folder / f"step_{step}.png", self.COLUMNS)
+        self.logger.log_image(step, "samples/grid", path, f"step {step}: one class per row, fixed noise")
+        return path

@@ -1,0 +1,230 @@
+"""Train a conditional GAN, on one process or many.
+
+One process (CPU or one GPU):
+    python -m gan_dist.train --config configs/mnist_dcgan.yaml
+Several ranks on one machine (NCCL on GPUs, gloo on CPU):
+    torchrun --nproc_per_node=4 -m gan_dist.train --config configs/mnist_dcgan.yaml train.batch_size=128
+Offline, on Debian's Fashion-MNIST (apt-get install dataset-fashion-mnist):
+    python -m gan_dist.train data.name=fashion_mnist data.root=/usr/share/datasets/fashion-mnist
+Slurm: python -m launch.slurm (it ends up in ``main`` below, with the same arguments).
+
+``--help`` lists every config key; ``--dry-run`` prints the resolved config and exits.
+Exit status: 0 done; 2 bad config, data or checkpoint; 75 stopped by a signal after saving (requeue me).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from gan_dist.checkpoint import FORMAT_VERSION, Checkpointer, CheckpointError, check_shapes
+from gan_dist.config import Config, ConfigError, describe, load_config, to_dict, to_yaml
+from gan_dist.data import DataError, ShardedBatches, load_split
+from gan_dist.dist import DistEnv, setup, teardown
+from gan_dist.engine import GANEngine
+from gan_dist.monitor import MetricLogger, SampleWriter, start_wandb
+
+EXIT_USAGE = 2
+EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped cleanly on a signal, a checkpoint is on disk
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGUSR1/SIGUSR2. The handler only records the signal: the ranks agree on it
+    at the next step boundary, outside any handler, and then save and exit together."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame) -> None:
+        self.signum = signum
+
+
+class Position:
+    """Where a run is: the steps done, the epoch, and the next batch inside that epoch."""
+
+    def __init__(self, steps_per_epoch: int, n_critic: int) -> None:
+        self.steps_per_epoch, self.n_critic = steps_per_epoch, n_critic
+        self.step = self.epoch = self.batch = 0
+
+    def advance(self) -> None:
+        self.step += 1
+        self.batch += self.n_critic
+        if self.batch >= self.steps_per_epoch * self.n_critic:
+            self.epoch, self.batch = self.epoch + 1, 0
+
+
+class Trainer:
+    """Wires the components of one run and drives the loop; every rank runs the same calls."""
+
+    def __init__(self, cfg: Config, env: DistEnv) -> None:
+        self.cfg, self.env = cfg, env
+        self.run_dir = Path(cfg.run_dir)
+        if env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+        images, labels = load_split(cfg.data, env)
+        self.data = ShardedBatches(images, labels, cfg.train.batch_size, env.rank, env.world_size, cfg.train.seed)
+        self.engine = GANEngine(cfg, env)
+        self.pos = Position(len(self.data) // cfg.train.n_critic, cfg.train.n_critic)
+        if self.pos.steps_per_epoch == 0:
+            raise DataError(f"{len(self.data)} batches per rank cannot feed train.n_critic={cfg.train.n_critic}")
+        total = cfg.train.epochs * self.pos.steps_per_epoch
+        self.total_steps = min(total, cfg.train.max_steps or total)
+        self.checkpointer = Checkpointer(cfg.checkpoint, self.run_dir, env)
+        run_id = self._restore(self.checkpointer.resume_state(cfg.train.resume))
+        wandb_run = start_wandb(cfg.log.wandb, self.run_dir, to_dict(cfg), run_id) if env.is_main else None
+        self.wandb_id = wandb_run.id if wandb_run is not None else run_id
+        self.logger = MetricLogger(cfg.log, env, self.run_dir, wandb_run, cfg.train.batch_size)
+        self.samples = SampleWriter(cfg.log, env, self.run_dir, cfg.model.z_dim, cfg.train.seed, self.logger)
+        self.stop = StopFlag()
+
+    def _say(self, message: str) -> None:
+        if self.env.is_main:
+            print(message, flush=True)
+
+    def _restore(self, state: dict | None) -> str | None:
+        """Load a checkpoint into the engine and the position; returns the saved W&B run id."""
+        if state is None:
+            return None
+        path = Path(state["path"])
+        check_shapes(path, "generator", state["generator"], self.engine.generator)
+        check_shapes(path, "discriminator", state["discriminator"], self.engine.discriminator)
+        self.engine.load_state_dict(state)
+        self.pos.step, self.pos.epoch, self.pos.batch = state["step"], state["epoch"], state["batch"]
+        note = ""
+        if state["world_size"] != self.env.world_size:
+            # Re-shard from the same point of the epoch, counted in samples seen; exactness is lost.
+            seen = state["batch"] * state["world_size"] * self.cfg.train.batch_size
+            per_step = self.env.world_size * self.cfg.train.batch_size * self.cfg.train.n_critic
+            self.pos.batch = seen // per_step * self.cfg.train.n_critic
+            if self.pos.batch >= self.pos.steps_per_epoch * self.cfg.train.n_critic:
+                self.pos.epoch, self.pos.batch = self.pos.epoch + 1, 0
+            note = (f"; world size {state['world_size']} -> {self.env.world_size}: data re-sharded, "
+                    "the run is no longer bit-exact")
+        self._say(f"resuming from {path} at step {self.pos.step} (epoch {self.pos.epoch}, batch {self.pos.batch}){note}")
+        return state.get("wandb_run_id")
+
+    def state(self) -> dict:
+        return self.engine.state_dict() | {
+            "format_version": FORMAT_VERSION,
+            "step": self.pos.step,
+            "epoch": self.pos.epoch,
+            "batch": self.pos.batch,
+            "world_size": self.env.world_size,
+            "rng": {"seed": self.cfg.train.seed, "scheme": "blake2b(seed/rank/step/phase) reseeded every step"},
+            "config": to_dict(self.cfg),
+            "wandb_run_id": self.wandb_id,
+        }
+
+    def save(self) -> None:
+        path = self.checkpointer.save(self.state(), self.pos.step)
+        self._say(f"saved {path}")
+
+    def fit(self) -> int:
+        cfg, pos = self.cfg, self.pos
+        self._say(f"world size {self.env.world_size} on {self.env.device.type}; global batch "
+                  f"{cfg.train.batch_size * self.env.world_size}; {pos.steps_per_epoch} steps per epoch; "
+                  f"training to step {self.total_steps}")
+        lrs = {"g": cfg.optim.g_lr, "d": cfg.optim.d_lr}
+        progress = Progress(self.total_steps, enabled=self.env.is_main and cfg.log.progress)
+        while pos.step < self.total_steps:
+            epoch = pos.epoch
+            batches = self.data.epoch(epoch, start=pos.batch)
+            while pos.epoch == epoch and pos.step < self.total_steps:
+                reals = [next(batches) for _ in range(cfg.train.n_critic)]
+                self.logger.update(self.engine.iteration(pos.step, reals))
+                pos.advance()
+                progress.update(pos.step)
+                if self.logger.due(pos.step):
+                    self.logger.flush(pos.step, pos.epoch, lrs)
+                if self.samples.due(pos.step):
+                    self.samples.write(pos.step, self.engine.sampler)
+                stopping = self.env.any(self.stop.signum is not None)
+                if stopping or (self.checkpointer.due(pos.step) and pos.step < self.total_steps):
+                    self.save()
+                if stopping:
+                    self.logger.flush(pos.step, pos.epoch, lrs)
+                    self._say(f"stopped by signal at step {pos.step}; exit {EXIT_REQUEUE} to requeue")
+                    return EXIT_REQUEUE
+            if pos.epoch != epoch and not self.samples.due(pos.step):
+                self.samples.write(pos.step, self.engine.sampler)
+        progress.close()
+        self.logger.flush(pos.step, pos.epoch, lrs)
+        if not self.samples.due(pos.step) and pos.batch != 0:
+            self.samples.write(pos.step, self.engine.sampler)
+        self.save()
+        self._say(f"done: {pos.step} steps in {self.run_dir}")
+        return 0
+
+    def close(self) -> None:
+        if self.logger.wandb is not None:
+            self.logger.wandb.finish()
+
+
+class Progress:
+    """A one-line progress bar on a terminal; silent in logs and files."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.enabled = total, enabled and sys.stderr.isatty()
+        self.start, self.first = time.perf_counter(), None
+
+    def update(self, step: int) -> None:
+        if not self.enabled:
+            return
+        self.first = self.first or step
+        rate = (step - self.first + 1) / max(time.perf_counter() - self.start, 1e-9)
+        width = 30
+        done = width * step // self.total
+        sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {step}/{self.total} {rate:.1f} it/s")
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m gan_dist.train",
+        description="Train a conditional GAN (see the module docstring for launch examples).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config keys (override as key=value):\n" + "\n".join(describe()),
+    )
+    parser.add_argument("--config", help="YAML file layered over the defaults")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.dry_run:
+        print(to_yaml(cfg), end="")
+        return 0
+    env = setup(cfg.dist)
+    trainer = None
+    try:
+        trainer = Trainer(cfg, env)
+        return trainer.fit()
+    except (ConfigError, DataError, CheckpointError) as e:
+        print(f"error (rank {env.rank}): {e}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+    finally:
+        if trainer is not None:
+            trainer.close()
+        teardown(env)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
