@@ -60,7 +60,7 @@ def _read_idx(path: Path, reader) -> torch.Tensor:
             shutil.copyfileobj(src, tmp)
             tmp.flush()
             return reader(tmp.name)
-    except (OSError, AssertionError, ValueError, TypeError, EOFError) as e:
+    except (OSError, AssertionError, ValueError, TypeError, EOFError, RuntimeError) as e:  # torchvision: bare asserts, view errors
         raise DataError(f"cannot read {path}: {e or type(e).__name__}") from None
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -119,6 +120,8 @@ class GANEngine:
     def __init__(self, cfg: Config, env: DistEnv) -> None:
         torch.manual_seed(cfg.train.seed)  # identical init on every rank; DDP also broadcasts rank 0's
         g, d = build_models(cfg.model)
+        if cfg.dist.sync_batchnorm and env.device.type != "cuda":
+            raise ConfigError("dist.sync_batchnorm: SyncBatchNorm needs CUDA; on CPU each rank keeps its own stats")
         if cfg.dist.sync_batchnorm and env.distributed:
             g, d = nn.SyncBatchNorm.convert_sync_batchnorm(g), nn.SyncBatchNorm.convert_sync_batchnorm(d)
         self.generator, self.discriminator = g.to(env.device), d.to(env.device)
@@ -134,15 +137,19 @@ class GANEngine:
     def _wrap(module: nn.Module, cfg: Config, env: DistEnv) -> nn.Module:
         if not env.distributed:
             return module
-        return DDP(
-            module,
-            device_ids=[env.device.index] if env.device.type == "cuda" else None,
-            # BatchNorm stats stay per rank (or SyncBatchNorm): broadcasting them before each of D's
-            # two forwards rewrites buffers that autograd saved, an in-place error in recent PyTorch.
-            broadcast_buffers=False,
-            bucket_cap_mb=cfg.dist.bucket_cap_mb,
-            gradient_as_bucket_view=cfg.dist.gradient_as_bucket_view,
-        )
+        # torch 2.14 deprecates broadcast_buffers for forward_sync_buffers, which still syncs at init;
+        # broadcast_buffers=False is the spelling with the same meaning on every torch from 2.4.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+            return DDP(
+                module,
+                device_ids=[env.device.index] if env.device.type == "cuda" else None,
+                # BatchNorm stats stay per rank (or SyncBatchNorm): broadcasting them before each of D's
+                # two forwards rewrites buffers that autograd saved, an in-place error in recent PyTorch.
+                broadcast_buffers=False,
+                bucket_cap_mb=cfg.dist.bucket_cap_mb,
+                gradient_as_bucket_view=cfg.dist.gradient_as_bucket_view,
+            )
 
     @property
     def sampler(self) -> nn.Module:

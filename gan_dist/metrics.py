@@ -1,0 +1,99 @@
+"""Sample-quality metrics on feature vectors: FID, intra-class FID, k-NN precision/recall, accuracy.
+
+Pure functions of tensors, so they are tested against NumPy/SciPy references and know nothing
+about ranks: the evaluator gathers the features first and every rank computes the same numbers.
+FID is computed in float64; the k-NN distances in the features' own dtype, chunked so a 10k×10k
+distance matrix never exists at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+CHUNK = 2048  # rows of a distance matrix held at once: 2048 × 10k float32 is 80 MB
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Mean and covariance of a feature set, float64: what FID compares."""
+
+    mean: torch.Tensor
+    cov: torch.Tensor
+
+    @classmethod
+    def of(cls, features: torch.Tensor) -> Stats:
+        """Unbiased (n - 1) covariance, as NumPy's ``cov`` and the reference FID code use."""
+        if features.shape[0] < 2:
+            raise ValueError(f"FID needs at least 2 samples per set, got {features.shape[0]}")
+        x = features.double()
+        mean = x.mean(0)
+        centred = x - mean
+        return cls(mean, centred.T @ centred / (x.shape[0] - 1))
+
+
+def _psd_sqrt(matrix: torch.Tensor) -> torch.Tensor:
+    """Square root of a symmetric PSD matrix by eigh; round-off negative eigenvalues become 0, never NaN."""
+    values, vectors = torch.linalg.eigh((matrix + matrix.T) / 2)
+    return (vectors * values.clamp_min(0).sqrt()) @ vectors.T
+
+
+def frechet_distance(a: Stats, b: Stats) -> float:
+    """||μa − μb||² + tr Ca + tr Cb − 2 tr (Ca Cb)^½.
+
+    tr (Ca Cb)^½ = tr (Ca^½ Cb Ca^½)^½: the product Ca Cb is not symmetric, its similar form is, so
+    its eigenvalues come from eigh and are clamped at 0. A singular covariance (fewer samples than
+    dimensions) stays finite, where scipy's ``sqrtm`` of the product can return complex values.
+    """
+    root_a = _psd_sqrt(a.cov)
+    middle = root_a @ b.cov @ root_a
+    cross = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp_min(0).sqrt().sum()
+    diff = a.mean - b.mean
+    return float(diff @ diff + a.cov.trace() + b.cov.trace() - 2 * cross)
+
+
+def fid(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """FID between two feature sets [N, D] and [M, D]."""
+    return frechet_distance(Stats.of(real), Stats.of(fake))
+
+
+def intra_fid(real: torch.Tensor, real_labels: torch.Tensor, fake: torch.Tensor, fake_labels: torch.Tensor,
+              num_classes: int) -> float:
+    """FID per class (fakes grouped by their conditioning label), averaged over the classes."""
+    per_class = [fid(real[real_labels == c], fake[fake_labels == c]) for c in range(num_classes)]
+    return sum(per_class) / num_classes
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Share of rows whose arg-max is the label: for fakes, how often G draws the class it was asked for."""
+    return float((logits.argmax(1) == labels).double().mean())
+
+
+def knn_radii(features: torch.Tensor, k: int) -> torch.Tensor:
+    """Distance from each point to its k-th nearest neighbour in the same set (itself excluded)."""
+    if features.shape[0] <= k:
+        raise ValueError(f"k-NN radii with k={k} need more than {k} points, got {features.shape[0]}")
+    # The (k+1)-th smallest distance of a row counts the point itself, at distance 0.
+    return torch.cat([torch.cdist(rows, features).kthvalue(k + 1, dim=1).values
+                      for rows in features.split(CHUNK)])
+
+
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3,
+                     real_radii: torch.Tensor | None = None) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019).
+
+    Each set's manifold is the union of balls around its points with the k-NN radius. Precision:
+    share of fakes inside the real manifold; recall: share of reals inside the fake manifold.
+    ``real_radii`` may be passed in when the real set is fixed, to compute them once.
+    """
+    real_radii = knn_radii(real, k) if real_radii is None else real_radii
+    fake_radii = knn_radii(fake, k)
+    inside_real = []
+    covered = torch.zeros(real.shape[0], dtype=torch.bool, device=real.device)
+    for rows, radii in zip(fake.split(CHUNK), fake_radii.split(CHUNK)):
+        dist = torch.cdist(rows, real)  # [chunk of fakes, reals], used both ways
+        inside_real.append((dist <= real_radii[None, :]).any(1))
+        covered |= (dist <= radii[:, None]).any(0)
+    precision = torch.cat(inside_real).double().mean()
+    return float(precision), float(covered.double().mean())
