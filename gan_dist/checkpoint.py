@@ -53,9 +53,10 @@ def atomic_save(obj: Any, path: Path) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # torch.save's zip writer reports a failed write as RuntimeError
         tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"saving checkpoint {path} failed: {e.strerror or e}") from e
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        raise CheckpointError(f"saving checkpoint {path} failed (disk full?): {reason}") from e
 
 
 def load_file(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:

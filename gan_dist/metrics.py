@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-CHUNK = 2048  # rows of a distance matrix held at once: 2048 × 10k float32 is 80 MB
+CHUNK = 2048  # default rows of a distance matrix held at once: 2048 × 10k float32 is 80 MB
 
 
 @dataclass(frozen=True)
@@ -70,28 +70,28 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float((logits.argmax(1) == labels).double().mean())
 
 
-def knn_radii(features: torch.Tensor, k: int) -> torch.Tensor:
+def knn_radii(features: torch.Tensor, k: int, chunk: int = CHUNK) -> torch.Tensor:
     """Distance from each point to its k-th nearest neighbour in the same set (itself excluded)."""
     if features.shape[0] <= k:
         raise ValueError(f"k-NN radii with k={k} need more than {k} points, got {features.shape[0]}")
     # The (k+1)-th smallest distance of a row counts the point itself, at distance 0.
     return torch.cat([torch.cdist(rows, features).kthvalue(k + 1, dim=1).values
-                      for rows in features.split(CHUNK)])
+                      for rows in features.split(chunk)])
 
 
-def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3,
-                     real_radii: torch.Tensor | None = None) -> tuple[float, float]:
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3, real_radii: torch.Tensor | None = None,
+                     chunk: int = CHUNK) -> tuple[float, float]:
     """Improved precision and recall (Kynkäänniemi et al. 2019).
 
     Each set's manifold is the union of balls around its points with the k-NN radius. Precision:
     share of fakes inside the real manifold; recall: share of reals inside the fake manifold.
     ``real_radii`` may be passed in when the real set is fixed, to compute them once.
     """
-    real_radii = knn_radii(real, k) if real_radii is None else real_radii
-    fake_radii = knn_radii(fake, k)
+    real_radii = knn_radii(real, k, chunk) if real_radii is None else real_radii
+    fake_radii = knn_radii(fake, k, chunk)
     inside_real = []
     covered = torch.zeros(real.shape[0], dtype=torch.bool, device=real.device)
-    for rows, radii in zip(fake.split(CHUNK), fake_radii.split(CHUNK)):
+    for rows, radii in zip(fake.split(chunk), fake_radii.split(chunk), strict=True):
         dist = torch.cdist(rows, real)  # [chunk of fakes, reals], used both ways
         inside_real.append((dist <= real_radii[None, :]).any(1))
         covered |= (dist <= radii[:, None]).any(0)

@@ -1,0 +1,694 @@
+"""Benchmark gan_dist against the tutorial's training loop: images/s, step-time split, memory, FLOP/s.
+
+Usage (from the repository root; trailing key=value are config overrides, as for gan_dist.train):
+    python -m gan_dist.bench data.name=fashion_mnist data.root=/usr/share/datasets/fashion-mnist
+    python -m gan_dist.bench --steps 300 --warmup 30 --rounds 5 --nproc 2 --batch 64 --json runs/bench.json
+    python -m gan_dist.bench --compare amp.enabled=false     # also time (b) and (c) with this override
+    python -m gan_dist.bench --device cuda --nproc 1 --batch 4096     # one GPU: (a) and (b) only
+
+Cases, each in a fresh process (so that peak memory is its own), alternating A B C A B C for --rounds:
+  (a) reference: the tutorial's loop as written (``Tutorial*`` below), fixed only so that G learns. It
+      keeps the tutorial's models, BCELoss and Adam(lr=1e-4) whatever the config says; it shares the
+      data, the batch and the thread count with (b).
+  (b) gan_dist on one process: dist.setup, load_split, ShardedBatches and GANEngine, wired as train.py does.
+  (c) gan_dist on --nproc ranks under torchrun, the same batch per rank (skipped when --nproc is 1).
+Every process runs one step under a FLOP counter, drops --warmup steps, then times --steps. A step is
+split into data, forward/backward (the rest), optimizer (hooks on Adam.step) and communication (a DDP
+comm hook timing each bucket's all-reduce, plus the loop's per-step stop-flag agreement; gloo only).
+On CUDA the split comes from a second, synchronised pass and images/s from a pass without syncs.
+Ratios are taken per round, between cases run side by side, and their median is reported, so a noisy
+machine moves both sides of a ratio together. The matmul ceiling is measured in the same run.
+Exit status: 0 done (targets are reported, not enforced); 1 a case failed; 2 bad config or data.
+"""
+
+import argparse
+import contextlib
+import itertools
+import json
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision import transforms
+from torchvision.datasets import MNIST, VisionDataset
+
+from gan_dist.config import Config, ConfigError, load_config
+from gan_dist.data import DataError, ShardedBatches, load_split
+from gan_dist.dist import DistEnv, setup, teardown, usable_cores
+from gan_dist.engine import GANEngine
+from gan_dist.models import build_models
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "mnist_cgan.yaml"
+EXIT_FAILED, EXIT_USAGE = 1, 2
+PHASES = ("data", "fwd_bwd", "optim", "comm")
+ALONE_ON_CPU = DistEnv(0, 0, 1, 1, torch.device("cpu"))  # for reading data outside a process group
+# (numerator, denominator, bar) per device, as ratios of median images/s; see docs/BENCHMARKS.md.
+TARGETS = {"cpu": [("b", "a", 1.4), ("c", "b", 0.9)], "cuda": [("b", "a", 30.0)]}
+
+
+# ------------------------------------------------------------------------------------------------
+# (a) THE REFERENCE: the tutorial's conditional GAN and training loop, as written. Its one fix: the
+# G step calls backward(), without which G never learns. Everything else (Sigmoid + BCELoss, fakes
+# not detached in the D step, per-sample PIL transforms, .item() every step) is kept on purpose.
+# ------------------------------------------------------------------------------------------------
+
+
+def _tutorial_mlp(widths: Sequence[int], dropout: float | None) -> list[nn.Module]:
+    """Linear + LeakyReLU(0.2, inplace) (+ Dropout) between consecutive widths."""
+    layers: list[nn.Module] = []
+    for w_in, w_out in itertools.pairwise(widths):
+        layers += [nn.Linear(w_in, w_out), nn.LeakyReLU(0.2, inplace=True)]
+        layers += [nn.Dropout(dropout)] if dropout is not None else []
+    return layers
+
+
+class TutorialGenerator(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.label_emb = nn.Embedding(10, 10)
+        self.model = nn.Sequential(*_tutorial_mlp((110, 256, 512, 1024), None),
+                                   nn.Linear(1024, 784), nn.Tanh())
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        z = z.view(z.size(0), 100)
+        c = self.label_emb(labels)
+        x = torch.cat([z, c], 1)
+        out = self.model(x)
+        return out.view(x.size(0), 28, 28)
+
+
+class TutorialDiscriminator(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.label_emb = nn.Embedding(10, 10)
+        self.model = nn.Sequential(*_tutorial_mlp((794, 1024, 512, 256), 0.3),
+                                   nn.Linear(256, 1), nn.Sigmoid())
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        x = x.view(x.size(0), 784)
+        c = self.label_emb(labels)
+        x = torch.cat([x, c], 1)
+        out = self.model(x)
+        return out.squeeze()
+
+
+class TutorialDataset(MNIST):
+    """torchvision's MNIST dataset, its per-sample ``__getitem__`` (PIL image, then the transform)
+    untouched, over the split gan_dist loaded: (a) trains on exactly the samples (b) and (c) see."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Callable) -> None:
+        VisionDataset.__init__(self, root=None, transform=transform)
+        self.data = images.add(1.0).mul_(127.5).round_().to(torch.uint8).squeeze(1)  # back to the raw bytes
+        self.targets = labels
+
+
+def tutorial_generator_train_step(batch_size: int, discriminator: nn.Module, generator: nn.Module,
+                                  g_optimizer: torch.optim.Optimizer, criterion: nn.Module,
+                                  device: torch.device) -> float:
+    g_optimizer.zero_grad()
+    z = torch.randn(batch_size, 100).to(device)
+    fake_labels = torch.LongTensor(np.random.randint(0, 10, batch_size)).to(device)
+    fake_images = generator(z, fake_labels)
+    validity = discriminator(fake_images, fake_labels)
+    g_loss = criterion(validity, torch.ones(batch_size).to(device))
+    g_loss.backward()  # the fix: missing in the tutorial
+    g_optimizer.step()
+    return g_loss.item()
+
+
+def tutorial_discriminator_train_step(batch_size: int, discriminator: nn.Module, generator: nn.Module,
+                                      d_optimizer: torch.optim.Optimizer, criterion: nn.Module,
+                                      real_images: torch.Tensor, labels: torch.Tensor,
+                                      device: torch.device) -> float:
+    d_optimizer.zero_grad()
+    real_validity = discriminator(real_images, labels)
+    real_loss = criterion(real_validity, torch.ones(batch_size).to(device))
+    z = torch.randn(batch_size, 100).to(device)
+    fake_labels = torch.LongTensor(np.random.randint(0, 10, batch_size)).to(device)
+    fake_images = generator(z, fake_labels)
+    fake_validity = discriminator(fake_images, fake_labels)
+    fake_loss = criterion(fake_validity, torch.zeros(batch_size).to(device))
+    d_loss = real_loss + fake_loss
+    d_loss.backward()
+    d_optimizer.step()
+    return d_loss.item()
+
+
+# ------------------------------------------------------------------------------------------------
+# Workloads: what one benchmark process trains, behind one interface the timing loop drives.
+# ------------------------------------------------------------------------------------------------
+
+
+class PhaseClock:
+    """Seconds per phase, summed while armed. ``sync`` runs at every boundary (a CUDA synchronize),
+    which is why CUDA throughput is timed in a pass with the clock disarmed."""
+
+    def __init__(self, sync: Callable[[], None]) -> None:
+        self.sync = sync
+        self.armed = False
+        self.totals: dict[str, float] = defaultdict(float)
+        self._started: dict[str, float] = {}
+        self._lock = threading.Lock()  # comm completions are reported from gloo's threads
+
+    def reset(self, armed: bool) -> None:
+        self.armed = armed
+        self.totals.clear()
+
+    def start(self, name: str) -> None:
+        if self.armed:
+            self.sync()
+            self._started[name] = time.perf_counter()
+
+    def stop(self, name: str) -> None:
+        if self.armed:
+            self.sync()
+            self.add(name, time.perf_counter() - self._started.pop(name))
+
+    def add(self, name: str, seconds: float) -> None:
+        if self.armed:
+            with self._lock:
+                self.totals[name] += seconds
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        self.start(name)
+        try:
+            yield
+        finally:
+            self.stop(name)
+
+
+class AllReduceTimer:
+    """State of the timed comm hook: the union of the intervals during which an all-reduce was in
+    flight (buckets may overlap each other and the rest of backward; each second counts once)."""
+
+    def __init__(self, clock: PhaseClock) -> None:
+        self.clock = clock
+        self.last_end = 0.0
+        self.lock = threading.Lock()
+
+    def done(self, start: float) -> None:
+        end = time.perf_counter()
+        with self.lock:
+            self.clock.add("comm", max(0.0, end - max(start, self.last_end)))
+            self.last_end = max(self.last_end, end)
+
+
+def timed_allreduce(state: AllReduceTimer, bucket: tdist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """DDP's averaging all-reduce (the default hook's arithmetic), timed from bucket ready to reduced."""
+    start = time.perf_counter()
+
+    def finish(fut: torch.futures.Future[torch.Tensor]) -> torch.Tensor:
+        state.done(start)
+        return fut.value()
+
+    return default_hooks.allreduce_hook(None, bucket).then(finish)
+
+
+class Workload:
+    """One process's share of a case: its batches, its training step and what to instrument."""
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    precision: str = "float32"
+    times_comm: bool = False
+    clock: PhaseClock
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        raise NotImplementedError
+
+    def instrument(self, clock: PhaseClock) -> None:
+        """Time every optimizer step; subclasses add their communication."""
+        self.clock = clock
+        for opt in self.optimizers():
+            opt.register_step_pre_hook(lambda *_: clock.start("optim"))
+            opt.register_step_post_hook(lambda *_: clock.stop("optim"))
+
+    def next_batch(self) -> Any:
+        raise NotImplementedError
+
+    def train_step(self, step: int, batch: Any) -> int:
+        """Train on ``batch``; returns the real images it consumed."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Leave the process as found (process groups)."""
+
+
+def _forever(epochs: Callable[[int], Iterable]) -> Iterator:
+    """Batches across epoch boundaries: warm-up plus timed steps may outrun one epoch."""
+    for epoch in itertools.count():
+        yield from epochs(epoch)
+
+
+class TutorialWorkload(Workload):
+    """(a): the tutorial's models, optimizers and DataLoader, stepped by its two train-step functions."""
+
+    def __init__(self, cfg: Config, device: torch.device) -> None:
+        self.device = device
+        if device.type == "cpu":
+            torch.set_num_threads(usable_cores())  # the threads dist.setup gives (b)
+        torch.manual_seed(cfg.train.seed)
+        np.random.seed(cfg.train.seed)
+        images, labels = load_split(cfg.data, ALONE_ON_CPU)
+        transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean=(0.5,), std=(0.5,))])
+        dataset = TutorialDataset(images, labels, transform)
+        loader = DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=True)
+        self.batches = _forever(lambda _: loader)
+        self.generator = TutorialGenerator().to(device)
+        self.discriminator = TutorialDiscriminator().to(device)
+        self.criterion = nn.BCELoss()
+        self.d_optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=1e-4)
+        self.g_optimizer = torch.optim.Adam(self.generator.parameters(), lr=1e-4)
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.d_optimizer, self.g_optimizer]
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = next(self.batches)
+        return images.to(self.device), labels.to(self.device)
+
+    def train_step(self, step: int, batch: tuple[torch.Tensor, torch.Tensor]) -> int:
+        real_images, labels = batch
+        self.generator.train()
+        batch_size = real_images.size(0)
+        tutorial_discriminator_train_step(batch_size, self.discriminator, self.generator, self.d_optimizer,
+                                          self.criterion, real_images, labels, self.device)
+        tutorial_generator_train_step(batch_size, self.discriminator, self.generator, self.g_optimizer,
+                                      self.criterion, self.device)
+        return batch_size
+
+
+class EngineWorkload(Workload):
+    """(b) and (c): gan_dist's own components; a step is what ``Trainer.fit`` does per step on the
+    hot path (``engine.iteration`` and the stop-flag agreement), minus the periodic logging."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.env = setup(cfg.dist)
+        self.device, self.rank, self.world_size = self.env.device, self.env.rank, self.env.world_size
+        self.precision = cfg.amp.dtype if cfg.amp.enabled else "float32"
+        # gloo only: an NCCL future completes when the work is queued, not when it is done.
+        self.times_comm = self.env.distributed and self.device.type == "cpu"
+        images, labels = load_split(cfg.data, self.env)
+        train = cfg.train
+        shards = ShardedBatches(images, labels, train.batch_size, self.rank, self.world_size, train.seed)
+        self.batches = _forever(shards.epoch)
+        self.n_critic = cfg.train.n_critic
+        self.engine = GANEngine(cfg, self.env)
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.engine.opt_d, self.engine.opt_g]
+
+    def instrument(self, clock: PhaseClock) -> None:
+        super().instrument(clock)
+        if self.times_comm:
+            for module in (self.engine.G, self.engine.D):
+                if isinstance(module, DDP):
+                    module.register_comm_hook(AllReduceTimer(clock), timed_allreduce)
+
+    def next_batch(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [next(self.batches) for _ in range(self.n_critic)]
+
+    def train_step(self, step: int, batch: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+        self.engine.iteration(step, batch)
+        with self.clock.phase("comm") if self.times_comm else contextlib.nullcontext():
+            self.env.any(False)
+        return sum(real.shape[0] for real, _ in batch)
+
+    def close(self) -> None:
+        teardown(self.env)
+
+
+# ------------------------------------------------------------------------------------------------
+# Measuring one process
+# ------------------------------------------------------------------------------------------------
+
+
+def device_sync(device: torch.device) -> Callable[[], None]:
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+
+def timed_pass(work: Workload, clock: PhaseClock, steps: int, counter: Iterator[int], split: bool
+               ) -> tuple[float, int, dict[str, float]]:
+    """Run ``steps`` steps; returns (seconds, images, seconds per phase when ``split``)."""
+    clock.reset(armed=split)
+    clock.sync()
+    images = 0
+    start = time.perf_counter()
+    for _ in range(steps):
+        with clock.phase("data"):
+            batch = work.next_batch()
+        images += work.train_step(next(counter), batch)
+    clock.sync()
+    return time.perf_counter() - start, images, dict(clock.totals)
+
+
+def measure(work: Workload, steps: int, warmup: int) -> dict[str, Any]:
+    """One counted step, ``warmup`` dropped steps, then the timed pass(es) of one process."""
+    clock = PhaseClock(device_sync(work.device))
+    work.instrument(clock)
+    counter = itertools.count()
+    with FlopCounterMode(display=False) as flops:
+        counted = work.train_step(next(counter), work.next_batch())
+    for _ in range(warmup):
+        work.train_step(next(counter), work.next_batch())
+    if work.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(work.device)
+        seconds, images, _ = timed_pass(work, clock, steps, counter, split=False)
+        split_s, _, phases = timed_pass(work, clock, steps, counter, split=True)
+    else:  # syncs are free: one pass gives both
+        seconds, images, phases = timed_pass(work, clock, steps, counter, split=True)
+        split_s = seconds
+    comm = phases.get("comm", 0.0) if work.times_comm else None
+    other = sum(phases.get(p, 0.0) for p in ("data", "optim")) + (comm or 0.0)
+    per_step = {"data": phases.get("data", 0.0), "fwd_bwd": split_s - other,
+                "optim": phases.get("optim", 0.0), "comm": comm}
+    return {
+        "rank": work.rank,
+        "world_size": work.world_size,
+        "threads": torch.get_num_threads() if work.device.type == "cpu" else None,
+        "device": str(work.device),
+        "precision": work.precision,
+        "steps": steps,
+        "images": images,
+        "seconds": seconds,
+        "images_per_s": images / seconds,
+        "step_ms": 1e3 * seconds / steps,
+        "phases_ms": {k: None if v is None else 1e3 * v / steps for k, v in per_step.items()},
+        "flops_per_image": flops.get_total_flops() / counted,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
+        "cuda_max_allocated_mb": torch.cuda.max_memory_allocated(work.device) / 2**20
+        if work.device.type == "cuda" else None,
+    }
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    """One benchmark process (or one rank of one): measure, then write ``<out>/rank<R>.json``."""
+    cfg = worker_config(args)
+    device = torch.device(args.device)
+    work = TutorialWorkload(cfg, device) if args.worker == "ref" else EngineWorkload(cfg)
+    try:
+        result = measure(work, args.steps, args.warmup)
+    finally:
+        work.close()
+    Path(args.out, f"rank{result['rank']}.json").write_text(json.dumps(result))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# The parent: cases in rounds, the ceiling, the table
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    key: str  # a, b, c, then b', c' for the --compare twins
+    label: str
+    kind: str  # "ref" or "gan"
+    nproc: int
+    overrides: tuple[str, ...] = ()
+
+
+def worker_config(args: argparse.Namespace, extra: Sequence[str] = ()) -> Config:
+    """The config every case reads: file, user overrides, the twin's overrides, then batch and device."""
+    return load_config(args.config, [*args.overrides, *extra, f"train.batch_size={args.batch}",
+                                     f"dist.device={args.device}"])
+
+
+def plan(args: argparse.Namespace) -> list[Case]:
+    cases = [Case("a", "(a) reference: tutorial loop", "ref", 1),
+             Case("b", "(b) gan_dist, 1 process", "gan", 1)]
+    if args.nproc > 1:
+        cases.append(Case("c", f"(c) gan_dist, {args.nproc} ranks", "gan", args.nproc))
+    if args.compare:
+        tag = " ".join(args.compare)
+        cases += [Case(f"{c.key}'", f"{c.label} [{tag}]", "gan", c.nproc, tuple(args.compare))
+                  for c in cases if c.kind == "gan"]
+    return cases
+
+
+class CaseFailed(RuntimeError):
+    """A worker exited non-zero or wrote no result."""
+
+
+def worker_argv(args: argparse.Namespace, case: Case, out: Path) -> list[str]:
+    shared = ["--config", str(args.config), "--steps", str(args.steps), "--warmup", str(args.warmup),
+              "--batch", str(args.batch), "--device", args.device]
+    module = ["-m", "gan_dist.bench", "--worker", case.kind, "--out", str(out), *shared,
+              *args.overrides, *case.overrides]
+    if case.nproc == 1:
+        return [sys.executable, *module]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={case.nproc}",
+            *module]
+
+
+def launch(args: argparse.Namespace, case: Case) -> list[dict[str, Any]]:
+    """Run one case in fresh process(es); returns the per-rank results, in rank order."""
+    with tempfile.TemporaryDirectory(prefix="gan_dist_bench_") as out:
+        proc = subprocess.run(worker_argv(args, case, Path(out)), capture_output=True, text=True)
+        files = sorted(Path(out).glob("rank*.json"), key=lambda p: int(p.stem[4:]))
+        if proc.returncode != 0 or len(files) != case.nproc:
+            tail = (proc.stdout + proc.stderr)[-4000:]
+            got = f"exit {proc.returncode}, {len(files)}/{case.nproc} results"
+            raise CaseFailed(f"{case.label}: {got}\n{tail}")
+        return [json.loads(f.read_text()) for f in files]
+
+
+def matmul_ceiling(device: torch.device, dtype: torch.dtype, min_seconds: float = 1.0) -> float:
+    """FLOP/s of a large square matmul: what this device reaches when compute, not overhead, bounds."""
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    sync = device_sync(device)
+    a @ b
+    sync()
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < min_seconds:
+        a @ b
+        sync()
+        reps += 1
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def model_flops(cfg: Config) -> dict[str, float]:
+    """Forward FLOPs per image of G and D (the tutorial's pair has the same matmuls)."""
+    g, d = build_models(cfg.model)
+    z, y = torch.randn(2, cfg.model.z_dim), torch.zeros(2, dtype=torch.long)
+    out = {}
+    for name, run in (("G_forward", lambda: g(z, y)), ("D_forward", lambda: d(torch.zeros(2, 1, 28, 28), y))):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            run()
+        out[name] = counter.get_total_flops() / 2
+    return out
+
+
+def global_images_per_s(rounds: list[list[dict[str, Any]]]) -> list[float]:
+    """Per round, the sum over ranks: ranks step in lockstep, so this is the job's throughput."""
+    return [sum(r["images_per_s"] for r in ranks) for ranks in rounds]
+
+
+def _median(values: Iterable[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return statistics.median(kept) if kept else None
+
+
+def summarise(case: Case, rounds: list[list[dict[str, Any]]], ref: list[list[dict[str, Any]]],
+              ceiling: dict[str, float]) -> dict[str, Any]:
+    """Medians over rounds of the per-round, all-rank figures; ratio to (a) taken within each round."""
+    global_ips = global_images_per_s(rounds)
+    ratios = [g / a for g, a in zip(global_ips, global_images_per_s(ref), strict=True)]
+    first = rounds[0][0]
+    ips = statistics.median(global_ips)
+    achieved = first["flops_per_image"] * ips
+    cuda_mb = _median(max(r["cuda_max_allocated_mb"] or 0 for r in ranks) for ranks in rounds)
+    return {
+        "ranks": case.nproc,
+        "threads_per_rank": first["threads"],
+        "precision": first["precision"],
+        "images_per_s": ips,
+        "images_per_s_per_rank": ips / case.nproc,
+        "images_per_s_rounds": global_ips,
+        "x_ref": statistics.median(ratios),
+        "x_ref_rounds": ratios,
+        "step_ms": statistics.median(max(r["step_ms"] for r in ranks) for ranks in rounds),
+        "phases_ms": {p: _median(statistics.fmean(r["phases_ms"][p] for r in ranks)
+                                 if ranks[0]["phases_ms"][p] is not None else None for ranks in rounds)
+                      for p in PHASES},
+        "flops_per_image": first["flops_per_image"],
+        "gflop_per_s": achieved / 1e9,
+        "pct_of_ceiling": 100 * achieved / ceiling[first["precision"]],
+        "peak_rss_mb_per_rank": max(max(r["peak_rss_mb"] for r in ranks) for ranks in rounds),
+        "cuda_max_allocated_mb_per_rank": cuda_mb if first["device"].startswith("cuda") else None,
+    }
+
+
+def check_targets(device: str, results: dict[str, list[list[dict[str, Any]]]]) -> list[dict[str, Any]]:
+    """The issue's bars, as medians of per-round ratios between the two cases."""
+    checks = []
+    for num, den, bar in TARGETS[device]:
+        if num in results and den in results:
+            pairs = zip(global_images_per_s(results[num]), global_images_per_s(results[den]), strict=True)
+            value = statistics.median(n / d for n, d in pairs)
+            checks.append({"ratio": f"({num}) / ({den})", "value": value, "target": bar, "met": value >= bar})
+    return checks
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def render(report: dict[str, Any]) -> str:
+    """The table and the lines around it, as printed and as pasted into docs/BENCHMARKS.md."""
+    m, s = report["machine"], report["settings"]
+    lines = [
+        f"$ {report['command']}",
+        f"{m['device_name']}, {m['cores']} cores, torch {m['torch']}; load average {m['load_before']} -> "
+        f"{m['load_after']}",
+        f"batch {s['batch']} per rank, {s['steps']} timed steps after {s['warmup']} warm-up, "
+        f"{s['rounds']} rounds (A B C ...); data {s['data']}",
+        "",
+        f"{'case':<46} {'ranks×thr':>9} {'img/s':>8} {'/rank':>8} {'×(a)':>6} {'step ms':>8} {'data':>6} "
+        f"{'fwd/bwd':>7} {'optim':>6} {'comm':>6} {'GFLOP/s':>8} {'%ceil':>6} {'RSS MB':>7} {'CUDA MB':>8}",
+    ]
+    for case in report["cases"]:
+        r, ph = case["summary"], case["summary"]["phases_ms"]
+        layout = f"{r['ranks']}×{'gpu' if r['threads_per_rank'] is None else r['threads_per_rank']}"
+        lines.append(
+            f"{case['label']:<46} {layout:>9} {r['images_per_s']:>8.0f} "
+            f"{r['images_per_s_per_rank']:>8.0f} {r['x_ref']:>6.2f} {r['step_ms']:>8.2f} "
+            f"{_fmt(ph['data'], '6.2f'):>6} {_fmt(ph['fwd_bwd'], '7.2f'):>7} {_fmt(ph['optim'], '6.2f'):>6} "
+            f"{_fmt(ph['comm'], '6.2f'):>6} "
+            f"{r['gflop_per_s']:>8.1f} {r['pct_of_ceiling']:>6.1f} {r['peak_rss_mb_per_rank']:>7.0f} "
+            f"{_fmt(r['cuda_max_allocated_mb_per_rank'], '8.0f'):>8}")
+    flops = report["model_flops_per_image"]
+    per_case = ", ".join(f"({c['key']}) {c['summary']['flops_per_image'] / 1e6:.1f}" for c in report["cases"])
+    ceil = report["matmul_ceiling_gflop_per_s"]
+    lines += [
+        "",
+        f"FLOPs per image: G forward {flops['G_forward'] / 1e6:.2f} M, D forward "
+        f"{flops['D_forward'] / 1e6:.2f} M; one training step (matmuls, fwd+bwd): {per_case} M",
+        f"matmul ceiling, this run ({ceil['size']}², {ceil['threads']} threads): float32 "
+        f"{ceil['float32']:.0f} GFLOP/s, bfloat16 {ceil['bfloat16']:.0f} GFLOP/s; "
+        "%ceil is against the case's compute dtype",
+        "step ms split per rank: data | fwd/bwd (the rest) | optim (Adam.step) | comm (all-reduce in flight "
+        "+ stop flag; gloo only)",
+    ]
+    lines += [f"target {t['ratio']} = {t['value']:.2f} (bar ≥ {t['target']}): "
+              f"{'met' if t['met'] else 'NOT met'}" for t in report["targets"]]
+    return "\n".join(lines)
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "CPU"
+
+
+def run_parent(args: argparse.Namespace) -> int:
+    cfg = worker_config(args)
+    load_split(cfg.data, ALONE_ON_CPU)  # fail fast here, and download only once
+    cases = plan(args)
+    device = torch.device(args.device)
+    torch.set_num_threads(usable_cores())
+    load_before = os.getloadavg()
+    ceiling = {name: matmul_ceiling(device, dtype) for name, dtype in
+               (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
+    results: dict[str, list[list[dict[str, Any]]]] = defaultdict(list)
+    for round_no in range(args.rounds):
+        for case in cases:
+            print(f"round {round_no + 1}/{args.rounds}: {case.label}", file=sys.stderr, flush=True)
+            results[case.key].append(launch(args, case))
+    report = {
+        "command": shlex.join(["python", "-m", "gan_dist.bench", *sys.argv[1:]]),
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"device_name": _device_name(args.device), "cores": usable_cores(),
+                    "torch": torch.__version__, "load_before": [round(x, 1) for x in load_before],
+                    "load_after": [round(x, 1) for x in os.getloadavg()]},
+        "settings": {"steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "batch": args.batch,
+                     "nproc": args.nproc, "device": args.device, "config": str(args.config),
+                     "overrides": args.overrides, "compare": args.compare,
+                     "data": f"{cfg.data.name} {cfg.data.split} ({cfg.data.root})"},
+        "matmul_ceiling_gflop_per_s": {k: v / 1e9 for k, v in ceiling.items()}
+        | {"size": 8192 if args.device == "cuda" else 2048, "threads": torch.get_num_threads()},
+        "model_flops_per_image": model_flops(cfg),
+        "cases": [{"key": c.key, "label": c.label, "overrides": list(c.overrides),
+                   "summary": summarise(c, results[c.key], results["a"], ceiling), "rounds": results[c.key]}
+                  for c in cases],
+        "targets": check_targets(args.device, results),
+    }
+    table = render(report)
+    print(table)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report | {"table": table}, indent=1) + "\n")
+    return 0
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m gan_dist.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config of (b) and (c)")
+    parser.add_argument("--steps", type=int, default=150, help="timed steps per case and round")
+    parser.add_argument("--warmup", type=int, default=20, help="steps dropped before timing")
+    parser.add_argument("--rounds", type=int, default=3, help="A B C rounds")
+    parser.add_argument("--batch", type=int, default=64, help="batch per rank (train.batch_size)")
+    parser.add_argument("--nproc", type=int, default=None, help="ranks of (c); default: GPUs, else cores")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--compare", action="append", default=[], metavar="key=value",
+                        help="also run (b) and (c) with this override (repeatable: one twin gets them all)")
+    parser.add_argument("--json", default="runs/bench.json", help="report file ('' for none)")
+    parser.add_argument("--worker", choices=("ref", "gan"), help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    args = parser.parse_args(argv)
+    for name in ("steps", "rounds", "batch"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+    if args.warmup < 0:
+        parser.error("--warmup must be at least 0")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.nproc is None:
+        args.nproc = torch.cuda.device_count() if args.device == "cuda" else usable_cores()
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return run_worker(args) if args.worker else run_parent(args)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except CaseFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

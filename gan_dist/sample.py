@@ -1,0 +1,193 @@
+"""Sample a trained conditional GAN: a class grid, arrays to score, and latent and label walks.
+
+    python -m gan_dist.sample --checkpoint runs/mnist_cgan/checkpoints/step_1500.pt --grid grid.png
+    python -m gan_dist.sample --checkpoint CKPT --npz samples.npz --n-per-class 1000 --seed 1
+    python -m gan_dist.sample --checkpoint CKPT --interpolate walks.png --steps 12 --no-ema
+
+Outputs (any of them, in one call):
+  --grid         one row per class 0..9 and --n columns. A column holds the same latent in every row,
+                 so rows differ by the label alone; with --n 10 and --seed set to the run's train.seed
+                 it is the run's own samples/step_<N>.png again.
+  --npz          ``images``: uint8 [10N, 28, 28], round((x + 1) * 127.5), the data's own encoding
+                 (white digits on black); ``labels``: int64 [10N], class-major. Every image has its
+                 own latent, as scoring wants independent samples.
+  --interpolate  three blocks of --steps columns, split by a gray row:
+                 rows 1-10: class 0..9, a straight walk from latent z0 to latent z1;
+                 rows 11-20: class 0..9, the spherical (slerp) walk between the same z0 and z1;
+                 rows 21-29: latent z0, the label embedding walked from class k to class k + 1.
+
+The checkpoint's tensors are mapped to --device (default cpu), so one saved on GPUs samples anywhere.
+G's EMA is used when the checkpoint holds one, unless --no-ema. Each output draws from its own seeded
+stream, so the same arguments give the same images, whatever else is asked for in the call.
+Exit status: 0 done; 2 bad arguments, an unusable checkpoint or an unwritable output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NoReturn
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from gan_dist.checkpoint import CheckpointError, load_generator
+from gan_dist.data import NUM_CLASSES
+from gan_dist.engine import derive_seed
+from gan_dist.monitor import SampleWriter, fixed_noise, generate, save_grid
+from gan_dist.train import EXIT_USAGE
+
+# Stream ids mixed into --seed: the arrays and the walks never share latents.
+NPZ_STREAM, WALK_STREAM = 1, 2
+
+
+def latents(z_dim: int, n: int, seed: int, stream: int) -> torch.Tensor:
+    """``n`` standard normal latents, drawn on the CPU so that a seed means the same images on any device."""
+    gen = torch.Generator("cpu").manual_seed(derive_seed(seed, stream))
+    return torch.randn(n, z_dim, generator=gen)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[N, 1, 28, 28] in [-1, 1] to [N, 28, 28] uint8: the inverse of the loader's ``pixel / 127.5 - 1``."""
+    return ((images.squeeze(1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
+
+
+def slerp(z0: torch.Tensor, z1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Points at fractions ``t`` [S] of the great-circle arc from z0 to z1, as [S, z_dim].
+
+    A straight line between two Gaussian latents dips to ~0.7 of their norm midway, where the prior
+    has almost no mass; the arc keeps the norm, so mid-walk images stay typical.
+    """
+    omega = torch.acos(torch.cosine_similarity(z0, z1, dim=0).clamp(-1, 1))
+    t = t[:, None]
+    if torch.sin(omega) < 1e-6:  # (anti)parallel latents: no unique arc
+        return torch.lerp(z0, z1, t)
+    return (torch.sin((1 - t) * omega) * z0 + torch.sin(t * omega) * z1) / torch.sin(omega)
+
+
+@torch.no_grad()
+def generate_from_embeddings(generator: nn.Module, z: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """Images for label vectors given directly rather than as class ids, from G in eval mode.
+
+    For this one call G's ``embed`` table is swapped for ``vectors`` (row i read as label i), so G's
+    own forward runs unchanged, whatever its architecture.
+    """
+    rows = torch.arange(len(vectors), device=vectors.device)
+    return functional_call(generator, {"embed.weight": vectors}, (z, rows)).float()
+
+
+def walks(generator: nn.Module, z_dim: int, steps: int, seed: int, device: torch.device) -> torch.Tensor:
+    """The --interpolate images, row-major, laid out as the module docstring says."""
+    z0, z1 = latents(z_dim, 2, seed, WALK_STREAM)
+    t = torch.linspace(0, 1, steps)
+    labels = torch.arange(NUM_CLASSES, device=device).repeat_interleave(steps)
+    line, arc = (generate(generator, path.repeat(NUM_CLASSES, 1).to(device), labels)
+                 for path in (torch.lerp(z0, z1, t[:, None]), slerp(z0, z1, t)))
+    table = generator.embed.weight
+    vectors = torch.lerp(table[:-1, None], table[1:, None], t[:, None].to(device)).flatten(0, 1)
+    labels_walk = generate_from_embeddings(generator, z0.to(device).expand(len(vectors), -1), vectors)
+    gap = torch.zeros(steps, *line.shape[1:], device=line.device)  # 0 is drawn as the grid's gray padding
+    return torch.cat([line, gap, arc, gap, labels_walk])
+
+
+def write_npz(path: Path, images: torch.Tensor, labels: torch.Tensor) -> None:
+    """Written through an open file: ``np.savez`` given a name would append ``.npz`` to other suffixes."""
+    with path.open("wb") as f:
+        np.savez_compressed(f, images=to_uint8(images), labels=labels.cpu().numpy())
+
+
+def integer(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer no smaller than ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+def parse_device(text: str) -> torch.device:
+    """An argparse type: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:I``, checked here."""
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:I, got {text!r}")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: no such CUDA device here")
+    return dev
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line on stderr (it prints the whole usage before them)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = Parser(prog="python -m gan_dist.sample", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, type=Path, help="a step_<N>.pt written by gan_dist.train")
+    parser.add_argument("--grid", type=Path, metavar="OUT.png", help="write the class grid")
+    parser.add_argument("--n", type=integer(1), default=SampleWriter.COLUMNS, help="grid columns (default %(default)s)")
+    parser.add_argument("--npz", type=Path, metavar="OUT.npz", help="write images and labels for scoring")
+    parser.add_argument("--n-per-class", type=integer(1), default=1000, metavar="N",
+                        help="npz images per class (default %(default)s)")
+    parser.add_argument("--interpolate", type=Path, metavar="OUT.png", help="write the latent and label walks")
+    parser.add_argument("--steps", type=integer(2), default=10, help="images per walk (default %(default)s)")
+    parser.add_argument("--seed", type=integer(0), default=0, help="seed of every latent (default %(default)s)")
+    parser.add_argument("--no-ema", action="store_true", help="use the raw G even when the checkpoint has an EMA")
+    parser.add_argument("--device", type=parse_device, default=torch.device("cpu"),
+                        help="auto, cpu, cuda or cuda:I (default cpu)")
+    args = parser.parse_args(argv)
+    if not (args.grid or args.npz or args.interpolate):
+        parser.error("nothing to write: give --grid, --npz and/or --interpolate")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        generator, cfg = load_generator(args.checkpoint, args.device, use_ema=not args.no_ema)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    which = "EMA of G" if cfg.ema.enabled and not args.no_ema else "G"
+    print(f"sampling the {which} ({cfg.model.arch}) of {args.checkpoint} on {args.device}, seed {args.seed}")
+    z_dim = cfg.model.z_dim
+    try:
+        for out in (args.grid, args.npz, args.interpolate):  # fail before the sampling, not after
+            if out:
+                out.parent.mkdir(parents=True, exist_ok=True)
+        if args.grid:
+            z, labels = fixed_noise(z_dim, args.n, args.seed, args.device)
+            print(f"wrote {save_grid(generate(generator, z, labels), args.grid, args.n)}")
+        if args.npz:
+            labels = torch.arange(NUM_CLASSES, device=args.device).repeat_interleave(args.n_per_class)
+            z = latents(z_dim, len(labels), args.seed, NPZ_STREAM).to(args.device)
+            write_npz(args.npz, generate(generator, z, labels), labels)
+            print(f"wrote {args.npz}")
+        if args.interpolate:
+            images = walks(generator, z_dim, args.steps, args.seed, args.device)
+            print(f"wrote {save_grid(images, args.interpolate, args.steps)}")
+    except OSError as e:
+        print(f"error: cannot write {e.filename}: {e.strerror}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,390 @@
+"""The Slurm launcher: its dry run anywhere, real jobs on the cluster of launch/local_slurm.sh.
+
+Cluster tests submit through ``launch.slurm.main``, as a user would, to a real slurmctld/slurmd with
+accounting; they skip, saying why, where no such cluster answers. Every test has a fresh run_dir
+(which holds its submitit folder), every wait on a job its own timeout, and the jobs a test leaves
+are cancelled. The multi-node torchrun script is tested with two agents on this host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import submitit
+import torch
+from submitit.core.utils import UncompletedJobError
+
+from launch import slurm
+
+REPO = Path(__file__).resolve().parents[1]
+LOCAL = str(REPO / "configs/slurm/local.yaml")
+N_IMAGES = 2000  # 125 steps per epoch at 2 ranks x batch 8: no epoch ends mid-test to write samples
+TASKS = (0, 1)
+
+
+@pytest.fixture(scope="module")
+def mnist_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """MNIST's test split in IDX format, with random pixels: the tests train, they do not judge."""
+    root = tmp_path_factory.mktemp("mnist")
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (N_IMAGES, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, N_IMAGES, dtype=np.uint8)
+    (root / "t10k-images-idx3-ubyte").write_bytes(
+        struct.pack(">IIII", 0x803, N_IMAGES, 28, 28) + images.tobytes()
+    )
+    (root / "t10k-labels-idx1-ubyte").write_bytes(struct.pack(">II", 0x801, N_IMAGES) + labels.tobytes())
+    return root
+
+
+def train_overrides(run_dir: Path, data: Path, max_steps: int) -> list[str]:
+    """A tiny run: small MLPs, batch 8, W&B off, metrics every 10 steps, saves only at the end or a stop."""
+    return [
+        f"run_dir={run_dir}", f"data.root={data}", "data.split=test", "data.download=false",
+        "data.name=mnist", "log.wandb.mode=disabled", "train.batch_size=8", f"train.max_steps={max_steps}",
+        "log.every_steps=10", "model.g_hidden=[32]", "model.d_hidden=[32]", "checkpoint.every_steps=0",
+    ]  # fmt: skip
+
+
+def launch(argv: list[str]) -> str:
+    """``python -m launch.slurm ARGV`` in this process; its standard output."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = slurm.main(argv)
+    assert status == 0, out.getvalue()
+    return out.getvalue()
+
+
+# ---------------------------------------------------------------------------------- no cluster needed
+
+
+def test_dry_run_prints_the_cpu_job_and_submits_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    script = launch(["--slurm-config", LOCAL, "--dry-run", f"run_dir={tmp_path / 'run'}"])
+    for line in (
+        "#SBATCH --ntasks-per-node=2",
+        "#SBATCH --cpus-per-task=1",
+        "#SBATCH --partition=debug",
+        "#SBATCH --signal=USR2@30",
+        "#SBATCH --time=10",
+        "#SBATCH --mem=2G",
+    ):
+        assert line in script.splitlines()
+    assert "gpus" not in script
+    assert f"-m submitit.core._submit {tmp_path / 'run' / 'slurm' / '%j'}" in script
+    assert "train.main(['run_dir=" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_flags_override_the_yaml_and_extras_reach_sbatch(tmp_path: Path) -> None:
+    script = launch([
+        "--slurm-config", LOCAL, "--dry-run", "--nodes", "2", "--gpus-per-node", "4",
+        "--tasks-per-node", "null", "--partition", "gpu", "--time", "240", "--account", "lab",
+        "--qos", "high", "--constraint", "h100",
+        "--sbatch", "exclusive", "--sbatch", "reservation=big", "--setup", "module load cuda",
+        f"run_dir={tmp_path}",
+    ])  # fmt: skip
+    for line in (
+        "--nodes=2",
+        "--gpus-per-node=4",
+        "--ntasks-per-node=4",
+        "--partition=gpu",
+        "--time=240",
+        "--account=lab",
+        "--qos=high",
+        "--constraint=h100",
+        "--exclusive",
+        "--reservation=big",
+    ):
+        assert f"#SBATCH {line}" in script.splitlines()
+    assert "\nmodule load cuda\n" in script
+
+
+def test_apptainer_runs_each_task_in_the_image(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    script = launch(
+        [
+            "--slurm-config",
+            LOCAL,
+            "--dry-run",
+            "--gpus-per-node",
+            "2",
+            "--tasks-per-node",
+            "2",
+            "--apptainer-image",
+            "/images/gan_dist.sif",
+            "--container-mounts",
+            "/datasets",
+            f"run_dir={run}",
+        ]
+    )
+    binds = ",".join([os.getcwd(), str(run), str(run / "slurm"), "/datasets"])
+    assert (
+        f"apptainer exec --nv --bind {binds} /images/gan_dist.sif python3 -u -m submitit.core._submit"
+        in script
+    )
+
+
+def test_pyxis_runs_each_task_in_the_image(tmp_path: Path) -> None:
+    script = launch(
+        [
+            "--slurm-config",
+            LOCAL,
+            "--dry-run",
+            "--pyxis-image",
+            "nvcr.io#nvidia/pytorch:24.05-py3",
+            f"run_dir={tmp_path}",
+        ]
+    )
+    srun = next(line for line in script.splitlines() if line.startswith("srun "))
+    assert "--container-image=nvcr.io#nvidia/pytorch:24.05-py3" in srun
+    assert f"--container-mounts={os.getcwd()}:{os.getcwd()},{tmp_path}:{tmp_path}" in srun
+    assert f"--container-workdir={os.getcwd()} python3 -u -m submitit.core._submit" in srun
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            ["--gpus-per-node", "0", "--tasks-per-node", "null"],
+            "tasks_per_node: required when gpus_per_node=0",
+        ),
+        (["--gpus-per-node", "4", "--tasks-per-node", "2"], "one task per GPU"),
+        (["--time", "1"], "time: 1 min leaves no room"),
+        (["--nodes", "0"], "nodes: expected values >= 1"),
+        (["--apptainer-image", "a.sif", "--pyxis-image", "b"], "choose one container runtime"),
+        (["train.batch_size=0"], "train.batch_size: expected values >= 1"),
+    ],
+)
+def test_bad_settings_stop_before_submitting(
+    flags: list[str], message: str, capsys: pytest.CaptureFixture
+) -> None:
+    assert slurm.main(["--slurm-config", LOCAL, "--dry-run", *flags]) == slurm.EXIT_USAGE
+    assert message in capsys.readouterr().err
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_torchrun_multinode_script_joins_two_agents(tmp_path: Path, mnist_root: Path) -> None:
+    """Two "nodes" on this host, one rank each, meet through the c10d rendezvous and train together."""
+    env = os.environ | {
+        "NNODES": "2",
+        "NPROC_PER_NODE": "1",
+        "RDZV_ENDPOINT": f"127.0.0.1:{free_port()}",
+        "RUN_ID": tmp_path.name,
+        "PYTHON": sys.executable,
+    }
+    argv = [str(REPO / "launch/torchrun_multinode.sh"), *train_overrides(tmp_path / "run", mnist_root, 20)]
+    nodes = [
+        subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]
+    try:
+        logs = [node.communicate(timeout=240)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(logs)
+    assert "world size 2" in "".join(logs)
+    assert (tmp_path / "run/checkpoints/step_20.pt").is_file()
+
+
+# ------------------------------------------------------------------------------ the real cluster
+
+
+def cluster_missing() -> str | None:
+    """Why the Slurm tests cannot run here, or None."""
+    start = "`launch/local_slurm.sh start` installs and starts one"
+    if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
+        return f"no Slurm client here (sinfo, sbatch); {start}"
+    try:
+        nodes = subprocess.run(["sinfo", "-h", "-o", "%R %t"], capture_output=True, text=True, timeout=30)
+        acct = subprocess.run(["sacct", "-n", "-X", "-S", "now"], capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired as e:
+        return f"{e.cmd[0]} did not answer in 30 s; {start}"
+    if nodes.returncode:
+        return f"no Slurm controller answers ({nodes.stderr.strip()}); {start}"
+    states = dict(line.split() for line in nodes.stdout.splitlines())
+    if not {"debug", "urgent"} <= states.keys():
+        return f"not the cluster of launch/local_slurm.sh (partitions: {', '.join(states)})"
+    if states["debug"] not in ("idle", "mix", "alloc"):
+        return f"the Slurm node is {states['debug']}, not in service; {start}"
+    if acct.returncode:
+        return f"Slurm accounting is off ({acct.stderr.strip()}): submitit would wait forever on a dead job"
+    return None
+
+
+@pytest.fixture(scope="session")
+def cluster() -> None:
+    reason = cluster_missing()
+    if reason:
+        pytest.skip(reason)
+
+
+class Run:
+    """One run_dir, submitted to through the launcher; the jobs it leaves are cancelled."""
+
+    def __init__(self, run_dir: Path, data: Path) -> None:
+        self.dir, self.data = run_dir, data
+        self.jobs: list[submitit.Job] = []
+
+    def argv(self, max_steps: int, *extra: str) -> list[str]:
+        """Launcher arguments; ``extra`` (flags or overrides) come last, so they win."""
+        return ["--slurm-config", LOCAL, *train_overrides(self.dir, self.data, max_steps), *extra]
+
+    def submit(self, max_steps: int, *extra: str) -> submitit.Job:
+        out = launch(self.argv(max_steps, *extra))
+        job_id = re.search(r"^submitted job (\d+):", out, re.MULTILINE)
+        assert job_id, out
+        job = submitit.SlurmJob(folder=self.dir / "slurm" / "%j", job_id=job_id[1], tasks=TASKS)
+        self.jobs.append(job)
+        return job
+
+    def checkpoints(self) -> list[int]:
+        return sorted(int(p.stem.removeprefix("step_")) for p in self.dir.glob("checkpoints/step_*.pt"))
+
+    def logged_steps(self) -> list[int]:
+        path = self.dir / "metrics.jsonl"
+        return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.fixture
+def run(cluster: None, tmp_path: Path, mnist_root: Path) -> Iterator[Run]:
+    run = Run(tmp_path / "run", mnist_root)
+    yield run
+    for job in run.jobs:
+        subprocess.run(["scancel", job.job_id], check=False, timeout=30)
+
+
+def log_of(job: submitit.Job) -> str:
+    paths = job.task(0).paths
+    return "".join(p.read_text()[-3000:] for p in (paths.stdout, paths.stderr) if p.exists())
+
+
+def wait_for(what: str, ready: Callable[[], bool], timeout: float, job: submitit.Job) -> float:
+    """Poll until ``ready()``; the seconds it took. On timeout, fail with the job's state and rank 0's log."""
+    start = time.monotonic()
+    while not ready():
+        if time.monotonic() - start > timeout:
+            pytest.fail(f"{what}: not within {timeout:.0f}s (job {job.job_id}: {job.state})\n{log_of(job)}")
+        time.sleep(0.5)
+    return time.monotonic() - start
+
+
+def finished(job: submitit.Job) -> Callable[[], bool]:
+    """Whether every task is done, asking sacct each time (submitit's own polling slows to minutes)."""
+    return lambda: all(job.task(t).done(force_check=True) for t in TASKS)
+
+
+def states(job: submitit.Job) -> list[str]:
+    """Every Slurm state the job went through, requeues included."""
+    out = subprocess.run(
+        ["sacct", "-n", "-X", "-D", "-j", job.job_id, "-o", "State%30"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    return out.split()
+
+
+@pytest.mark.slurm
+def test_two_task_cpu_job_trains_to_the_end(run: Run) -> None:
+    job = run.submit(20)
+    wait_for("the job to finish", finished(job), 240, job)
+    assert job.results() == [0, 0], log_of(job)
+    assert run.checkpoints() == [20]
+    assert run.logged_steps() == [10, 20]
+    assert "world size 2 on cpu" in job.task(0).stdout()
+    # --dry-run shows exactly the script that was submitted.
+    assert launch([*run.argv(20), "--dry-run"]) == job.paths.submission_file.read_text()
+
+
+@pytest.mark.slurm
+def test_preempted_job_is_requeued_and_resumes(run: Run, tmp_path: Path) -> None:
+    """A job in the `urgent` partition preempts ours: USR2, save, requeue, resume, finish; same W&B run."""
+    job = run.submit(400, "log.wandb.mode=offline")
+    wait_for("training to start", lambda: bool(run.logged_steps()), 180, job)
+    subprocess.run(
+        [
+            "sbatch",
+            "--partition=urgent",
+            "--ntasks=1",
+            "--cpus-per-task=2",
+            f"--output={tmp_path / 'urgent.out'}",
+            "--wrap=sleep 1",
+        ],
+        check=True,
+        timeout=30,
+    )
+    wait_for("a checkpoint at preemption", lambda: bool(run.checkpoints()), 60, job)
+    saved = run.checkpoints()[0]
+    assert saved < 400
+    wait_for("the requeued job to finish", finished(job), 240, job)
+    assert job.results() == [0, 0], log_of(job)
+    assert run.checkpoints() == [saved, 400]
+    assert f"resuming from {run.dir}/checkpoints/step_{saved}.pt at step {saved} " in job.task(0).stdout()
+    assert states(job) == ["REQUEUED", "COMPLETED"]
+    run_ids = {
+        torch.load(run.dir / f"checkpoints/step_{s}.pt", weights_only=True)["wandb_run_id"]
+        for s in (saved, 400)
+    }
+    assert len(run_ids) == 1 and None not in run_ids
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_timeout_requeues_and_resumes(run: Run) -> None:
+    """At 2 min, USR2 comes 30 s (plus up to a minute) before the limit: save, requeue, resume."""
+    job = run.submit(100_000, "--time", "2")
+    wait_for("a checkpoint before the time limit", lambda: bool(run.checkpoints()), 180, job)
+    saved = run.checkpoints()[0]
+    resumed = f"resuming from {run.dir}/checkpoints/step_{saved}.pt at step {saved} "
+    wait_for("the requeued job to resume", lambda: resumed in (job.task(0).stdout() or ""), 120, job)
+    assert "this job is timed-out" in job.task(0).stderr()
+    assert states(job)[0] == "REQUEUED"
+
+
+@pytest.mark.slurm
+def test_cancelled_job_saves_and_is_not_requeued(run: Run) -> None:
+    """scancel's SIGTERM stops the trainer with a checkpoint, and the job stays cancelled."""
+    job = run.submit(100_000)
+    wait_for("training to start", lambda: bool(run.logged_steps()), 180, job)
+    subprocess.run(["scancel", job.job_id], check=True, timeout=30)
+    took = wait_for("the job to be reported over", finished(job), 60, job)
+    with pytest.raises(UncompletedJobError, match="CANCELLED"):
+        job.results()
+    assert took < 30
+    assert len(run.checkpoints()) == 1
+    time.sleep(6)  # past KillWait (5 s): no task is left that could requeue the job
+    assert states(job) == ["CANCELLED"]
+
+
+@pytest.mark.slurm
+def test_killed_job_is_reported_failed_within_seconds(run: Run) -> None:
+    job = run.submit(100_000)
+    wait_for("the job to start", lambda: job.state == "RUNNING", 120, job)
+    subprocess.run(["scancel", "--signal=KILL", job.job_id], check=True, timeout=30)
+    took = wait_for("the job to be reported over", finished(job), 60, job)
+    with pytest.raises(UncompletedJobError, match="has not produced any output"):
+        job.results()
+    assert took < 30
