@@ -75,6 +75,8 @@ def torchrun_cmd(nproc: int, args: Sequence[str], *extra: str) -> list[str]:
             f"--rdzv-endpoint=127.0.0.1:{free_port()}", *extra, "-m", "gan_dist.train", *args]
 
 
-def run(cmd: Sequence[str], timeout: float = 180, **kw) -> subprocess.CompletedProcess:
-    env = os.environ | {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO, **kw)
+def run(cmd: Sequence[str], timeout: float = 300, cwd: Path = REPO, env_extra: dict[str, str] | None = None,
+        **kw) -> subprocess.CompletedProcess:
+    """Run a command to completion with captured text output, unbuffered and one thread per process."""
+    env = os.environ | {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"} | (env_extra or {})
+    return subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd, **kw)

@@ -1,0 +1,108 @@
+"""W&B for real, offline: one run from rank 0, read back with W&B's own tooling (``wandb leet inspect``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from conftest import base_overrides, run, torchrun_cmd
+
+SECRET = "0123456789abcdef0123456789abcdef01234567"
+
+
+def wandb_overrides(run_dir: Path, root: Path, **extra: object) -> list[str]:
+    return base_overrides(run_dir, root, **{"log.wandb.mode": "offline", "log.samples_every_steps": 3} | extra)
+
+
+def run_files(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def records(path: Path) -> list[dict]:
+    proc = run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", path], timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def history(path: Path) -> list[dict]:
+    return [r["history"]["item"] for r in records(path) if r.get("type") == "history"]
+
+
+def run_id(path: Path) -> str:
+    return path.stem.removeprefix("run-")
+
+
+def test_two_ranks_make_one_offline_run_with_scalars_and_images(tmp_path, idx_root):
+    run_dir = tmp_path / "run"
+    proc = run(torchrun_cmd(2, wandb_overrides(run_dir, idx_root, **{"train.max_steps": 6})), cwd=tmp_path,
+               timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    files = run_files(run_dir)
+    assert len(files) == 1
+    assert not (tmp_path / "wandb").exists()  # no rank wrote a W&B folder outside the run_dir
+    rows = history(files[0])
+    scalars = [r for r in rows if "train/d_loss" in r]
+    assert [r["_step"] for r in scalars] == [2, 4, 6]
+    assert {"train/g_loss", "train/d_real", "train/d_fake", "train/images_per_s", "lr/g", "lr/d"} <= scalars[0].keys()
+    images = [r for r in rows if "samples/grid.path" in r]
+    assert [r["_step"] for r in images] == [3, 6]
+    for r in images:
+        assert (files[0].parent / "files" / r["samples/grid.path"]).is_file()
+    config = next(r["run"]["config"] for r in records(files[0]) if r.get("type") == "run")
+    assert json.dumps(config).count('"batch_size"') >= 1  # the resolved config is the run's config
+
+
+def test_resume_continues_the_same_run_with_rising_steps(tmp_path, idx_root):
+    run_dir = tmp_path / "run"
+    first = run([sys.executable, "-m", "gan_dist.train",
+                 *wandb_overrides(run_dir, idx_root, **{"train.max_steps": 6, "checkpoint.every_steps": 2})])
+    assert first.returncode == 0, first.stderr[-3000:]
+    (run_dir / "checkpoints" / "step_6.pt").unlink()  # as if killed after step 6 was logged, before its save
+    second = run([sys.executable, "-m", "gan_dist.train",
+                  *wandb_overrides(run_dir, idx_root, **{"train.max_steps": 10, "checkpoint.every_steps": 2})])
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming from" in second.stdout and "(replayed)" in second.stdout
+    files = run_files(run_dir)
+    assert len(files) == 2 and run_id(files[0]) == run_id(files[1])  # the same W&B run, reopened
+    steps = [row["_step"] for f in files for row in history(f)]
+    assert steps == sorted(set(steps)) and steps[-1] == 10  # no duplicate or backwards step
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if m.get("replayed")] == [6]
+
+
+def test_disabled_and_env_override_create_nothing(tmp_path, idx_root):
+    for name, env in (("disabled", {}), ("env", {"WANDB_MODE": "disabled"})):
+        run_dir = tmp_path / name
+        mode = "disabled" if name == "disabled" else "offline"
+        proc = run([sys.executable, "-m", "gan_dist.train",
+                    *wandb_overrides(run_dir, idx_root, **{"train.max_steps": 2, "log.wandb.mode": mode})],
+                   cwd=tmp_path, env_extra=env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert not (run_dir / "wandb").exists() and not (tmp_path / "wandb").exists()
+
+
+def test_wandb_that_cannot_start_does_not_stop_training(tmp_path, idx_root):
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"WANDB_MODE": "online", "HOME": str(home), "WANDB_API_KEY": ""}
+    proc = run([sys.executable, "-m", "gan_dist.train", *wandb_overrides(tmp_path / "run", idx_root,
+                                                                        **{"train.max_steps": 2})],
+               env_extra=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    warnings = [line for line in proc.stderr.splitlines() if "W&B did not start" in line]
+    assert len(warnings) == 1
+    assert (tmp_path / "run" / "checkpoints" / "step_2.pt").exists()
+
+
+def test_api_key_is_never_written(tmp_path, idx_root):
+    run_dir = tmp_path / "run"
+    proc = run([sys.executable, "-m", "gan_dist.train", *wandb_overrides(run_dir, idx_root, **{"train.max_steps": 2})],
+               env_extra={"WANDB_API_KEY": SECRET})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert SECRET not in proc.stdout + proc.stderr
+    for path in run_dir.rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
+    assert os.environ.get("WANDB_API_KEY") != SECRET
