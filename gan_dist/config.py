@@ -191,7 +191,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return tuple(_coerce(v, args[0], key) for v in value)
         if len(value) != len(args):
             raise bad
-        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args, strict=True))
     if tp is bool:
         if not isinstance(value, bool):
             raise bad

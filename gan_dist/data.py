@@ -60,7 +60,8 @@ def _read_idx(path: Path, reader) -> torch.Tensor:
             shutil.copyfileobj(src, tmp)
             tmp.flush()
             return reader(tmp.name)
-    except (OSError, AssertionError, ValueError, TypeError, EOFError, RuntimeError) as e:  # torchvision: bare asserts, view errors
+    # torchvision reports a malformed file with bare asserts, TypeErrors and view RuntimeErrors.
+    except (OSError, AssertionError, ValueError, TypeError, EOFError, RuntimeError) as e:
         raise DataError(f"cannot read {path}: {e or type(e).__name__}") from None
 
 

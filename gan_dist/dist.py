@@ -64,7 +64,7 @@ class DistEnv:
         padded[: t.shape[0]] = t
         parts = [torch.empty_like(padded) for _ in range(self.world_size)]
         tdist.all_gather(parts, padded)
-        return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
+        return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes, strict=True)])
 
 
 def _env_int(name: str, default: int) -> int:

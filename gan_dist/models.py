@@ -138,5 +138,5 @@ class EMA:
     def update(self, generator: nn.Module) -> None:
         ema_params = list(self.module.parameters())
         torch._foreach_lerp_(ema_params, [p.detach() for p in generator.parameters()], 1.0 - self.decay)
-        for b_ema, b in zip(self.module.buffers(), generator.buffers()):
+        for b_ema, b in zip(self.module.buffers(), generator.buffers(), strict=True):
             b_ema.copy_(b)

@@ -96,8 +96,9 @@ class MetricLogger:
                                                                 device=self.sums.device)])
         total = self.env.all_reduce_sum(local).tolist()  # the one host sync of the window
         record: dict[str, Any] = {"step": step, "epoch": epoch}
-        record |= {k: v / self.env.world_size for k, v in zip(NAMES, total)}
-        record["images_per_s"] = total[-1]
+        *means, images_per_s = total
+        record |= {k: v / self.env.world_size for k, v in zip(NAMES, means, strict=True)}
+        record["images_per_s"] = images_per_s
         self.sums.zero_()
         self.count = 0
         self.window_start = time.perf_counter()

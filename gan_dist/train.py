@@ -108,7 +108,8 @@ class Trainer:
                 self.pos.epoch, self.pos.batch = self.pos.epoch + 1, 0
             note = (f"; world size {state['world_size']} -> {self.env.world_size}: data re-sharded, "
                     "the run is no longer bit-exact")
-        self._say(f"resuming from {path} at step {self.pos.step} (epoch {self.pos.epoch}, batch {self.pos.batch}){note}")
+        where = f"step {self.pos.step} (epoch {self.pos.epoch}, batch {self.pos.batch})"
+        self._say(f"resuming from {path} at {where}{note}")
         return state.get("wandb_run_id")
 
     def state(self) -> dict:

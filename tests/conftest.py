@@ -17,7 +17,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def write_idx(folder: Path, n: int, split: str = "test", gz: bool = False, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def write_idx(folder: Path, n: int, split: str = "test", gz: bool = False,
+              seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Write an MNIST-format split of ``n`` images: each class is a bright bar at its own row band,
     so the data is learnable and a classifier can tell the classes apart."""
     rng = np.random.default_rng(seed)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import base_overrides, run
+
 from gan_dist.checkpoint import FORMAT_VERSION, load_file
 from gan_dist.train import main
 

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 import yaml
-
 from conftest import REPO, run
+
 from gan_dist.config import Config, ConfigError, load_config, to_dict
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import write_idx
+
 from gan_dist.config import DataConfig
 from gan_dist.data import DataError, ShardedBatches, load_split
 from gan_dist.dist import DistEnv

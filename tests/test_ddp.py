@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import free_port
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-from conftest import free_port
 from gan_dist.config import load_config
 from gan_dist.dist import DistEnv, setup, teardown
 from gan_dist.engine import GANEngine
@@ -71,6 +71,16 @@ def _worker(rank: int, world: int, port: int, out: Path) -> None:
     teardown(env)
 
 
+def _counting_hook(counts: dict[str, int], tag: str):
+    """A DDP comm hook that all-reduces as usual and counts its calls: the proof of who syncs when."""
+
+    def hook(state, bucket):
+        counts[tag] += 1
+        return default_hooks.allreduce_hook(state, bucket)
+
+    return hook
+
+
 def _check_options(env: DistEnv, out: Path) -> None:
     """A few iterations per option, with different real data per rank, counting all-reduces per network."""
     results: dict[str, object] = {}
@@ -78,14 +88,8 @@ def _check_options(env: DistEnv, out: Path) -> None:
         eng = GANEngine(load_config(None, overrides), env)
         counts = {"G": 0, "D": 0}
 
-        def counting(tag: str):
-            def hook(state, bucket):
-                counts[tag] += 1
-                return default_hooks.allreduce_hook(state, bucket)
-            return hook
-
-        eng.G.register_comm_hook(None, counting("G"))
-        eng.D.register_comm_hook(None, counting("D"))
+        eng.G.register_comm_hook(None, _counting_hook(counts, "G"))
+        eng.D.register_comm_hook(None, _counting_hook(counts, "D"))
         torch.manual_seed(env.rank)  # different real data on each rank
         n_critic = load_config(None, overrides).train.n_critic
         for step in range(STEPS):
@@ -116,7 +120,7 @@ def two_ranks(tmp_path_factory) -> Path:
 def test_parameters_bit_identical_across_ranks(two_ranks, option):
     r0, r1 = (torch.load(two_ranks / f"rank{r}.pt")[option] for r in (0, 1))
     assert len(r0["params"]) > 0
-    for a, b in zip(r0["params"] + r0["ema"], r1["params"] + r1["ema"]):
+    for a, b in zip(r0["params"] + r0["ema"], r1["params"] + r1["ema"], strict=True):
         assert torch.equal(a, b)
 
 
@@ -134,8 +138,8 @@ def test_two_half_batches_equal_one_full_batch(two_ranks):
         for key in one[net]:
             torch.testing.assert_close(two[net][key], one[net][key], rtol=1e-5, atol=1e-6, msg=f"{net}.{key}")
     # And the check has teeth: one step moves the parameters far more than the tolerance.
-    from gan_dist.models import build_generator
     from gan_dist.config import ModelConfig
+    from gan_dist.models import build_generator
 
     torch.manual_seed(0)
     init = build_generator(ModelConfig()).state_dict()

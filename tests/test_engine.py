@@ -24,7 +24,7 @@ def snapshot(module: torch.nn.Module) -> list[torch.Tensor]:
 
 
 def changed(before: list[torch.Tensor], module: torch.nn.Module) -> bool:
-    return any(not torch.equal(a, b) for a, b in zip(before, module.parameters()))
+    return any(not torch.equal(a, b) for a, b in zip(before, module.parameters(), strict=True))
 
 
 def batch(n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,7 +85,7 @@ def test_ema_update_is_the_running_average():
         for p in g.parameters():
             p.add_(1.0)
     ema.update(g)
-    for e, s, p in zip(ema.module.parameters(), start, g.parameters()):
+    for e, s, p in zip(ema.module.parameters(), start, g.parameters(), strict=True):
         torch.testing.assert_close(e, 0.9 * s + 0.1 * p)
     assert not any(p.requires_grad for p in ema.module.parameters())
 
@@ -97,7 +97,7 @@ def test_ema_checkpoints_and_old_checkpoints_without_it_load():
     without = engine().state_dict()
     assert "generator_ema" not in without
     with_ema.load_state_dict(without)  # an old checkpoint: EMA restarts from G
-    for e, p in zip(with_ema.ema.module.parameters(), with_ema.generator.parameters()):
+    for e, p in zip(with_ema.ema.module.parameters(), with_ema.generator.parameters(), strict=True):
         assert torch.equal(e, p)
 
 

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from conftest import REPO, base_overrides, run, torchrun_cmd
 
 STEPS = 60
@@ -44,7 +43,7 @@ def workers(proc: subprocess.Popen) -> list[int]:
 
 def params(path: Path) -> dict[str, torch.Tensor]:
     state = torch.load(path, weights_only=True)
-    return {f"G.{k}": v for k, v in state["generator"].items()} | {f"D.{k}": v for k, v in state["discriminator"].items()}
+    return {f"{net}.{k}": v for net in ("generator", "discriminator") for k, v in state[net].items()}
 
 
 def test_sigkill_mid_epoch_then_resume_is_bit_exact(tmp_path, idx_root):

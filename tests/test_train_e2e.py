@@ -6,7 +6,6 @@ import json
 import sys
 
 import yaml
-
 from conftest import base_overrides, run, torchrun_cmd
 
 
