@@ -13,24 +13,23 @@ import io
 import json
 import os
 import re
+import shlex
 import shutil
-import socket
-import struct
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 import submitit
 import torch
+from conftest import REPO, base_overrides, free_port, write_idx
 from submitit.core.utils import UncompletedJobError
 
 from launch import slurm
 
-REPO = Path(__file__).resolve().parents[1]
 LOCAL = str(REPO / "configs/slurm/local.yaml")
 N_IMAGES = 2000  # 125 steps per epoch at 2 ranks x batch 8: no epoch ends mid-test to write samples
 TASKS = (0, 1)
@@ -38,25 +37,17 @@ TASKS = (0, 1)
 
 @pytest.fixture(scope="module")
 def mnist_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """MNIST's test split in IDX format, with random pixels: the tests train, they do not judge."""
     root = tmp_path_factory.mktemp("mnist")
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (N_IMAGES, 28, 28), dtype=np.uint8)
-    labels = rng.integers(0, 10, N_IMAGES, dtype=np.uint8)
-    (root / "t10k-images-idx3-ubyte").write_bytes(
-        struct.pack(">IIII", 0x803, N_IMAGES, 28, 28) + images.tobytes()
-    )
-    (root / "t10k-labels-idx1-ubyte").write_bytes(struct.pack(">II", 0x801, N_IMAGES) + labels.tobytes())
+    write_idx(root, N_IMAGES)
     return root
 
 
 def train_overrides(run_dir: Path, data: Path, max_steps: int) -> list[str]:
-    """A tiny run: small MLPs, batch 8, W&B off, metrics every 10 steps, saves only at the end or a stop."""
-    return [
-        f"run_dir={run_dir}", f"data.root={data}", "data.split=test", "data.download=false",
-        "data.name=mnist", "log.wandb.mode=disabled", "train.batch_size=8", f"train.max_steps={max_steps}",
-        "log.every_steps=10", "model.g_hidden=[32]", "model.d_hidden=[32]", "checkpoint.every_steps=0",
-    ]  # fmt: skip
+    """A tiny run: small MLPs, batch 8, metrics every 10 steps, saves only at the end or at a stop."""
+    return base_overrides(run_dir, data, **{
+        "train.batch_size": 8, "train.max_steps": max_steps, "log.every_steps": 10,
+        "model.g_hidden": "[32]", "model.d_hidden": "[32]",
+    })  # fmt: skip
 
 
 def launch(argv: list[str]) -> str:
@@ -68,119 +59,74 @@ def launch(argv: list[str]) -> str:
     return out.getvalue()
 
 
+def dry_run(flags: str, run_dir: Path) -> str:
+    """The sbatch script for the local cluster's settings, with ``flags`` over them."""
+    return launch(["--slurm-config", LOCAL, "--dry-run", *shlex.split(flags), f"run_dir={run_dir}"])
+
+
 # ---------------------------------------------------------------------------------- no cluster needed
 
 
-def test_dry_run_prints_the_cpu_job_and_submits_nothing(
-    tmp_path: Path, capsys: pytest.CaptureFixture
-) -> None:
-    script = launch(["--slurm-config", LOCAL, "--dry-run", f"run_dir={tmp_path / 'run'}"])
-    for line in (
-        "#SBATCH --ntasks-per-node=2",
-        "#SBATCH --cpus-per-task=1",
-        "#SBATCH --partition=debug",
-        "#SBATCH --signal=USR2@30",
-        "#SBATCH --time=10",
-        "#SBATCH --mem=2G",
-    ):
-        assert line in script.splitlines()
-    assert "gpus" not in script
-    assert f"-m submitit.core._submit {tmp_path / 'run' / 'slurm' / '%j'}" in script
-    assert "train.main(['run_dir=" in capsys.readouterr().err
+def test_dry_run_prints_the_cpu_job_and_submits_nothing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    script = dry_run("", tmp_path / "run").splitlines()
+    for option in ("ntasks-per-node=2", "cpus-per-task=1", "partition=debug", "signal=USR2@30", "time=10"):
+        assert f"#SBATCH --{option}" in script
+    assert not [line for line in script if "gpu" in line]
+    assert script[-1].endswith(f"-m submitit.core._submit {tmp_path / 'run' / 'slurm' / '%j'}")
+    assert f"train.main(['run_dir={tmp_path / 'run'}'])" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 
 def test_flags_override_the_yaml_and_extras_reach_sbatch(tmp_path: Path) -> None:
-    script = launch([
-        "--slurm-config", LOCAL, "--dry-run", "--nodes", "2", "--gpus-per-node", "4",
-        "--tasks-per-node", "null", "--partition", "gpu", "--time", "240", "--account", "lab",
-        "--qos", "high", "--constraint", "h100",
-        "--sbatch", "exclusive", "--sbatch", "reservation=big", "--setup", "module load cuda",
-        f"run_dir={tmp_path}",
-    ])  # fmt: skip
-    for line in (
-        "--nodes=2",
-        "--gpus-per-node=4",
-        "--ntasks-per-node=4",
-        "--partition=gpu",
-        "--time=240",
-        "--account=lab",
-        "--qos=high",
-        "--constraint=h100",
-        "--exclusive",
-        "--reservation=big",
-    ):
-        assert f"#SBATCH {line}" in script.splitlines()
+    script = dry_run(
+        "--nodes 2 --gpus-per-node 4 --tasks-per-node null --partition gpu --time 240 --account lab "
+        "--qos high --constraint h100 --sbatch exclusive --sbatch reservation=big --setup 'module load cuda'",
+        tmp_path,
+    )
+    for option in ("nodes=2", "gpus-per-node=4", "ntasks-per-node=4", "partition=gpu", "time=240",
+                   "account=lab", "qos=high", "constraint=h100", "exclusive", "reservation=big"):  # fmt: skip
+        assert f"#SBATCH --{option}" in script.splitlines()
     assert "\nmodule load cuda\n" in script
 
 
 def test_apptainer_runs_each_task_in_the_image(tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    script = launch(
-        [
-            "--slurm-config",
-            LOCAL,
-            "--dry-run",
-            "--gpus-per-node",
-            "2",
-            "--tasks-per-node",
-            "2",
-            "--apptainer-image",
-            "/images/gan_dist.sif",
-            "--container-mounts",
-            "/datasets",
-            f"run_dir={run}",
-        ]
-    )
-    binds = ",".join([os.getcwd(), str(run), str(run / "slurm"), "/datasets"])
-    assert (
-        f"apptainer exec --nv --bind {binds} /images/gan_dist.sif python3 -u -m submitit.core._submit"
-        in script
-    )
+    flags = "--gpus-per-node 2 --apptainer-image /images/gan_dist.sif --container-mounts /datasets"
+    script = dry_run(flags, tmp_path)
+    binds = ",".join([os.getcwd(), str(tmp_path), str(tmp_path / "slurm"), "/datasets"])
+    assert f"apptainer exec --nv --bind {binds} /images/gan_dist.sif python3 -u -m submitit.core._submit" in script
 
 
 def test_pyxis_runs_each_task_in_the_image(tmp_path: Path) -> None:
-    script = launch(
-        [
-            "--slurm-config",
-            LOCAL,
-            "--dry-run",
-            "--pyxis-image",
-            "nvcr.io#nvidia/pytorch:24.05-py3",
-            f"run_dir={tmp_path}",
-        ]
-    )
+    script = dry_run("--pyxis-image nvcr.io#nvidia/pytorch:24.05-py3", tmp_path)
     srun = next(line for line in script.splitlines() if line.startswith("srun "))
     assert "--container-image=nvcr.io#nvidia/pytorch:24.05-py3" in srun
-    assert f"--container-mounts={os.getcwd()}:{os.getcwd()},{tmp_path}:{tmp_path}" in srun
+    assert f"--container-mounts={os.getcwd()}:{os.getcwd()},{tmp_path}:{tmp_path}," in srun
     assert f"--container-workdir={os.getcwd()} python3 -u -m submitit.core._submit" in srun
+
+
+def test_help_names_every_cluster_key(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit:
+        slurm.main(["--help"])
+    assert exit.value.code == 0
+    shown = capsys.readouterr().out
+    for key in slurm.SlurmConfig.__dataclass_fields__:
+        assert f"--{key.replace('_', '-')} VALUE" in shown
 
 
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (
-            ["--gpus-per-node", "0", "--tasks-per-node", "null"],
-            "tasks_per_node: required when gpus_per_node=0",
-        ),
-        (["--gpus-per-node", "4", "--tasks-per-node", "2"], "one task per GPU"),
-        (["--time", "1"], "time: 1 min leaves no room"),
-        (["--nodes", "0"], "nodes: expected values >= 1"),
-        (["--apptainer-image", "a.sif", "--pyxis-image", "b"], "choose one container runtime"),
-        (["train.batch_size=0"], "train.batch_size: expected values >= 1"),
+        ("--gpus-per-node 0 --tasks-per-node null", "tasks_per_node: required when gpus_per_node=0"),
+        ("--gpus-per-node 4 --tasks-per-node 2", "one task per GPU"),
+        ("--time 1", "time: 1 min leaves no room"),
+        ("--nodes 0", "nodes: expected values >= 1"),
+        ("--apptainer-image a.sif --pyxis-image b", "choose one container runtime"),
+        ("train.batch_size=0", "train.batch_size: expected values >= 1"),
     ],
 )
-def test_bad_settings_stop_before_submitting(
-    flags: list[str], message: str, capsys: pytest.CaptureFixture
-) -> None:
-    assert slurm.main(["--slurm-config", LOCAL, "--dry-run", *flags]) == slurm.EXIT_USAGE
+def test_bad_settings_stop_before_submitting(flags: str, message: str, capsys: pytest.CaptureFixture) -> None:
+    assert slurm.main(["--slurm-config", LOCAL, "--dry-run", *shlex.split(flags)]) == slurm.EXIT_USAGE
     assert message in capsys.readouterr().err
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -195,8 +141,7 @@ def test_torchrun_multinode_script_joins_two_agents(tmp_path: Path, mnist_root: 
     }
     argv = [str(REPO / "launch/torchrun_multinode.sh"), *train_overrides(tmp_path / "run", mnist_root, 20)]
     nodes = [
-        subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for _ in range(2)
+        subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)
     ]
     try:
         logs = [node.communicate(timeout=240)[0] for node in nodes]
@@ -296,15 +241,20 @@ def finished(job: submitit.Job) -> Callable[[], bool]:
 
 
 def states(job: submitit.Job) -> list[str]:
-    """Every Slurm state the job went through, requeues included."""
+    """Every Slurm state the job went through, requeues included ("CANCELLED by 0" counts as CANCELLED)."""
     out = subprocess.run(
-        ["sacct", "-n", "-X", "-D", "-j", job.job_id, "-o", "State%30"],
+        ["sacct", "-n", "-X", "-D", "--parsable2", "-j", job.job_id, "-o", "State"],
         capture_output=True,
         text=True,
         timeout=30,
         check=True,
     ).stdout
-    return out.split()
+    return [line.split()[0] for line in out.splitlines()]
+
+
+def in_queue(job: submitit.Job) -> bool:
+    out = subprocess.run(["squeue", "-h", "-j", job.job_id], capture_output=True, text=True, timeout=30).stdout
+    return bool(out.strip())
 
 
 @pytest.mark.slurm
@@ -324,18 +274,8 @@ def test_preempted_job_is_requeued_and_resumes(run: Run, tmp_path: Path) -> None
     """A job in the `urgent` partition preempts ours: USR2, save, requeue, resume, finish; same W&B run."""
     job = run.submit(400, "log.wandb.mode=offline")
     wait_for("training to start", lambda: bool(run.logged_steps()), 180, job)
-    subprocess.run(
-        [
-            "sbatch",
-            "--partition=urgent",
-            "--ntasks=1",
-            "--cpus-per-task=2",
-            f"--output={tmp_path / 'urgent.out'}",
-            "--wrap=sleep 1",
-        ],
-        check=True,
-        timeout=30,
-    )
+    urgent = shlex.split("sbatch --partition=urgent --ntasks=1 --cpus-per-task=2 --wrap='sleep 1'")
+    subprocess.run([*urgent, f"--output={tmp_path / 'urgent.out'}"], check=True, timeout=30)
     wait_for("a checkpoint at preemption", lambda: bool(run.checkpoints()), 60, job)
     saved = run.checkpoints()[0]
     assert saved < 400
@@ -343,10 +283,9 @@ def test_preempted_job_is_requeued_and_resumes(run: Run, tmp_path: Path) -> None
     assert job.results() == [0, 0], log_of(job)
     assert run.checkpoints() == [saved, 400]
     assert f"resuming from {run.dir}/checkpoints/step_{saved}.pt at step {saved} " in job.task(0).stdout()
-    assert states(job) == ["REQUEUED", "COMPLETED"]
+    assert states(job)[:-1] == ["REQUEUED"]  # once; the last run may still be leaving
     run_ids = {
-        torch.load(run.dir / f"checkpoints/step_{s}.pt", weights_only=True)["wandb_run_id"]
-        for s in (saved, 400)
+        torch.load(run.dir / f"checkpoints/step_{s}.pt", weights_only=True)["wandb_run_id"] for s in (saved, 400)
     }
     assert len(run_ids) == 1 and None not in run_ids
 
@@ -354,7 +293,9 @@ def test_preempted_job_is_requeued_and_resumes(run: Run, tmp_path: Path) -> None
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_timeout_requeues_and_resumes(run: Run) -> None:
-    """At 2 min, USR2 comes 30 s (plus up to a minute) before the limit: save, requeue, resume."""
+    """At 2 min, USR2 comes 30 s (plus up to a minute) before the limit: save, requeue, resume.
+
+    The resumed run would time out again; the fixture cancels it once it has shown the resume."""
     job = run.submit(100_000, "--time", "2")
     wait_for("a checkpoint before the time limit", lambda: bool(run.checkpoints()), 180, job)
     saved = run.checkpoints()[0]
@@ -374,17 +315,28 @@ def test_cancelled_job_saves_and_is_not_requeued(run: Run) -> None:
     with pytest.raises(UncompletedJobError, match="CANCELLED"):
         job.results()
     assert took < 30
-    assert len(run.checkpoints()) == 1
-    time.sleep(6)  # past KillWait (5 s): no task is left that could requeue the job
+    # Once no task is left, none can requeue the job: it must be gone from the queue, not pending again.
+    wait_for("the job to leave the queue", lambda: not in_queue(job), 60, job)
     assert states(job) == ["CANCELLED"]
+    assert len(run.checkpoints()) == 1
+    assert "stopped by signal at step" in job.task(0).stdout()
+
+
+def task_pids(job: submitit.Job) -> list[int]:
+    """The PIDs of the job's tasks (step 0, one per rank) on this node."""
+    out = subprocess.run(["scontrol", "listpids", job.job_id], capture_output=True, text=True, timeout=30).stdout
+    rows = [line.split() for line in out.splitlines()[1:]]
+    return [int(row[0]) for row in rows if row[2] == "0" and row[3] != "-"]
 
 
 @pytest.mark.slurm
 def test_killed_job_is_reported_failed_within_seconds(run: Run) -> None:
+    """Every rank dies by SIGKILL (as by the OOM killer): no result is written, sacct says FAILED."""
     job = run.submit(100_000)
-    wait_for("the job to start", lambda: job.state == "RUNNING", 120, job)
-    subprocess.run(["scancel", "--signal=KILL", job.job_id], check=True, timeout=30)
+    wait_for("the tasks to start", lambda: len(task_pids(job)) == len(TASKS), 120, job)
+    for pid in task_pids(job):
+        os.kill(pid, signal.SIGKILL)
     took = wait_for("the job to be reported over", finished(job), 60, job)
-    with pytest.raises(UncompletedJobError, match="has not produced any output"):
+    with pytest.raises(UncompletedJobError, match=r"has not produced any output \(state: FAILED\)"):
         job.results()
     assert took < 30

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Multi-node training without Slurm: run this on every node, with the same settings.
+#
+#   NNODES=2 NPROC_PER_NODE=4 RDZV_ENDPOINT=node0:29500 RUN_ID=mnist-1 \
+#       launch/torchrun_multinode.sh --config configs/mnist_cgan.yaml train.batch_size=128
+#
+# NNODES         nodes taking part (MIN:MAX lets torchrun start with fewer)
+# RDZV_ENDPOINT  host:port that every node reaches; the agent on that host serves the c10d rendezvous
+# RUN_ID         the rendezvous id: the same on every node, new for each launch (default gan_dist)
+# NPROC_PER_NODE ranks per node (default "gpu": one per visible GPU; give a number on CPUs)
+# MAX_RESTARTS   torchrun restarts of the whole group after a failure (default 0); a restart resumes
+#                from run_dir's newest checkpoint, as any relaunch does
+# PYTHON         interpreter with gan_dist installed (default python)
+#
+# Arguments go to gan_dist.train unchanged. run_dir must be one shared folder (rank 0 writes it).
+# SIGTERM to torchrun on every node stops the ranks at the next step with a checkpoint saved
+# (exit 75); launching again with the same run_dir resumes.
+set -euo pipefail
+
+: "${NNODES:?set NNODES: the number of nodes}"
+: "${RDZV_ENDPOINT:?set RDZV_ENDPOINT=host:port, reachable from every node}"
+
+exec "${PYTHON:-python}" -m torch.distributed.run \
+    --nnodes="$NNODES" \
+    --nproc-per-node="${NPROC_PER_NODE:-gpu}" \
+    --rdzv-backend=c10d \
+    --rdzv-endpoint="$RDZV_ENDPOINT" \
+    --rdzv-id="${RUN_ID:-gan_dist}" \
+    --max-restarts="${MAX_RESTARTS:-0}" \
+    -m gan_dist.train "$@"
