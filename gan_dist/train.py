@@ -152,7 +152,8 @@ class Trainer:
                     self.save()
                 if stopping:
                     self.logger.flush(pos.step, pos.epoch, lrs)
-                    self._say(f"stopped by signal at step {pos.step}; exit {EXIT_REQUEUE} to requeue")
+                    self._say(f"stopped by signal ({self._signal_name()}) at step {pos.step}; "
+                              f"exit {EXIT_REQUEUE} to requeue")
                     return EXIT_REQUEUE
             if pos.epoch != epoch and not self.samples.due(pos.step):
                 self.samples.write(pos.step, self.engine.sampler)
@@ -163,6 +164,10 @@ class Trainer:
         self.save()
         self._say(f"done: {pos.step} steps in {self.run_dir}")
         return 0
+
+    def _signal_name(self) -> str:
+        """The signal seen here; a rank that stopped because another rank was signalled says so."""
+        return signal.Signals(self.stop.signum).name if self.stop.signum is not None else "on another rank"
 
     def close(self) -> None:
         if self.logger.wandb is not None:
@@ -184,6 +189,10 @@ class Progress:
         width = 30
         done = width * step // self.total
         sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {step}/{self.total} {rate:.1f} it/s")
+
+    def _signal_name(self) -> str:
+        """The signal seen here; a rank that stopped because another rank was signalled says so."""
+        return signal.Signals(self.stop.signum).name if self.stop.signum is not None else "on another rank"
 
     def close(self) -> None:
         if self.enabled:

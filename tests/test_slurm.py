@@ -319,7 +319,7 @@ def test_cancelled_job_saves_and_is_not_requeued(run: Run) -> None:
     wait_for("the job to leave the queue", lambda: not in_queue(job), 60, job)
     assert states(job) == ["CANCELLED"]
     assert len(run.checkpoints()) == 1
-    assert "stopped by signal at step" in job.task(0).stdout()
+    assert "stopped by signal (" in job.task(0).stdout()
 
 
 def task_pids(job: submitit.Job) -> list[int]:
