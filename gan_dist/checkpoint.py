@@ -116,20 +116,25 @@ class Checkpointer:
         by_time = self.cfg.every_minutes > 0 and time.monotonic() - self.last_save >= 60 * self.cfg.every_minutes
         return by_steps or by_time
 
-    def save(self, state: dict[str, Any], step: int) -> Path:
-        """Every rank calls this. Rank 0 writes; all ranks then agree that it worked, or all raise."""
-        path = self.folder / f"step_{step}.pt"
+    def save(self, state: dict[str, Any], name: str | None = None) -> Path:
+        """Every rank calls this. Rank 0 writes; all ranks then agree that it worked, or all raise.
+
+        By default the file is the rolling ``step_<N>.pt``; ``name`` writes another (``best.pt``).
+        """
+        path = self.folder / (name or f"step_{state['step']}.pt")
         error: CheckpointError | None = None
         if self.env.is_main:
             try:
                 atomic_save(state, path)
-                self._prune()
+                if name is None:
+                    self._prune()
             except CheckpointError as e:
                 error = e
         # The agreement is the barrier: no rank runs ahead into steps that a failed save would lose.
         if self.env.any(error is not None):
             raise error or CheckpointError(f"saving {path} failed on rank 0")
-        self.last_save = time.monotonic()
+        if name is None:
+            self.last_save = time.monotonic()
         return path
 
     def _prune(self) -> None:

@@ -106,10 +106,25 @@ class MetricLogger:
             self._write(record, lrs)
         return record
 
-    def _write(self, record: dict[str, Any], lrs: dict[str, float]) -> None:
+    def _append(self, record: dict[str, Any]) -> bool:
+        """One JSON line; returns whether the step is a replay (then W&B must not see it)."""
         replayed = record["step"] <= self.replay_until
         with self.path.open("a") as f:
             f.write(json.dumps(record | ({"replayed": True} if replayed else {})) + "\n")
+        return replayed
+
+    def log_eval(self, step: int, epoch: int, scores: dict[str, float]) -> None:
+        """Evaluation scores (already equal on every rank) as ``eval/*`` keys; rank 0 writes them."""
+        if not self.env.is_main:
+            return
+        record = {"step": step, "epoch": epoch} | {f"eval/{k}": v for k, v in scores.items()}
+        replayed = self._append(record)
+        print(f"eval  {step:>7} | " + " ".join(f"{k} {v:.4g}" for k, v in scores.items()), flush=True)
+        if self.wandb is not None and not replayed:
+            self.wandb.log({k: v for k, v in record.items() if k.startswith("eval/")}, step=step)
+
+    def _write(self, record: dict[str, Any], lrs: dict[str, float]) -> None:
+        replayed = self._append(record)
         print(f"step {record['step']:>7} epoch {record['epoch']:>3} | d_loss {record['d_loss']:.4f} "
               f"g_loss {record['g_loss']:.4f} D(x) {record['d_real']:.3f} D(G(z)) {record['d_fake']:.3f} | "
               f"{record['images_per_s']:.0f} img/s" + (" (replayed)" if replayed else ""), flush=True)

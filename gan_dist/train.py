@@ -15,6 +15,7 @@ Exit status: 0 done; 2 bad config, data or checkpoint; 75 stopped by a signal af
 from __future__ import annotations
 
 import argparse
+import math
 import signal
 import sys
 import time
@@ -26,6 +27,7 @@ from gan_dist.config import Config, ConfigError, describe, load_config, to_dict,
 from gan_dist.data import DataError, ShardedBatches, load_split
 from gan_dist.dist import DistEnv, setup, teardown
 from gan_dist.engine import GANEngine
+from gan_dist.evaluate import Evaluator
 from gan_dist.monitor import MetricLogger, SampleWriter, start_wandb
 
 EXIT_USAGE = 2
@@ -78,7 +80,9 @@ class Trainer:
         total = cfg.train.epochs * self.pos.steps_per_epoch
         self.total_steps = min(total, cfg.train.max_steps or total)
         self.checkpointer = Checkpointer(cfg.checkpoint, self.run_dir, env)
+        self.best_fid = math.inf
         run_id = self._restore(self.checkpointer.resume_state(cfg.train.resume))
+        self.evaluator = Evaluator(cfg, env) if cfg.eval.every_steps > 0 else None
         wandb_run = start_wandb(cfg.log.wandb, self.run_dir, to_dict(cfg), run_id) if env.is_main else None
         self.wandb_id = wandb_run.id if wandb_run is not None else run_id
         self.logger = MetricLogger(cfg.log, env, self.run_dir, wandb_run, cfg.train.batch_size)
@@ -98,6 +102,7 @@ class Trainer:
         check_shapes(path, "discriminator", state["discriminator"], self.engine.discriminator)
         self.engine.load_state_dict(state)
         self.pos.step, self.pos.epoch, self.pos.batch = state["step"], state["epoch"], state["batch"]
+        self.best_fid = state.get("best_fid", math.inf)
         note = ""
         if state["world_size"] != self.env.world_size:
             # Re-shard from the same point of the epoch, counted in samples seen; exactness is lost.
@@ -122,11 +127,22 @@ class Trainer:
             "rng": {"seed": self.cfg.train.seed, "scheme": "blake2b(seed/rank/step/phase) reseeded every step"},
             "config": to_dict(self.cfg),
             "wandb_run_id": self.wandb_id,
+            "best_fid": self.best_fid,
         }
 
     def save(self) -> None:
-        path = self.checkpointer.save(self.state(), self.pos.step)
+        path = self.checkpointer.save(self.state())
         self._say(f"saved {path}")
+
+    def evaluate(self, train_seconds: float) -> None:
+        """Score the sampling G on every rank; keep ``best.pt`` when FID improves."""
+        scores = self.evaluator.run(self.engine.sampler)
+        self.eval_seconds += scores["seconds"]
+        scores["share_of_time"] = self.eval_seconds / max(train_seconds, 1e-9)
+        self.logger.log_eval(self.pos.step, self.pos.epoch, scores)
+        if scores["fid"] < self.best_fid:
+            self.best_fid = scores["fid"]
+            self._say(f"new best FID {self.best_fid:.3f}: {self.checkpointer.save(self.state(), name='best.pt')}")
 
     def fit(self) -> int:
         cfg, pos = self.cfg, self.pos
@@ -135,6 +151,7 @@ class Trainer:
                   f"training to step {self.total_steps}")
         lrs = {"g": cfg.optim.g_lr, "d": cfg.optim.d_lr}
         progress = Progress(self.total_steps, enabled=self.env.is_main and cfg.log.progress)
+        start, self.eval_seconds = time.perf_counter(), 0.0
         while pos.step < self.total_steps:
             epoch = pos.epoch
             batches = self.data.epoch(epoch, start=pos.batch)
@@ -147,6 +164,8 @@ class Trainer:
                     self.logger.flush(pos.step, pos.epoch, lrs)
                 if self.samples.due(pos.step):
                     self.samples.write(pos.step, self.engine.sampler)
+                if self.evaluator is not None and self.evaluator.due(pos.step):
+                    self.evaluate(time.perf_counter() - start)
                 stopping = self.env.any(self.stop.signum is not None)
                 if stopping or (self.checkpointer.due(pos.step) and pos.step < self.total_steps):
                     self.save()
