@@ -12,9 +12,9 @@ Outputs (any of them, in one call):
                  (white digits on black); ``labels``: int64 [10N], class-major. Every image has its
                  own latent, as scoring wants independent samples.
   --interpolate  three blocks of --steps columns, split by a gray row:
-                 rows 1-10: class 0..9, a straight walk from latent z0 to latent z1;
-                 rows 11-20: class 0..9, the spherical (slerp) walk between the same z0 and z1;
-                 rows 21-29: latent z0, the label embedding walked from class k to class k + 1.
+                 10 rows, class 0..9: a straight walk from latent z0 to latent z1;
+                 10 rows, class 0..9: the spherical (slerp) walk between the same z0 and z1;
+                 9 rows, latent z0: row k walks the label embedding from class k to class k + 1.
 
 The checkpoint's tensors are mapped to --device (default cpu), so one saved on GPUs samples anywhere.
 G's EMA is used when the checkpoint holds one, unless --no-ema. Each output draws from its own seeded
@@ -25,6 +25,7 @@ Exit status: 0 done; 2 bad arguments, an unusable checkpoint or an unwritable ou
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -104,27 +105,20 @@ def integer(minimum: int) -> Callable[[str], int]:
     """An argparse type: an integer no smaller than ``minimum``."""
 
     def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = minimum - 1
-        if value < minimum:
+        if not (text.removeprefix("-").isdecimal() and int(text) >= minimum):
             raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
-        return value
+        return int(text)
 
     return parse
 
 
 def parse_device(text: str) -> torch.device:
     """An argparse type: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:I``, checked here."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:I, got {text!r}")
     if text == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(text)
-    except RuntimeError:
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:I, got {text!r}")
+    dev = torch.device(text)
     if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
         raise argparse.ArgumentTypeError(f"{text}: no such CUDA device here")
     return dev
@@ -140,16 +134,18 @@ class Parser(argparse.ArgumentParser):
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = Parser(prog="python -m gan_dist.sample", description=__doc__,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, type=Path, help="a step_<N>.pt written by gan_dist.train")
+    parser.add_argument("--checkpoint", required=True, type=Path, metavar="PATH",
+                        help="a step_<N>.pt written by gan_dist.train")
     parser.add_argument("--grid", type=Path, metavar="OUT.png", help="write the class grid")
-    parser.add_argument("--n", type=integer(1), default=SampleWriter.COLUMNS, help="grid columns (default %(default)s)")
+    parser.add_argument("--n", type=integer(1), default=SampleWriter.COLUMNS,
+                        help="grid columns (default %(default)s)")
     parser.add_argument("--npz", type=Path, metavar="OUT.npz", help="write images and labels for scoring")
     parser.add_argument("--n-per-class", type=integer(1), default=1000, metavar="N",
                         help="npz images per class (default %(default)s)")
-    parser.add_argument("--interpolate", type=Path, metavar="OUT.png", help="write the latent and label walks")
+    parser.add_argument("--interpolate", type=Path, metavar="OUT.png", help="write latent and label walks")
     parser.add_argument("--steps", type=integer(2), default=10, help="images per walk (default %(default)s)")
-    parser.add_argument("--seed", type=integer(0), default=0, help="seed of every latent (default %(default)s)")
-    parser.add_argument("--no-ema", action="store_true", help="use the raw G even when the checkpoint has an EMA")
+    parser.add_argument("--seed", type=integer(0), default=0, help="latent seed (default %(default)s)")
+    parser.add_argument("--no-ema", action="store_true", help="use the raw G, not its saved EMA")
     parser.add_argument("--device", type=parse_device, default=torch.device("cpu"),
                         help="auto, cpu, cuda or cuda:I (default cpu)")
     args = parser.parse_args(argv)

@@ -35,15 +35,15 @@ def write_idx(root: Path, n: int) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A 2-step training run per generator flavour; each leaves checkpoints/step_2.pt and samples/step_2.png."""
+    """A 2-step training run per generator flavour: it leaves checkpoints/step_2.pt and samples/step_2.png."""
     root = tmp_path_factory.mktemp("idx")
     write_idx(root, 40)
     out = {}
     for name, extra in FLAVOURS.items():
         run_dir = tmp_path_factory.mktemp(name)
-        code = train.main([f"run_dir={run_dir}", f"data.root={root}", "data.split=test", "data.download=false",
-                           "log.wandb.mode=disabled", "train.max_steps=2", "train.batch_size=8",
-                           "log.progress=false", *extra])
+        code = train.main([f"run_dir={run_dir}", f"data.root={root}", "data.split=test",
+                           "data.download=false", "log.wandb.mode=disabled", "train.max_steps=2",
+                           "train.batch_size=8", "log.progress=false", *extra])
         assert code == 0
         out[name] = run_dir
     return out
@@ -62,7 +62,8 @@ def cli(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-def outputs(capsys: pytest.CaptureFixture[str], ckpt: Path, folder: Path, *extra: object) -> dict[str, np.ndarray]:
+def outputs(capsys: pytest.CaptureFixture[str], ckpt: Path, folder: Path, *extra: object
+            ) -> dict[str, np.ndarray]:
     """All three outputs of one call, as arrays: the PNG files' bytes and the npz's own arrays."""
     folder.mkdir(parents=True)
     code, err = cli(capsys, "--checkpoint", ckpt, "--grid", folder / "grid.png", "--npz", folder / "s.npz",
@@ -80,7 +81,7 @@ def same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_grid_at_the_training_seed_is_the_training_grid(runs, flavour, tmp_path, capsys):
-    """Rows are classes and the checkpoint round-trips: train.seed=0 and 10 columns redraw samples/step_2.png."""
+    """Rows are classes and the checkpoint round-trips: seed 0 (train.seed) redraws samples/step_2.png."""
     out = tmp_path / "grid.png"
     assert cli(capsys, "--checkpoint", checkpoint(runs[flavour]), "--grid", out, "--seed", 0)[0] == 0
     assert out.read_bytes() == (runs[flavour] / "samples" / "step_2.png").read_bytes()
@@ -141,8 +142,8 @@ def test_embedding_path_matches_labels(runs):
     """Feeding G the table's own rows is the same as feeding it the class ids."""
     generator, cfg = load_generator(checkpoint(runs["dcgan"]))
     z = sample.latents(cfg.model.z_dim, NUM_CLASSES, 0, 0)
-    expected = generate(generator, z, torch.arange(NUM_CLASSES))
-    torch.testing.assert_close(sample.generate_from_embeddings(generator, z, generator.embed.weight), expected)
+    from_table = sample.generate_from_embeddings(generator, z, generator.embed.weight)
+    torch.testing.assert_close(from_table, generate(generator, z, torch.arange(NUM_CLASSES)))
 
 
 def test_slerp_keeps_the_norm_and_the_ends():
@@ -207,7 +208,8 @@ def bad_checkpoint(case: str, run_dir: Path, folder: Path) -> Path:
     ("incompatible", "generator.net.0.weight has shape"),
 ])
 def test_bad_checkpoint(runs, case, message, tmp_path, capsys):
-    code, err = cli(capsys, "--checkpoint", bad_checkpoint(case, runs["mlp"], tmp_path), "--grid", tmp_path / "g.png")
+    bad = bad_checkpoint(case, runs["mlp"], tmp_path)
+    code, err = cli(capsys, "--checkpoint", bad, "--grid", tmp_path / "g.png")
     assert code == 2 and message in err and len(err.splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "g.png").exists()
 
