@@ -282,6 +282,11 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"--config: {path} must hold a mapping at the top level")
         tree = loaded or {}
+    return resolve(tree, overrides)
+
+
+def resolve(tree: dict[str, Any], overrides: typing.Sequence[str] = ()) -> Config:
+    """A nested mapping (a YAML file, a checkpoint's config) plus dotted overrides, validated."""
     for item in overrides:
         set_dotted(tree, *parse_override(item))
     return from_dict(Config, tree)

@@ -32,7 +32,7 @@ from torch import nn
 
 from gan_dist import metrics
 from gan_dist.checkpoint import CheckpointError, load_generator
-from gan_dist.config import Config, ConfigError, set_dotted, from_dict, load_config, parse_override, to_dict
+from gan_dist.config import Config, ConfigError, load_config, resolve, to_dict
 from gan_dist.data import NUM_CLASSES, DataError, load_split
 from gan_dist.dist import DistEnv, setup, teardown
 from gan_dist.engine import derive_seed
@@ -188,14 +188,6 @@ def read_npz(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     return to_unit_range(images), torch.from_numpy(labels.astype(np.int64))
 
 
-def with_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
-    """The checkpoint's config with ``key=value`` overrides layered on top, validated again."""
-    tree = to_dict(cfg)
-    for item in overrides:
-        set_dotted(tree, *parse_override(item))
-    return from_dict(Config, tree)
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m gan_dist.evaluate",
@@ -223,7 +215,7 @@ def evaluate(args: argparse.Namespace, spec: JudgeSpec) -> dict[str, Any] | None
     """The JSON record of one evaluation on rank 0, None on the other ranks; every rank runs it."""
     if args.checkpoint:
         generator, cfg = load_generator(args.checkpoint, "cpu", use_ema=not args.no_ema)
-        cfg = with_overrides(cfg, args.overrides)
+        cfg = resolve(to_dict(cfg), args.overrides)
         n_samples = NUM_CLASSES * args.n_per_class if args.n_per_class is not None else cfg.eval.n_samples
     else:
         cfg = load_config(args.config, args.overrides)
