@@ -16,11 +16,14 @@ Every process runs one step under a FLOP counter, drops --warmup steps, then tim
 split into data, forward/backward (the rest), optimizer (hooks on Adam.step) and communication (a DDP
 comm hook timing each bucket's all-reduce, plus the loop's per-step stop-flag agreement; gloo only).
 On CUDA the split comes from a second, synchronised pass and images/s from a pass without syncs.
+Each process also times a large matmul right before its timed steps, with its own threads and beside
+its peer ranks: that ceiling shares the case's layout and the machine's load of the moment.
 Ratios are taken per round, between cases run side by side, and their median is reported, so a noisy
-machine moves both sides of a ratio together. The matmul ceiling is measured in the same run.
+machine moves both sides of a ratio together.
 Exit status: 0 done (targets are reported, not enforced); 1 a case failed; 2 bad config or data.
 """
 
+# No ``from __future__ import annotations``: DDP checks a comm hook's annotations as live objects.
 import argparse
 import contextlib
 import itertools
@@ -62,8 +65,9 @@ from gan_dist.models import build_models
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "mnist_cgan.yaml"
 EXIT_FAILED, EXIT_USAGE = 1, 2
 PHASES = ("data", "fwd_bwd", "optim", "comm")
+MATMUL_SIZE = {"cpu": 1024, "cuda": 8192}  # compute-bound on each, and quick
 ALONE_ON_CPU = DistEnv(0, 0, 1, 1, torch.device("cpu"))  # for reading data outside a process group
-# (numerator, denominator, bar) per device, as ratios of median images/s; see docs/BENCHMARKS.md.
+# (numerator, denominator, bar) per device: medians of per-round images/s ratios; see docs/BENCHMARKS.md.
 TARGETS = {"cpu": [("b", "a", 1.4), ("c", "b", 0.9)], "cuda": [("b", "a", 30.0)]}
 
 
@@ -350,6 +354,21 @@ def device_sync(device: torch.device) -> Callable[[], None]:
     return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
 
+def matmul_ceiling(device: torch.device, dtype: torch.dtype, min_seconds: float = 0.5) -> float:
+    """FLOP/s of a large square matmul: what this process reaches when compute, not overhead, bounds."""
+    n = MATMUL_SIZE[device.type]
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    sync = device_sync(device)
+    a @ b
+    sync()
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < min_seconds:
+        a @ b
+        sync()
+        reps += 1
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
 def timed_pass(work: Workload, clock: PhaseClock, steps: int, counter: Iterator[int], split: bool
                ) -> tuple[float, int, dict[str, float]]:
     """Run ``steps`` steps; returns (seconds, images, seconds per phase when ``split``)."""
@@ -374,6 +393,7 @@ def measure(work: Workload, steps: int, warmup: int) -> dict[str, Any]:
         counted = work.train_step(next(counter), work.next_batch())
     for _ in range(warmup):
         work.train_step(next(counter), work.next_batch())
+    ceiling = {name: matmul_ceiling(work.device, getattr(torch, name)) for name in {"float32", work.precision}}
     if work.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(work.device)
         seconds, images, _ = timed_pass(work, clock, steps, counter, split=False)
@@ -398,6 +418,7 @@ def measure(work: Workload, steps: int, warmup: int) -> dict[str, Any]:
         "step_ms": 1e3 * seconds / steps,
         "phases_ms": {k: None if v is None else 1e3 * v / steps for k, v in per_step.items()},
         "flops_per_image": flops.get_total_flops() / counted,
+        "matmul_ceiling_flop_per_s": ceiling,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
         "cuda_max_allocated_mb": torch.cuda.max_memory_allocated(work.device) / 2**20
         if work.device.type == "cuda" else None,
@@ -418,7 +439,7 @@ def run_worker(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
-# The parent: cases in rounds, the ceiling, the table
+# The parent: cases in rounds, then the table
 # ------------------------------------------------------------------------------------------------
 
 
@@ -431,10 +452,9 @@ class Case:
     overrides: tuple[str, ...] = ()
 
 
-def worker_config(args: argparse.Namespace, extra: Sequence[str] = ()) -> Config:
-    """The config every case reads: file, user overrides, the twin's overrides, then batch and device."""
-    return load_config(args.config, [*args.overrides, *extra, f"train.batch_size={args.batch}",
-                                     f"dist.device={args.device}"])
+def worker_config(args: argparse.Namespace) -> Config:
+    """The config a case reads: file, overrides (a twin's come last), then the bench's batch and device."""
+    return load_config(args.config, [*args.overrides, f"train.batch_size={args.batch}", f"dist.device={args.device}"])
 
 
 def plan(args: argparse.Namespace) -> list[Case]:
@@ -476,21 +496,6 @@ def launch(args: argparse.Namespace, case: Case) -> list[dict[str, Any]]:
         return [json.loads(f.read_text()) for f in files]
 
 
-def matmul_ceiling(device: torch.device, dtype: torch.dtype, min_seconds: float = 1.0) -> float:
-    """FLOP/s of a large square matmul: what this device reaches when compute, not overhead, bounds."""
-    n = 8192 if device.type == "cuda" else 2048
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    sync = device_sync(device)
-    a @ b
-    sync()
-    reps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < min_seconds:
-        a @ b
-        sync()
-        reps += 1
-    return 2 * n**3 * reps / (time.perf_counter() - start)
-
-
 def model_flops(cfg: Config) -> dict[str, float]:
     """Forward FLOPs per image of G and D (the tutorial's pair has the same matmuls)."""
     g, d = build_models(cfg.model)
@@ -513,14 +518,16 @@ def _median(values: Iterable[float | None]) -> float | None:
     return statistics.median(kept) if kept else None
 
 
-def summarise(case: Case, rounds: list[list[dict[str, Any]]], ref: list[list[dict[str, Any]]],
-              ceiling: dict[str, float]) -> dict[str, Any]:
+def summarise(case: Case, rounds: list[list[dict[str, Any]]], ref: list[list[dict[str, Any]]]) -> dict[str, Any]:
     """Medians over rounds of the per-round, all-rank figures; ratio to (a) taken within each round."""
     global_ips = global_images_per_s(rounds)
     ratios = [g / a for g, a in zip(global_ips, global_images_per_s(ref), strict=True)]
     first = rounds[0][0]
     ips = statistics.median(global_ips)
     achieved = first["flops_per_image"] * ips
+    # The job's ceiling: its ranks' matmuls side by side, in the dtype the case computes in.
+    ceiling = statistics.median(sum(r["matmul_ceiling_flop_per_s"][first["precision"]] for r in ranks)
+                                for ranks in rounds)
     cuda_mb = _median(max(r["cuda_max_allocated_mb"] or 0 for r in ranks) for ranks in rounds)
     return {
         "ranks": case.nproc,
@@ -537,7 +544,8 @@ def summarise(case: Case, rounds: list[list[dict[str, Any]]], ref: list[list[dic
                       for p in PHASES},
         "flops_per_image": first["flops_per_image"],
         "gflop_per_s": achieved / 1e9,
-        "pct_of_ceiling": 100 * achieved / ceiling[first["precision"]],
+        "ceiling_gflop_per_s": ceiling / 1e9,
+        "pct_of_ceiling": 100 * achieved / ceiling,
         "peak_rss_mb_per_rank": max(max(r["peak_rss_mb"] for r in ranks) for ranks in rounds),
         "cuda_max_allocated_mb_per_rank": cuda_mb if first["device"].startswith("cuda") else None,
     }
@@ -583,20 +591,24 @@ def render(report: dict[str, Any]) -> str:
             f"{_fmt(r['cuda_max_allocated_mb_per_rank'], '8.0f'):>8}")
     flops = report["model_flops_per_image"]
     per_case = ", ".join(f"({c['key']}) {c['summary']['flops_per_image'] / 1e6:.1f}" for c in report["cases"])
-    ceil = report["matmul_ceiling_gflop_per_s"]
     lines += [
         "",
         f"FLOPs per image: G forward {flops['G_forward'] / 1e6:.2f} M, D forward "
         f"{flops['D_forward'] / 1e6:.2f} M; one training step (matmuls, fwd+bwd): {per_case} M",
-        f"matmul ceiling, this run ({ceil['size']}², {ceil['threads']} threads): float32 "
-        f"{ceil['float32']:.0f} GFLOP/s, bfloat16 {ceil['bfloat16']:.0f} GFLOP/s; "
-        "%ceil is against the case's compute dtype",
+        f"%ceil: against a {report['settings']['matmul_size']}² matmul in the case's dtype, timed in each rank "
+        "before its steps: " + ", ".join(f"({c['key']}) {c['summary']['ceiling_gflop_per_s']:.0f}"
+                                         for c in report["cases"]) + " GFLOP/s",
         "step ms split per rank: data | fwd/bwd (the rest) | optim (Adam.step) | comm (all-reduce in flight "
         "+ stop flag; gloo only)",
     ]
     lines += [f"target {t['ratio']} = {t['value']:.2f} (bar ≥ {t['target']}): "
               f"{'met' if t['met'] else 'NOT met'}" for t in report["targets"]]
     return "\n".join(lines)
+
+
+def _thread_env() -> list[str]:
+    """The OpenMP/MKL variables this run was given: they change CPU results, so the command shows them."""
+    return [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith(("OMP_", "KMP_", "MKL_"))]
 
 
 def _device_name(device: str) -> str:
@@ -613,31 +625,26 @@ def run_parent(args: argparse.Namespace) -> int:
     cfg = worker_config(args)
     load_split(cfg.data, ALONE_ON_CPU)  # fail fast here, and download only once
     cases = plan(args)
-    device = torch.device(args.device)
-    torch.set_num_threads(usable_cores())
     load_before = os.getloadavg()
-    ceiling = {name: matmul_ceiling(device, dtype) for name, dtype in
-               (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
     results: dict[str, list[list[dict[str, Any]]]] = defaultdict(list)
     for round_no in range(args.rounds):
         for case in cases:
             print(f"round {round_no + 1}/{args.rounds}: {case.label}", file=sys.stderr, flush=True)
             results[case.key].append(launch(args, case))
     report = {
-        "command": shlex.join(["python", "-m", "gan_dist.bench", *sys.argv[1:]]),
+        "command": shlex.join([*_thread_env(), "python", "-m", "gan_dist.bench", *sys.argv[1:]]),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"device_name": _device_name(args.device), "cores": usable_cores(),
                     "torch": torch.__version__, "load_before": [round(x, 1) for x in load_before],
                     "load_after": [round(x, 1) for x in os.getloadavg()]},
         "settings": {"steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "batch": args.batch,
                      "nproc": args.nproc, "device": args.device, "config": str(args.config),
+                     "matmul_size": MATMUL_SIZE[args.device],
                      "overrides": args.overrides, "compare": args.compare,
                      "data": f"{cfg.data.name} {cfg.data.split} ({cfg.data.root})"},
-        "matmul_ceiling_gflop_per_s": {k: v / 1e9 for k, v in ceiling.items()}
-        | {"size": 8192 if args.device == "cuda" else 2048, "threads": torch.get_num_threads()},
         "model_flops_per_image": model_flops(cfg),
         "cases": [{"key": c.key, "label": c.label, "overrides": list(c.overrides),
-                   "summary": summarise(c, results[c.key], results["a"], ceiling), "rounds": results[c.key]}
+                   "summary": summarise(c, results[c.key], results["a"]), "rounds": results[c.key]}
                   for c in cases],
         "targets": check_targets(args.device, results),
     }

@@ -72,8 +72,10 @@ def free_port() -> int:
 
 
 def torchrun_cmd(nproc: int, args: Sequence[str], *extra: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--rdzv-backend=c10d",
-            f"--rdzv-endpoint=127.0.0.1:{free_port()}", *extra, "-m", "gan_dist.train", *args]
+    """torchrun on this host; ``--standalone`` lets its store bind a port itself, so concurrent test
+    runs can never join each other's rendezvous through a port picked in advance."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *extra,
+            "-m", "gan_dist.train", *args]
 
 
 def run(cmd: Sequence[str], timeout: float = 300, cwd: Path = REPO, env_extra: dict[str, str] | None = None,

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from gan_dist.config import Config, LossConfig, ModelConfig, load_config
 from gan_dist.dist import DistEnv
@@ -118,3 +119,27 @@ def test_spectral_norm_keeps_top_singular_value_near_one(arch, conditioning):
 
 def test_config_defaults_build():
     GANEngine(Config(), CPU)
+
+
+class HostReads(TorchDispatchMode):
+    """Records every op that copies a tensor's value back to Python (``.item()``, ``float(t)``, ...)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.equal.default):
+            self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("arch", ["mlp", "dcgan"])
+def test_iteration_reads_nothing_back_to_the_host(arch):
+    """On CUDA a host read waits for the GPU; the step must never do one (checked here on CPU)."""
+    eng = engine(f"model.arch={arch}", "model.width=8", "ema.enabled=true")
+    eng.iteration(0, [batch()])  # the first step may initialise lazily
+    with HostReads() as reads:
+        for step in range(1, 3):
+            eng.iteration(step, [batch()]).stacked()
+    assert reads.seen == []

@@ -1,0 +1,53 @@
+"""Smoke test of ``python -m gan_dist.bench``: every case, the torchrun one included, runs end to end on
+a tiny setting and lands in the JSON report; a --compare twin gets its override. Timings are never
+asserted: they belong to the machine, not to the code."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import run
+
+from gan_dist import bench
+
+TINY = ["--device", "cpu", "--steps", "2", "--warmup", "1", "--rounds", "1", "--batch", "8", "--nproc", "2"]
+
+
+@pytest.mark.slow
+def test_bench_runs_every_case_and_writes_json(idx_root: Path, tmp_path: Path) -> None:
+    report_path = tmp_path / "bench.json"
+    proc = run([sys.executable, "-m", "gan_dist.bench", *TINY, "--json", report_path, f"data.root={idx_root}",
+                "data.split=test", "data.download=false", "model.g_hidden=[32]", "model.d_hidden=[32]"], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(report_path.read_text())
+    cases = {c["key"]: c for c in report["cases"]}
+    assert list(cases) == ["a", "b", "c"]
+    for case in cases.values():
+        assert len(case["rounds"]) == 1 and case["summary"]["images_per_s"] > 0
+        assert case["summary"]["flops_per_image"] > 0 and case["summary"]["peak_rss_mb_per_rank"] > 0
+    ranks = cases["c"]["rounds"][0]
+    assert [r["rank"] for r in ranks] == [0, 1] and all(r["threads"] == 1 for r in ranks)
+    assert all(r["phases_ms"]["comm"] is not None for r in ranks)  # gloo all-reduce timed by the comm hook
+    assert cases["a"]["summary"]["phases_ms"]["comm"] is None and cases["a"]["summary"]["x_ref"] == 1.0
+    assert cases["b"]["summary"]["precision"] == "bfloat16"  # the tutorial config's autocast
+    assert [t["ratio"] for t in report["targets"]] == ["(b) / (a)", "(c) / (b)"]
+    assert report["table"] in proc.stdout
+
+
+def test_compare_adds_twins_that_carry_the_override(tmp_path: Path) -> None:
+    args = bench.parse_args([*TINY, "--compare", "amp.enabled=false", "data.split=test"])
+    cases = bench.plan(args)
+    assert [c.key for c in cases] == ["a", "b", "c", "b'", "c'"]
+    twin = bench.worker_argv(args, cases[-1], tmp_path)
+    assert "torch.distributed.run" in twin and "--nproc_per_node=2" in twin
+    assert twin[-2:] == ["data.split=test", "amp.enabled=false"]  # the twin's override comes last, so it wins
+    assert "amp.enabled=false" not in bench.worker_argv(args, cases[1], tmp_path)
+
+
+def test_bench_reports_missing_data_with_exit_2(tmp_path: Path) -> None:
+    proc = run([sys.executable, "-m", "gan_dist.bench", "--device", "cpu", "--json", "",
+                f"data.root={tmp_path}", "data.download=false"], timeout=120)
+    assert proc.returncode == 2 and "not found" in proc.stderr
