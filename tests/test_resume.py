@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import REPO, base_overrides, run, torchrun_cmd
 
@@ -21,10 +23,23 @@ def overrides(run_dir: Path, root: Path, **extra: object) -> list[str]:
                                             "log.every_steps": 1} | extra)
 
 
-def start(cmd: list[str]) -> subprocess.Popen:
-    env = os.environ | {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+@pytest.fixture
+def start():
+    """Start commands in their own process group; whatever is left of them is killed after the test."""
+    started: list[subprocess.Popen] = []
+
+    def launch(cmd: list[str]) -> subprocess.Popen:
+        env = os.environ | {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        started.append(proc)
+        return proc
+
+    yield launch
+    for proc in started:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -46,7 +61,7 @@ def params(path: Path) -> dict[str, torch.Tensor]:
     return {f"{net}.{k}": v for net in ("generator", "discriminator") for k, v in state[net].items()}
 
 
-def test_sigkill_mid_epoch_then_resume_is_bit_exact(tmp_path, idx_root):
+def test_sigkill_mid_epoch_then_resume_is_bit_exact(tmp_path, idx_root, start):
     straight = run(torchrun_cmd(2, overrides(tmp_path / "straight", idx_root)))
     assert straight.returncode == 0, straight.stdout[-3000:]
 
@@ -67,7 +82,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_exact(tmp_path, idx_root):
         assert torch.equal(a[key], b[key]), key
 
 
-def test_stop_signal_saves_within_a_step_and_exits_75(tmp_path, idx_root):
+def test_stop_signal_saves_within_a_step_and_exits_75(tmp_path, idx_root, start):
     run_dir = tmp_path / "run"
     proc = start([sys.executable, "-m", "gan_dist.train", *overrides(run_dir, idx_root, **{"train.max_steps": 10**6})])
     wait_for(run_dir / "checkpoints" / "step_5.pt", proc)
@@ -80,7 +95,7 @@ def test_stop_signal_saves_within_a_step_and_exits_75(tmp_path, idx_root):
     assert "stopped by signal" in out
 
 
-def test_stop_signal_on_one_rank_stops_all_ranks_together(tmp_path, idx_root):
+def test_stop_signal_on_one_rank_stops_all_ranks_together(tmp_path, idx_root, start):
     run_dir = tmp_path / "run"
     proc = start(torchrun_cmd(2, overrides(run_dir, idx_root, **{"train.max_steps": 10**6})))
     wait_for(run_dir / "checkpoints" / "step_5.pt", proc)
@@ -90,12 +105,15 @@ def test_stop_signal_on_one_rank_stops_all_ranks_together(tmp_path, idx_root):
     assert len(list((run_dir / "checkpoints").glob("step_*.pt"))) >= 2
 
 
-def test_elastic_restart_after_sigkill_of_one_worker(tmp_path, idx_root):
+def test_elastic_restart_after_sigkill_of_one_worker(tmp_path, idx_root, start):
     run_dir = tmp_path / "run"
-    proc = start(torchrun_cmd(2, overrides(run_dir, idx_root), "--max-restarts=3"))
+    # After a restart, gloo's connect to the new peer has been seen to stall here (in
+    # Pair::waitUntilConnected) until the collective timeout; a short one turns such a stall into
+    # one more restart instead of a 10-minute wait.
+    proc = start(torchrun_cmd(2, overrides(run_dir, idx_root, **{"dist.timeout_s": 30}), "--max-restarts=3"))
     wait_for(run_dir / "checkpoints" / "step_10.pt", proc)
     os.kill(workers(proc)[-1], signal.SIGKILL)
-    out, _ = proc.communicate(timeout=300)
+    out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]
     assert "resuming from" in out  # the group was restarted and picked up the checkpoint
     assert (run_dir / "checkpoints" / f"step_{STEPS}.pt").exists()

@@ -45,7 +45,7 @@ def mnist_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def train_overrides(run_dir: Path, data: Path, max_steps: int) -> list[str]:
     """A tiny run: small MLPs, batch 8, metrics every 10 steps, saves only at the end or at a stop."""
     return base_overrides(run_dir, data, **{
-        "train.batch_size": 8, "train.max_steps": max_steps, "log.every_steps": 10,
+        "train.batch_size": 8, "train.max_steps": max_steps, "train.epochs": 10**6, "log.every_steps": 10,
         "model.g_hidden": "[32]", "model.d_hidden": "[32]",
     })  # fmt: skip
 
