@@ -123,3 +123,17 @@ def test_elastic_restart_after_sigkill_of_one_worker(tmp_path, idx_root, start):
     # Steps between the checkpoint and the kill ran twice; their second records are marked.
     replayed = [r["step"] for r in records if r.get("replayed")]
     assert replayed == sorted(set(replayed)) and all(10 < s < STEPS for s in replayed)
+
+
+def test_resume_on_another_world_size_reshards_and_says_so(tmp_path, idx_root):
+    run_dir = tmp_path / "run"
+    one = run([sys.executable, "-m", "gan_dist.train",
+               *base_overrides(run_dir, idx_root, **{"train.max_steps": 4, "checkpoint.every_steps": 4})])
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run(torchrun_cmd(2, base_overrides(run_dir, idx_root, **{"train.max_steps": 6})))
+    assert two.returncode == 0, two.stdout[-3000:]
+    # 4 steps × 16 samples on 1 rank = 64 seen = 2 steps of 2 × 16 on 2 ranks.
+    assert "world size 1 -> 2: data re-sharded, the run is no longer bit-exact" in two.stdout
+    assert "at step 4 (epoch 0, batch 2)" in two.stdout
+    state = torch.load(run_dir / "checkpoints" / "step_6.pt", weights_only=True)
+    assert (state["step"], state["world_size"], state["batch"]) == (6, 2, 4)
