@@ -107,9 +107,8 @@ def test_stop_signal_on_one_rank_stops_all_ranks_together(tmp_path, idx_root, st
 
 def test_elastic_restart_after_sigkill_of_one_worker(tmp_path, idx_root, start):
     run_dir = tmp_path / "run"
-    # After a restart, gloo's connect to the new peer has been seen to stall here (in
-    # Pair::waitUntilConnected) until the collective timeout; a short one turns such a stall into
-    # one more restart instead of a 10-minute wait.
+    # After a restart, gloo's pair connect has twice been seen to stall (in Pair::waitUntilConnected,
+    # README "Elastic restarts"); a short collective timeout is meant to turn that into one more restart.
     proc = start(torchrun_cmd(2, overrides(run_dir, idx_root, **{"dist.timeout_s": 30}), "--max-restarts=3"))
     wait_for(run_dir / "checkpoints" / "step_10.pt", proc)
     os.kill(workers(proc)[-1], signal.SIGKILL)
