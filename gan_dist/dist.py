@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -75,6 +76,27 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def _attempt_store(timeout: datetime.timedelta) -> tdist.Store | None:
+    """torchrun's store, with keys scoped to this restart; None where the store is not torchrun's.
+
+    torchrun's agent keeps one store for all restarts of the group, and the process group's keys
+    (gloo's peer addresses among them) are the same on every attempt: a restarted rank could read
+    the address of a peer that died with the previous attempt, and fail or stall connecting to it
+    (pytorch/pytorch#135712). One agent gives all its workers the same restart count, so it names
+    the attempt. Several agents (multi-node) may count differently; there the launcher sets
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``, which gives each attempt a fresh store instead.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    if _env_int("GROUP_WORLD_SIZE", 1) != 1:
+        if _env_int("TORCHELASTIC_MAX_RESTARTS", 0) > 0 and _env_int("RANK", 0) == 0:
+            warnings.warn("torchrun restarts across nodes share one store; set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+                          "(launch/torchrun_multinode.sh does) or a restarted rank may stall connecting", stacklevel=2)
+        return None
+    store, _, _ = next(tdist.rendezvous("env://", timeout=timeout))
+    return tdist.PrefixStore(f"gan_dist/attempt_{_env_int('TORCHELASTIC_RESTART_COUNT', 0)}", store)
+
+
 def setup(cfg: DistConfig) -> DistEnv:
     """Join the process group described by the environment (or run alone when there is none)."""
     rank, world = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
@@ -95,6 +117,7 @@ def setup(cfg: DistConfig) -> DistEnv:
             rank=rank,
             world_size=world,
             timeout=timeout,
+            store=_attempt_store(timeout),
             **({"device_id": device} if use_cuda else {}),
         )
         control = tdist.new_group(backend="gloo", timeout=timeout) if use_cuda else tdist.group.WORLD

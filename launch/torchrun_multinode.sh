@@ -20,6 +20,10 @@ set -euo pipefail
 : "${NNODES:?set NNODES: the number of nodes}"
 : "${RDZV_ENDPOINT:?set RDZV_ENDPOINT=host:port, reachable from every node}"
 
+# One store per attempt: restart counts are per node, so they cannot scope a shared store's keys
+# across nodes, and a restarted rank could read a dead peer's address (pytorch/pytorch#135712).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+
 exec "${PYTHON:-python}" -m torch.distributed.run \
     --nnodes="$NNODES" \
     --nproc-per-node="${NPROC_PER_NODE:-gpu}" \
