@@ -52,6 +52,7 @@ class ModelConfig:
         "concat", "how D sees the label: concatenated embedding, or a projection head (Miyato 2018)"
     )
     spectral_norm: bool = opt(False, "spectral normalisation on every weight layer of D")
+    d_depth: int = opt(1, "dcgan: conv layers of D per resolution (28, 14); the extra ones are 3x3", ge=1, le=4)
 
 
 @dataclass(frozen=True)

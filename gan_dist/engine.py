@@ -120,6 +120,8 @@ class GANEngine:
     def __init__(self, cfg: Config, env: DistEnv) -> None:
         torch.manual_seed(cfg.train.seed)  # identical init on every rank; DDP also broadcasts rank 0's
         g, d = build_models(cfg.model)
+        # Before any SyncBatchNorm conversion: calibrating the average never needs the other ranks.
+        self.ema = EMA(g.to(env.device), cfg.ema.decay, cfg.model.z_dim) if cfg.ema.enabled else None
         if cfg.dist.sync_batchnorm and env.device.type != "cuda":
             raise ConfigError("dist.sync_batchnorm: SyncBatchNorm needs CUDA; on CPU each rank keeps its own stats")
         if cfg.dist.sync_batchnorm and env.distributed:
@@ -128,7 +130,6 @@ class GANEngine:
         self.G, self.D = self._wrap(self.generator, cfg, env), self._wrap(self.discriminator, cfg, env)
         self.opt_g = _adam(self.generator, cfg.optim.g_lr, cfg.optim.g_betas)
         self.opt_d = _adam(self.discriminator, cfg.optim.d_lr, cfg.optim.d_betas)
-        self.ema = EMA(self.generator, cfg.ema.decay) if cfg.ema.enabled else None
         self.precision = Precision(cfg.amp, env.device)
         self.loss = GANLoss(cfg.loss)
         self.noise = NoiseStream(cfg.train.seed, env.rank, cfg.model.z_dim, env.device)
@@ -154,7 +155,7 @@ class GANEngine:
     @property
     def sampler(self) -> nn.Module:
         """The generator that samples and evaluation use: the EMA when there is one."""
-        return self.ema.module if self.ema is not None else self.generator
+        return self.ema.calibrated() if self.ema is not None else self.generator
 
     def d_step(self, real: torch.Tensor, labels: torch.Tensor, z: torch.Tensor, fake_labels: torch.Tensor):
         with torch.no_grad(), self.precision.autocast():
@@ -202,7 +203,7 @@ class GANEngine:
             "scaler": self.precision.scaler.state_dict(),
         }
         if self.ema is not None:
-            state["generator_ema"] = self.ema.module.state_dict()
+            state["generator_ema"] = self.ema.calibrated().state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -213,4 +214,4 @@ class GANEngine:
         self.precision.scaler.load_state_dict(state["scaler"])
         if self.ema is not None:
             # A checkpoint from a run without EMA starts the average from the current G.
-            self.ema.module.load_state_dict(state.get("generator_ema", state["generator"]))
+            self.ema.load_state_dict(state.get("generator_ema", state["generator"]))

@@ -53,6 +53,7 @@ def test_round_trip_through_dict():
         ("model.g_hidden=[8, -1]", "model.g_hidden"),
         ("optim.g_betas=[0.5]", "optim.g_betas"),
         ("train=3", "train"),
+        ("model.d_depth=0", "model.d_depth"),
     ],
 )
 def test_bad_key_or_value_names_it(override, named):

@@ -23,8 +23,9 @@ GLOBAL_BATCH = 16
 OPTIONS = {
     "mlp": [],
     "dcgan_batchnorm": ["model.arch=dcgan", "model.width=8"],
-    "dcgan_sn_hinge_projection_ema": ["model.arch=dcgan", "model.width=8", "model.spectral_norm=true",
-                                      "loss.kind=hinge", "model.conditioning=projection", "ema.enabled=true"],
+    "dcgan_sn_hinge_projection_ema": ["model.arch=dcgan", "model.width=8", "model.d_depth=2",
+                                      "model.spectral_norm=true", "loss.kind=hinge", "model.conditioning=projection",
+                                      "ema.enabled=true"],
     "n_critic_smoothing_ttur": ["train.n_critic=2", "loss.label_smoothing=0.1", "optim.d_lr=4e-4",
                                 "optim.g_betas=[0.5, 0.99]"],
     "mlp_bf16": ["amp.enabled=true"],

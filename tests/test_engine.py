@@ -80,7 +80,7 @@ def test_hinge_and_bce_values_on_known_logits():
 
 def test_ema_update_is_the_running_average():
     g = build_generator(ModelConfig())
-    ema = EMA(g, decay=0.9)
+    ema = EMA(g, decay=0.9, z_dim=100)
     start = snapshot(ema.module)
     with torch.no_grad():
         for p in g.parameters():
@@ -89,6 +89,35 @@ def test_ema_update_is_the_running_average():
     for e, s, p in zip(ema.module.parameters(), start, g.parameters(), strict=True):
         torch.testing.assert_close(e, 0.9 * s + 0.1 * p)
     assert not any(p.requires_grad for p in ema.module.parameters())
+
+
+def test_ema_batchnorm_statistics_are_measured_for_the_averaged_weights():
+    g = build_generator(ModelConfig(arch="dcgan", width=8))
+    ema = EMA(g, decay=0.5, z_dim=100, calibration_samples=512)
+    with torch.no_grad():
+        for p in g.parameters():
+            p.mul_(1.5)
+    g.train()(*batch_latents(64))  # the live G's statistics: of other weights, other inputs
+    ema.update(g)
+    module = ema.calibrated()
+    assert not module.training
+    # One calibration batch: eval mode now normalises like train mode on that batch.
+    latents = torch.Generator().manual_seed(EMA.CALIBRATION_SEED)
+    z, labels = torch.randn(512, 100, generator=latents), torch.arange(512) % 10
+    with torch.no_grad():
+        evaluated = module(z, labels)
+        trained = module.train()(z, labels)
+    module.eval()
+    torch.testing.assert_close(evaluated, trained, atol=5e-3, rtol=0)
+    live = dict(g.named_buffers())
+    assert any(not torch.equal(b, live[name]) for name, b in module.named_buffers() if b.is_floating_point())
+    before = [b.clone() for b in module.buffers()]
+    assert ema.calibrated() is module  # not stale: nothing measured again
+    assert all(torch.equal(a, b) for a, b in zip(before, module.buffers(), strict=True))
+
+
+def batch_latents(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(n, 100), torch.randint(0, 10, (n,))
 
 
 def test_ema_checkpoints_and_old_checkpoints_without_it_load():
@@ -105,7 +134,7 @@ def test_ema_checkpoints_and_old_checkpoints_without_it_load():
 @pytest.mark.parametrize("arch", ["mlp", "dcgan"])
 @pytest.mark.parametrize("conditioning", ["concat", "projection"])
 def test_spectral_norm_keeps_top_singular_value_near_one(arch, conditioning):
-    d = Discriminator(ModelConfig(arch=arch, conditioning=conditioning, spectral_norm=True, width=8))
+    d = Discriminator(ModelConfig(arch=arch, conditioning=conditioning, spectral_norm=True, width=8, d_depth=2))
     d.train()
     x, y = batch(4)
     for _ in range(30):  # power iterations run in training-mode forwards
@@ -115,6 +144,15 @@ def test_spectral_norm_keeps_top_singular_value_near_one(arch, conditioning):
         if hasattr(m, "parametrizations"):
             w = m.weight.flatten(1) if m.weight.dim() > 2 else m.weight
             assert torch.linalg.matrix_norm(w, ord=2).item() == pytest.approx(1.0, abs=0.05), name
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_deeper_discriminator_adds_3x3_convs_per_resolution(depth):
+    d = Discriminator(ModelConfig(arch="dcgan", conditioning="projection", width=8, d_depth=depth))
+    convs = [m for m in d.trunk if isinstance(m, torch.nn.Conv2d)]
+    assert [m.stride[0] for m in convs] == ([1] * (depth - 1) + [2]) * 2
+    x, y = batch(4)
+    assert d(x, y).shape == (4,)
 
 
 def test_config_defaults_build():
