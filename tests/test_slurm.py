@@ -153,6 +153,44 @@ def test_torchrun_multinode_script_joins_two_agents(tmp_path: Path, mnist_root: 
     assert (tmp_path / "run/checkpoints/step_20.pt").is_file()
 
 
+@pytest.mark.slow
+def test_torchrun_multinode_script_restarts_both_nodes_after_a_kill(tmp_path: Path, mnist_root: Path) -> None:
+    """SIGKILL of one node's worker: both agents restart, meet again, and the run resumes and finishes.
+
+    Restart counts are per agent, so the script gives each attempt its own store: without that, a
+    restarted rank can read the address a dead peer left in the shared one (pytorch/pytorch#135712).
+    """
+    env = os.environ | {
+        "NNODES": "2",
+        "NPROC_PER_NODE": "1",
+        "RDZV_ENDPOINT": f"127.0.0.1:{free_port()}",
+        "RUN_ID": tmp_path.name,
+        "MAX_RESTARTS": "2",
+        "PYTHON": sys.executable,
+        "OMP_NUM_THREADS": "1",
+    }
+    run_dir = tmp_path / "run"
+    argv = [str(REPO / "launch/torchrun_multinode.sh"), *train_overrides(run_dir, mnist_root, 60),
+            "checkpoint.every_steps=10", "dist.timeout_s=30"]
+    nodes = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True) for _ in range(2)]
+    try:
+        deadline = time.monotonic() + 240
+        while not (run_dir / "checkpoints/step_10.pt").exists():
+            assert time.monotonic() < deadline and all(n.poll() is None for n in nodes), "no checkpoint at step 10"
+            time.sleep(0.05)
+        worker = subprocess.run(["pgrep", "-P", str(nodes[1].pid)], capture_output=True, text=True).stdout.split()
+        os.kill(int(worker[0]), signal.SIGKILL)
+        logs = [node.communicate(timeout=240)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(node.pid, signal.SIGKILL)
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(logs)
+    assert "resuming from" in "".join(logs)
+    assert (run_dir / "checkpoints/step_60.pt").is_file()
+
+
 # ------------------------------------------------------------------------------ the real cluster
 
 
