@@ -76,7 +76,7 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _attempt_store(timeout: datetime.timedelta) -> tdist.Store | None:
+def _attempt_store(rank: int, world: int, timeout: datetime.timedelta) -> tdist.Store | None:
     """torchrun's store, with keys scoped to this restart; None where the store is not torchrun's.
 
     torchrun's agent keeps one store for all restarts of the group, and the process group's keys
@@ -89,11 +89,11 @@ def _attempt_store(timeout: datetime.timedelta) -> tdist.Store | None:
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
     if _env_int("GROUP_WORLD_SIZE", 1) != 1:
-        if _env_int("TORCHELASTIC_MAX_RESTARTS", 0) > 0 and _env_int("RANK", 0) == 0:
+        if _env_int("TORCHELASTIC_MAX_RESTARTS", 0) > 0 and rank == 0:
             warnings.warn("torchrun restarts across nodes share one store; set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
                           "(launch/torchrun_multinode.sh does) or a restarted rank may stall connecting", stacklevel=2)
         return None
-    store, _, _ = next(tdist.rendezvous("env://", timeout=timeout))
+    store, _, _ = next(tdist.rendezvous("env://", rank=rank, world_size=world, timeout=timeout))
     return tdist.PrefixStore(f"gan_dist/attempt_{_env_int('TORCHELASTIC_RESTART_COUNT', 0)}", store)
 
 
@@ -117,7 +117,7 @@ def setup(cfg: DistConfig) -> DistEnv:
             rank=rank,
             world_size=world,
             timeout=timeout,
-            store=_attempt_store(timeout),
+            store=_attempt_store(rank, world, timeout),
             **({"device_id": device} if use_cuda else {}),
         )
         control = tdist.new_group(backend="gloo", timeout=timeout) if use_cuda else tdist.group.WORLD

@@ -78,6 +78,12 @@ def torchrun_cmd(nproc: int, args: Sequence[str], *extra: str) -> list[str]:
             "-m", "gan_dist.train", *args]
 
 
+def workers(proc: subprocess.Popen) -> list[int]:
+    """PIDs of a launcher's worker processes (torchrun's ranks), in order of start."""
+    out = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout
+    return sorted(int(p) for p in out.split())
+
+
 def run(cmd: Sequence[str], timeout: float = 300, cwd: Path = REPO, env_extra: dict[str, str] | None = None,
         **kw) -> subprocess.CompletedProcess:
     """Run a command to completion with captured text output, unbuffered and one thread per process."""

@@ -97,7 +97,7 @@ def test_ema_batchnorm_statistics_are_measured_for_the_averaged_weights():
     with torch.no_grad():
         for p in g.parameters():
             p.mul_(1.5)
-    g.train()(*batch_latents(64))  # the live G's statistics: of other weights, other inputs
+    g.train()(torch.randn(64, 100), torch.randint(0, 10, (64,)))  # the live G's statistics: other weights, inputs
     ema.update(g)
     module = ema.calibrated()
     assert not module.training
@@ -114,10 +114,6 @@ def test_ema_batchnorm_statistics_are_measured_for_the_averaged_weights():
     before = [b.clone() for b in module.buffers()]
     assert ema.calibrated() is module  # not stale: nothing measured again
     assert all(torch.equal(a, b) for a, b in zip(before, module.buffers(), strict=True))
-
-
-def batch_latents(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.randn(n, 100), torch.randint(0, 10, (n,))
 
 
 def test_ema_checkpoints_and_old_checkpoints_without_it_load():

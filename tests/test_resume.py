@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, base_overrides, run, torchrun_cmd
+from conftest import REPO, base_overrides, run, torchrun_cmd, workers
 
 STEPS = 60
 
@@ -48,12 +48,6 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
         assert proc.poll() is None, f"run ended before {path.name} appeared:\n{proc.stdout.read()[-3000:]}"
         assert time.monotonic() < deadline, f"{path} did not appear"
         time.sleep(0.02)
-
-
-def workers(proc: subprocess.Popen) -> list[int]:
-    """PIDs of torchrun's worker processes, by rank order of start."""
-    out = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout
-    return sorted(int(p) for p in out.split())
 
 
 def params(path: Path) -> dict[str, torch.Tensor]:

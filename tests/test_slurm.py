@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import submitit
 import torch
-from conftest import REPO, base_overrides, free_port, write_idx
+from conftest import REPO, base_overrides, free_port, workers, write_idx
 from submitit.core.utils import UncompletedJobError
 
 from launch import slurm
@@ -129,16 +129,21 @@ def test_bad_settings_stop_before_submitting(flags: str, message: str, capsys: p
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_torchrun_multinode_script_joins_two_agents(tmp_path: Path, mnist_root: Path) -> None:
-    """Two "nodes" on this host, one rank each, meet through the c10d rendezvous and train together."""
-    env = os.environ | {
+def two_node_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """The settings of launch/torchrun_multinode.sh for two one-rank "nodes" on this host."""
+    return os.environ | {
         "NNODES": "2",
         "NPROC_PER_NODE": "1",
         "RDZV_ENDPOINT": f"127.0.0.1:{free_port()}",
         "RUN_ID": tmp_path.name,
         "PYTHON": sys.executable,
-    }
+    } | extra
+
+
+@pytest.mark.slow
+def test_torchrun_multinode_script_joins_two_agents(tmp_path: Path, mnist_root: Path) -> None:
+    """Two "nodes" on this host, one rank each, meet through the c10d rendezvous and train together."""
+    env = two_node_env(tmp_path)  # once: both nodes must meet at the same endpoint
     argv = [str(REPO / "launch/torchrun_multinode.sh"), *train_overrides(tmp_path / "run", mnist_root, 20)]
     nodes = [
         subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)
@@ -160,15 +165,7 @@ def test_torchrun_multinode_script_restarts_both_nodes_after_a_kill(tmp_path: Pa
     Restart counts are per agent, so the script gives each attempt its own store: without that, a
     restarted rank can read the address a dead peer left in the shared one (pytorch/pytorch#135712).
     """
-    env = os.environ | {
-        "NNODES": "2",
-        "NPROC_PER_NODE": "1",
-        "RDZV_ENDPOINT": f"127.0.0.1:{free_port()}",
-        "RUN_ID": tmp_path.name,
-        "MAX_RESTARTS": "2",
-        "PYTHON": sys.executable,
-        "OMP_NUM_THREADS": "1",
-    }
+    env = two_node_env(tmp_path, MAX_RESTARTS="2", OMP_NUM_THREADS="1")
     run_dir = tmp_path / "run"
     argv = [str(REPO / "launch/torchrun_multinode.sh"), *train_overrides(run_dir, mnist_root, 60),
             "checkpoint.every_steps=10", "dist.timeout_s=30"]
@@ -179,8 +176,7 @@ def test_torchrun_multinode_script_restarts_both_nodes_after_a_kill(tmp_path: Pa
         while not (run_dir / "checkpoints/step_10.pt").exists():
             assert time.monotonic() < deadline and all(n.poll() is None for n in nodes), "no checkpoint at step 10"
             time.sleep(0.05)
-        worker = subprocess.run(["pgrep", "-P", str(nodes[1].pid)], capture_output=True, text=True).stdout.split()
-        os.kill(int(worker[0]), signal.SIGKILL)
+        os.kill(workers(nodes[1])[0], signal.SIGKILL)
         logs = [node.communicate(timeout=240)[0] for node in nodes]
     finally:
         for node in nodes:
