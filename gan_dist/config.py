@@ -83,17 +83,29 @@ class TrainConfig:
     seed: int = opt(0, "seeds init, data order and the per-rank noise and dropout streams", ge=0)
     n_critic: int = opt(1, "D steps per G step; each D step takes its own real batch", ge=1)
     resume: str = opt("auto", "auto: newest valid checkpoint in run_dir; never: fresh run; or a checkpoint path")
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = opt(
+        "off", "torch.compile the G and D forward passes with this mode (dynamic=False); reduce-overhead: CUDA graphs"
+    )
 
 
 @dataclass(frozen=True)
 class AmpConfig:
-    enabled: bool = opt(True, "autocast the forward passes and losses")
-    dtype: Literal["bfloat16", "float16"] = opt("bfloat16", "float16 is CUDA only and uses a GradScaler")
+    enabled: bool = opt(True, "autocast the forward passes and losses (false: float32 throughout)")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = opt(
+        "auto", "auto: bfloat16 where the device computes it natively (CUDA: else float16 with a GradScaler; "
+        "CPU: AVX512-BF16 or AMX, else float32); float16 is CUDA only"
+    )
 
 
 @dataclass(frozen=True)
 class DistConfig:
-    device: Literal["auto", "cpu", "cuda"] = opt("auto", "auto: cuda:LOCAL_RANK when CUDA exists, else CPU")
+    device: Literal["auto", "cpu", "cuda"] = opt(
+        "auto", "auto: cuda:(LOCAL_RANK % visible GPUs) when CUDA exists, else CPU"
+    )
+    backend: Literal["auto", "nccl", "gloo"] = opt(
+        "auto", "process group backend; auto: nccl on CUDA, gloo on CPU (gloo on CUDA lets ranks share one GPU)"
+    )
+    force_ddp: bool = opt(False, "build the process group and DDP even at world size 1 (exercises NCCL/DDP on one GPU)")
     bucket_cap_mb: float = opt(25.0, "DDP gradient bucket size", gt=0)
     gradient_as_bucket_view: bool = opt(True, "let gradients alias DDP's buckets (saves a copy)")
     sync_batchnorm: bool = opt(False, "convert BatchNorm to SyncBatchNorm (dcgan); else each rank keeps its own stats")

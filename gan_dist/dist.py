@@ -10,11 +10,12 @@ import datetime
 import os
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as tdist
 
-from gan_dist.config import DistConfig
+from gan_dist.config import ConfigError, DistConfig
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,8 @@ class DistEnv:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """A process group exists (world size > 1, or ``dist.force_ddp``): collectives and DDP are live."""
+        return self.control is not None
 
     def barrier(self) -> None:
         if self.distributed:
@@ -53,6 +55,14 @@ class DistEnv:
         if self.distributed:
             tdist.all_reduce(t)
         return t
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` (picklable) on every rank: one rank decides, everyone follows."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        tdist.broadcast_object_list(box, src=0, group=self.control)
+        return box[0]
 
     def all_gather_cat(self, t: torch.Tensor) -> torch.Tensor:
         """Concatenate along dim 0 the tensors of every rank, in rank order; shapes may differ in dim 0."""
@@ -97,30 +107,48 @@ def _attempt_store(rank: int, world: int, timeout: datetime.timedelta) -> tdist.
     return tdist.PrefixStore(f"gan_dist/attempt_{_env_int('TORCHELASTIC_RESTART_COUNT', 0)}", store)
 
 
+def _device(cfg: DistConfig, local_rank: int) -> torch.device:
+    """``cuda:(local_rank % visible GPUs)``: ranks may share a GPU, or each see exactly one."""
+    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("dist.device=cuda, but torch sees no CUDA device here; use dist.device=auto or cpu")
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def _backend(cfg: DistConfig, device: torch.device) -> str:
+    if cfg.backend == "nccl" and device.type != "cuda":
+        raise ConfigError("dist.backend=nccl needs CUDA; on CPU use gloo (or auto)")
+    if cfg.backend != "auto":
+        return cfg.backend
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
 def setup(cfg: DistConfig) -> DistEnv:
     """Join the process group described by the environment (or run alone when there is none)."""
     rank, world = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
     local_rank, local_world = _env_int("LOCAL_RANK", 0), _env_int("LOCAL_WORLD_SIZE", 1)
-    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    if use_cuda:
-        device = torch.device("cuda", local_rank)
+    device = _device(cfg, local_rank)
+    backend = _backend(cfg, device)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
     else:
-        device = torch.device("cpu")
         # Each rank gets its share of the cores, so N ranks never oversubscribe the node.
         torch.set_num_threads(max(1, usable_cores() // local_world))
     control = None
-    if world > 1:
+    if world > 1 or cfg.force_ddp:
         timeout = datetime.timedelta(seconds=cfg.timeout_s)
+        # Alone, an in-process store is the whole rendezvous: no address or port is needed.
+        store = _attempt_store(rank, world, timeout) if world > 1 else tdist.HashStore()
         tdist.init_process_group(
-            "nccl" if use_cuda else "gloo",
+            backend,
             rank=rank,
             world_size=world,
             timeout=timeout,
-            store=_attempt_store(rank, world, timeout),
-            **({"device_id": device} if use_cuda else {}),
+            store=store,
+            **({"device_id": device} if backend == "nccl" else {}),
         )
-        control = tdist.new_group(backend="gloo", timeout=timeout) if use_cuda else tdist.group.WORLD
+        control = tdist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else tdist.group.WORLD
     return DistEnv(rank, local_rank, world, local_world, device, control)
 
 
