@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
-import socket
 import struct
 import subprocess
 import sys
@@ -65,10 +65,28 @@ def base_overrides(run_dir: Path, root: Path, **extra: object) -> list[str]:
     return [f"{k}={v}" for k, v in items.items()]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def file_group(rank: int, world: int, store: Path, timeout_s: float = 60):
+    """Join a gloo group of ``world`` spawned processes through a file store: no port is picked in
+    advance, so no other process can take it first. Returns the rank's ``DistEnv``."""
+    import datetime
+
+    import torch
+    import torch.distributed as tdist
+
+    from gan_dist.dist import DistEnv
+
+    tdist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                             timeout=datetime.timedelta(seconds=timeout_s))
+    return DistEnv(rank, rank, world, world, torch.device("cpu"), tdist.group.WORLD)
+
+
+def complete_records(path: Path) -> list[dict]:
+    """The JSON lines of a file that a running process may be appending to (``metrics.jsonl``):
+    text after the last newline is a line still being written, and is left out."""
+    if not path.exists():
+        return []
+    text = path.read_text()
+    return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]
 
 
 def torchrun_cmd(nproc: int, args: Sequence[str], *extra: str) -> list[str]:

@@ -3,13 +3,12 @@ G step, and 2 ranks × B/2 follow the same trajectory as 1 rank × B."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import free_port
+from conftest import file_group
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from gan_dist.config import load_config
@@ -30,11 +29,6 @@ OPTIONS = {
                                 "optim.g_betas=[0.5, 0.99]"],
     "mlp_bf16": ["amp.enabled=true"],
 }
-
-
-def _join(rank: int, world: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
 
 
 def _fixed_inputs(step: int) -> dict[str, torch.Tensor]:
@@ -63,9 +57,8 @@ def _equivalence_run(env: DistEnv, out: Path) -> None:
         torch.save({"G": eng.generator.state_dict(), "D": eng.discriminator.state_dict()}, out / f"equiv_{world}.pt")
 
 
-def _worker(rank: int, world: int, port: int, out: Path) -> None:
-    _join(rank, world, port)
-    env = setup(load_config(None, []).dist)
+def _worker(rank: int, world: int, out: Path) -> None:
+    env = file_group(rank, world, out / f"store_{world}") if world > 1 else setup(load_config(None, []).dist)
     if world > 1:
         _check_options(env, out)
     _equivalence_run(env, out)
@@ -112,8 +105,8 @@ def _check_options(env: DistEnv, out: Path) -> None:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(2, free_port(), out), nprocs=2, join=True)
-    mp.spawn(_worker, args=(1, free_port(), out), nprocs=1, join=True)
+    mp.spawn(_worker, args=(2, out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(1, out), nprocs=1, join=True)
     return out
 
 
