@@ -59,6 +59,16 @@ def atomic_save(obj: Any, path: Path) -> None:
         raise CheckpointError(f"saving checkpoint {path} failed (disk full?): {reason}") from e
 
 
+def _reason(e: Exception) -> str:
+    """What is wrong, in one line: torch puts a ``weights_only`` refusal after paragraphs of advice."""
+    text = str(e)
+    _, refused, why = text.partition("WeightsUnpickler error: ")
+    if refused:
+        return f"weights_only refused it: {why.splitlines()[0].split('. ')[0]}"
+    lines = text.strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
 def load_file(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
     """Read and sanity-check one checkpoint; raise ``CheckpointError`` if it is not usable at all."""
     try:
@@ -66,7 +76,7 @@ def load_file(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist") from None
     except Exception as e:  # truncated zip, bad pickle opcode, non-allowlisted global, ...
-        raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {str(e)[:120]})") from None
+        raise CheckpointError(f"checkpoint {path} is unreadable ({_reason(e)})") from None
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED):
         missing = [k for k in REQUIRED if not isinstance(state, dict) or k not in state]
         raise CheckpointError(f"checkpoint {path} is not a gan_dist checkpoint (missing {', '.join(missing)})")
@@ -75,6 +85,14 @@ def load_file(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
             f"checkpoint {path} has format version {state['format_version']}; this gan_dist reads {FORMAT_VERSION}"
         )
     return state
+
+
+def check_finite(path: Path, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse weights that hold NaN or infinity: a diverged run's G draws nothing but blank images."""
+    bad = [key for key, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise CheckpointError(f"checkpoint {path}: {name} has non-finite values in {len(bad)} tensor(s) "
+                              f"({', '.join(bad[:3])}); the run diverged before this save, use an earlier checkpoint")
 
 
 def check_shapes(path: Path, name: str, saved: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
@@ -108,8 +126,11 @@ class Checkpointer:
 
     def existing(self) -> list[Path]:
         """Rolling checkpoints, newest first."""
+        return [p for _, p in self._by_step()]
+
+    def _by_step(self) -> list[tuple[int, Path]]:
         found = [(int(m.group(1)), p) for p in self.folder.glob("step_*.pt") if (m := _NAME.fullmatch(p.name))]
-        return [p for _, p in sorted(found, reverse=True)]
+        return sorted(found, reverse=True)
 
     def due(self, step: int) -> bool:
         by_steps = self.cfg.every_steps > 0 and step % self.cfg.every_steps == 0
@@ -127,7 +148,7 @@ class Checkpointer:
             try:
                 atomic_save(state, path)
                 if name is None:
-                    self._prune()
+                    self._prune(state["step"])
             except CheckpointError as e:
                 error = e
         # The agreement is the barrier: no rank runs ahead into steps that a failed save would lose.
@@ -137,12 +158,55 @@ class Checkpointer:
             self.last_save = time.monotonic()
         return path
 
-    def _prune(self) -> None:
-        for old in self.existing()[self.cfg.keep_last:]:
+    def _prune(self, step: int) -> None:
+        """Keep the newest ``keep_last`` checkpoints up to the one just saved at ``step``.
+
+        A file with a later step is not this run's past (a stale copy, or a run resumed from an older
+        file): it is never deleted, and never counted, so it cannot push out a fresh save.
+        """
+        ours = [p for saved, p in self._by_step() if saved <= step]
+        for old in ours[self.cfg.keep_last:]:
             old.unlink(missing_ok=True)
 
     def resume_state(self, resume: str) -> dict[str, Any] | None:
-        """The state to start from: ``auto`` takes the newest readable checkpoint, ``never`` none."""
+        """The state to start from, the same on every rank. Every rank calls this.
+
+        Rank 0 alone lists the folder, checks readability and chooses (``auto``: the newest readable
+        checkpoint; ``never``: none; else a path); the other ranks load the file it names, so a stale
+        directory listing on one node cannot start ranks from different steps. Each rank checks that
+        it read the step rank 0 read, and if one did not, all ranks raise together.
+        """
+        state: dict[str, Any] | None = None
+        choice: tuple[str, int] | CheckpointError | None = None
+        if self.env.is_main:
+            try:
+                state = self._choose(resume)
+                choice = None if state is None else (state["path"], state["step"])
+            except CheckpointError as e:
+                choice = e
+        choice = self.env.broadcast_object(choice)
+        if isinstance(choice, CheckpointError):
+            raise choice
+        if choice is None:
+            return None
+        path, step = choice
+        error: CheckpointError | None = None
+        if not self.env.is_main:
+            try:
+                state = load_file(Path(path), self.env.device) | {"path": path}
+                if state["step"] != step:
+                    error = CheckpointError(
+                        f"rank {self.env.rank} read step {state['step']} from {path}, rank 0 read step {step}; "
+                        "all ranks must see the same run_dir (a shared file system with stale caches?)"
+                    )
+            except CheckpointError as e:
+                error = e
+        if self.env.any(error is not None):
+            raise error or CheckpointError(f"another rank could not resume from {path} at step {step}; see its error")
+        return state
+
+    def _choose(self, resume: str) -> dict[str, Any] | None:
+        """Rank 0's pick, loaded; unreadable files newer than it are moved aside, so no later save sees them."""
         if resume == "never":
             if self.existing():
                 raise CheckpointError(
@@ -151,15 +215,36 @@ class Checkpointer:
             return None
         if resume != "auto":
             return load_file(Path(resume).expanduser(), self.env.device) | {"path": resume}
-        for path in self.existing():
+        found = self.existing()
+        unreadable: list[tuple[Path, CheckpointError]] = []
+        for path in found:
             try:
-                return load_file(path, self.env.device) | {"path": str(path)}
+                state = load_file(path, self.env.device) | {"path": str(path)}
             except IncompatibleCheckpoint:
                 raise
             except CheckpointError as e:
-                if self.env.is_main:
-                    warnings.warn(f"{e}; falling back to the previous checkpoint", stacklevel=1)
+                unreadable.append((path, e))
+                continue
+            for bad, why in unreadable:
+                _move_aside(bad, why)
+            return state
+        if found:
+            names = ", ".join(p.name for p in found)
+            raise CheckpointError(
+                f"no checkpoint in {self.folder} is readable ({names}; the newest: {unreadable[0][1]}); "
+                "move them away to start from step 0, or set train.resume=PATH"
+            )
         return None
+
+
+def _move_aside(path: Path, why: CheckpointError) -> None:
+    """Rename an unreadable checkpoint to ``<name>.corrupt``: kept for a look, out of resume's and pruning's way."""
+    target = path.with_name(f"{path.name}.corrupt")
+    try:
+        path.rename(target)
+    except OSError as e:
+        raise CheckpointError(f"{why}; moving it aside to {target.name} failed: {e.strerror}") from None
+    warnings.warn(f"{why}; moved it aside to {target.name}, resuming from an older checkpoint", stacklevel=1)
 
 
 def load_generator(path: str | Path, device: torch.device | str = "cpu",
@@ -175,7 +260,9 @@ def load_generator(path: str | Path, device: torch.device | str = "cpu",
     except ConfigError as e:
         raise IncompatibleCheckpoint(f"checkpoint {path}: its config does not fit this gan_dist ({e})") from None
     generator = build_generator(cfg.model).to(device)
-    weights = state.get("generator_ema") if use_ema and "generator_ema" in state else state["generator"]
+    name = "generator_ema" if use_ema and "generator_ema" in state else "generator"
+    weights = state[name]
+    check_finite(path, name, weights)
     check_shapes(path, "generator", weights, generator)
     generator.load_state_dict(weights)
     return generator.eval().requires_grad_(False), cfg

@@ -1,7 +1,9 @@
-"""Checkpoints: weights_only contents, retention, fallback past broken files, refusals with exit 2."""
+"""Checkpoints: weights_only contents, retention, fallback past broken files, refusals with exit 2,
+and one resume file for every rank (two real gloo processes)."""
 
 from __future__ import annotations
 
+import json
 import resource
 import signal
 import sys
@@ -9,10 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import base_overrides, run
+import torch.multiprocessing as mp
+from conftest import base_overrides, file_group, run
 
-from gan_dist.checkpoint import FORMAT_VERSION, load_file
+from gan_dist import checkpoint
+from gan_dist.checkpoint import FORMAT_VERSION, REQUIRED, Checkpointer, CheckpointError, load_file
+from gan_dist.config import CheckpointConfig
+from gan_dist.dist import DistEnv, teardown
 from gan_dist.train import main
+
+ONE_RANK = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"))
 
 
 def train(run_dir: Path, root: Path, **extra: object) -> int:
@@ -47,12 +55,49 @@ def test_auto_resume_says_so_and_continues(trained, idx_root, capsys):
     assert torch.load(trained / "checkpoints" / "step_7.pt", weights_only=True)["step"] == 7
 
 
-def test_corrupt_newest_falls_back_with_a_warning(trained, idx_root, capsys):
-    newest = trained / "checkpoints" / "step_5.pt"
-    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
-    with pytest.warns(UserWarning, match="step_5.pt"):
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def test_corrupt_newest_is_moved_aside_with_a_warning(trained, idx_root, capsys):
+    truncate(trained / "checkpoints" / "step_5.pt")
+    with pytest.warns(UserWarning, match=r"step_5.pt is unreadable .*moved it aside to step_5.pt.corrupt"):
         assert train(trained, idx_root, **{"train.max_steps": 6}) == 0
     assert f"resuming from {trained / 'checkpoints' / 'step_4.pt'}" in capsys.readouterr().out
+    assert (trained / "checkpoints" / "step_5.pt.corrupt").is_file()
+
+
+def test_a_broken_later_checkpoint_never_prunes_fresh_saves(trained, idx_root):
+    """A garbage step_9.pt ahead of the run: moved aside, so the saves of steps 6 and 7 are both kept."""
+    (trained / "checkpoints" / "step_9.pt").write_bytes(b"garbage")
+    with pytest.warns(UserWarning, match="step_9.pt"):
+        assert train(trained, idx_root, **{"train.max_steps": 7, "checkpoint.every_steps": 1,
+                                           "checkpoint.keep_last": 2}) == 0
+    assert sorted(p.name for p in (trained / "checkpoints").iterdir()) == ["step_6.pt", "step_7.pt",
+                                                                           "step_9.pt.corrupt"]
+
+
+def fake_state(step: int) -> dict:
+    """The smallest dict ``load_file`` accepts, at ``step``."""
+    return dict.fromkeys(REQUIRED, 0) | {"format_version": FORMAT_VERSION, "step": step}
+
+
+def test_pruning_keeps_later_steps_and_counts_only_earlier_ones(tmp_path):
+    checkpointer = Checkpointer(CheckpointConfig(keep_last=2), tmp_path, ONE_RANK)
+    for step in (1, 2, 10):
+        torch.save(fake_state(step), tmp_path / "checkpoints" / f"step_{step}.pt")
+    checkpointer.save(fake_state(3))
+    assert [p.name for p in checkpointer.existing()] == ["step_10.pt", "step_3.pt", "step_2.pt"]
+
+
+def test_no_readable_checkpoint_exits_2_naming_them(trained, idx_root, capsys):
+    for name in ("step_4.pt", "step_5.pt"):
+        truncate(trained / "checkpoints" / name)
+    assert train(trained, idx_root, **{"train.max_steps": 6}) == 2
+    err = capsys.readouterr().err
+    assert f"no checkpoint in {trained / 'checkpoints'} is readable (step_5.pt, step_4.pt;" in err
+    assert len(err.splitlines()) == 1
+    assert sorted(p.name for p in (trained / "checkpoints").iterdir()) == ["step_4.pt", "step_5.pt"]
 
 
 def test_resume_never_refuses_to_overwrite(trained, idx_root, capsys):
@@ -103,3 +148,59 @@ def test_load_file_rejects_non_checkpoints(tmp_path):
     torch.save({"hello": torch.zeros(1)}, tmp_path / "x.pt")
     with pytest.raises(CheckpointError, match="missing"):
         load_file(tmp_path / "x.pt")
+
+
+class Opaque:
+    """Any class: pickled by reference, so ``weights_only`` refuses to load it."""
+
+
+def test_refused_pickle_shows_the_whole_reason(tmp_path):
+    torch.save(fake_state(1) | {"generator": Opaque()}, tmp_path / "x.pt")
+    with pytest.raises(CheckpointError) as refused:
+        load_file(tmp_path / "x.pt")
+    assert str(refused.value) == (f"checkpoint {tmp_path / 'x.pt'} is unreadable (weights_only refused it: "
+                                  "Unsupported global: GLOBAL test_checkpoint.Opaque was not an allowed global "
+                                  "by default)")
+
+
+# ------------------------------------------------------------------ two ranks, one resume file
+
+
+def _resume_worker(rank: int, store: Path, run_dir: Path, fault: str) -> None:
+    """Resume on two gloo ranks, rank 1 seeing the folder through ``fault``; each writes what it got."""
+    env = file_group(rank, 2, store, timeout_s=30)
+    checkpointer = Checkpointer(CheckpointConfig(), run_dir, env)
+    folder = run_dir / "checkpoints"
+    if rank == 1 and fault == "stale listing":  # a directory cache from before step_4.pt was written
+        checkpointer.existing = lambda: [folder / "step_2.pt"]
+    if rank == 1 and fault == "stale file":  # step_4.pt's name, with the bytes of an older save
+        read = checkpoint.load_file
+        checkpoint.load_file = lambda path, device="cpu": read(path.with_name("step_2.pt"), device)
+    try:
+        got: int | str = checkpointer.resume_state("auto")["step"]
+    except CheckpointError as e:
+        got = str(e)
+    (run_dir / f"rank{rank}.json").write_text(json.dumps(got))
+    teardown(env)
+
+
+def resume_on_two_ranks(tmp_path: Path, fault: str) -> list[int | str]:
+    """What each rank resumed from (its step), or the message it raised."""
+    for step in (2, 4):
+        (tmp_path / "checkpoints").mkdir(exist_ok=True)
+        torch.save(fake_state(step), tmp_path / "checkpoints" / f"step_{step}.pt")
+    mp.spawn(_resume_worker, args=(tmp_path / "store", tmp_path, fault), nprocs=2, join=True)
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_ranks_resume_from_rank_0s_choice_whatever_they_list(tmp_path):
+    assert resume_on_two_ranks(tmp_path, "stale listing") == [4, 4]
+
+
+def test_ranks_that_read_other_steps_refuse_together(tmp_path):
+    path = tmp_path / "checkpoints" / "step_4.pt"
+    assert resume_on_two_ranks(tmp_path, "stale file") == [
+        f"another rank could not resume from {path} at step 4; see its error",
+        f"rank 1 read step 2 from {path}, rank 0 read step 4; all ranks must see the same run_dir "
+        "(a shared file system with stale caches?)",
+    ]
