@@ -7,6 +7,7 @@ A split is 47 MB at most, so it lives in memory (on the GPU when training there)
 from __future__ import annotations
 
 import gzip
+import math
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -51,18 +52,55 @@ def find_files(cfg: DataConfig) -> tuple[Path, Path] | None:
     return None
 
 
-def _read_idx(path: Path, reader) -> torch.Tensor:
-    """torchvision's reader takes a plain file; a .gz is inflated into a temporary one first."""
+IDX_KINDS = {"images": (0x803, read_image_file), "labels": (0x801, read_label_file)}
+"""Magic number (unsigned bytes, 3 or 1 dimensions) and torchvision's reader of each IDX file."""
+
+
+def _check_idx(path: Path, plain: Path, kind: str) -> None:
+    """The header of ``plain`` (``path`` inflated) against ``kind``, and its size against the header.
+
+    torchvision's readers assume both: a wrong file gets a bare assert or a reshape error from them.
+    """
+    magic = IDX_KINDS[kind][0]
+    with plain.open("rb") as f:
+        head = f.read(4)
+        found = int.from_bytes(head, "big") if len(head) == 4 else None
+        if found != magic:
+            other = next((k for k, (m, _) in IDX_KINDS.items() if m == found), None)
+            hint = f" (that of an IDX {other} file)" if other else ""
+            shown = f"0x{found:08x}" if found is not None else "none (under 4 bytes)"
+            raise DataError(f"{path} is not an IDX {kind} file: magic number {shown}{hint}, expected 0x{magic:08x}")
+        dims = f.read(4 * (magic & 0xFF))
+    shape = [int.from_bytes(dims[i:i + 4], "big") for i in range(0, len(dims), 4)]
+    size, expected = plain.stat().st_size, 4 + len(dims) + math.prod(shape)
+    if len(dims) != 4 * (magic & 0xFF) or size != expected:
+        raise DataError(f"{path} is cut short or padded: its header says {kind} of shape {shape}, "
+                        f"{expected} bytes, the file has {size}")
+
+
+def _read_idx(path: Path, kind: str) -> torch.Tensor:
+    """Checked, then read by torchvision's reader, which takes a plain file: a .gz is inflated first."""
+    reader = IDX_KINDS[kind][1]
     try:
         if path.suffix != ".gz":
+            _check_idx(path, path, kind)
             return reader(str(path))
         with tempfile.NamedTemporaryFile() as tmp, gzip.open(path, "rb") as src:
             shutil.copyfileobj(src, tmp)
             tmp.flush()
+            _check_idx(path, Path(tmp.name), kind)
             return reader(tmp.name)
-    # torchvision reports a malformed file with bare asserts, TypeErrors and view RuntimeErrors.
-    except (OSError, AssertionError, ValueError, TypeError, EOFError, RuntimeError) as e:
-        raise DataError(f"cannot read {path}: {e or type(e).__name__}") from None
+    except (OSError, EOFError) as e:  # unreadable, or a damaged .gz
+        raise DataError(f"cannot read {path}: {e.strerror if isinstance(e, OSError) and e.strerror else e}") from None
+
+
+def _check_labels(path: Path, labels: torch.Tensor) -> None:
+    """Every label a class id: one out of range would otherwise stop training mid-epoch, or never."""
+    bad = (labels < 0) | (labels >= NUM_CLASSES)
+    if bad.any():
+        values = ", ".join(str(v) for v in labels[bad].unique().tolist()[:10])
+        raise DataError(f"{path}: {int(bad.sum())} of {len(labels)} labels are outside 0..{NUM_CLASSES - 1} "
+                        f"(values: {values})")
 
 
 def _download(cfg: DataConfig) -> None:
@@ -93,8 +131,9 @@ def load_split(cfg: DataConfig, env: DistEnv) -> tuple[torch.Tensor, torch.Tenso
         stems = " and ".join(f"{s}[.gz]" for s in idx_names(cfg.split))
         where = " or ".join(str(p) for p in _candidates(cfg))
         raise DataError(f"{cfg.name} {cfg.split} split not found: put {stems} in {where} (or set data.download=true)")
-    images = _read_idx(files[0], read_image_file)
-    labels = _read_idx(files[1], read_label_file).long()
+    images = _read_idx(files[0], "images")
+    labels = _read_idx(files[1], "labels").long()
+    _check_labels(files[1], labels)
     if images.shape[0] != labels.shape[0] or images.shape[1:] != (28, 28):
         raise DataError(f"{files[0]} and {files[1]}: expected N×28×28 images and N labels, "
                         f"got {tuple(images.shape)} and {tuple(labels.shape)}")
