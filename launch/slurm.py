@@ -41,6 +41,11 @@ EXIT_USAGE = 2  # gan_dist.train's status for a bad config
 EXIT_NO_SLURM = 1  # no sbatch here, or sbatch refused the job
 STOPPED_WAIT_S = 180
 """How long a stopped task that does not requeue waits to be killed (by the requeue, scancel or Slurm)."""
+OWN_FLAGS = {"job-name": "job_name", "nodes": "nodes", "gpus-per-node": "gpus_per_node",
+             "ntasks-per-node": "tasks_per_node", "cpus-per-task": "cpus_per_task", "mem": "mem",
+             "partition": "partition", "account": "account", "qos": "qos", "constraint": "constraint",
+             "time": "time", "signal": "signal_delay_s"}
+"""The sbatch options that SlurmConfig's own keys set: ``sbatch`` may not set them around the checks."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,11 @@ class SlurmConfig:
             )
         if self.apptainer_image and self.pyxis_image:
             raise ConfigError("apptainer_image and pyxis_image: choose one container runtime")
+        for option in self.sbatch:
+            name = option.removeprefix("--").partition("=")[0].replace("_", "-")
+            if name in OWN_FLAGS:
+                raise ConfigError(f"sbatch: {option!r} is set by its own key, {OWN_FLAGS[name]} "
+                                  f"(--{OWN_FLAGS[name].replace('_', '-')}), which is checked; give it there")
 
     @property
     def tasks(self) -> int:
@@ -263,12 +273,33 @@ class Submission:
             return executor.submit(SlurmTrainTask(), self.train_argv)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line on stderr (it prints the whole usage before them)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def flag_value(text: str, tp: Any) -> Any:
+    """A cluster flag's text as its key takes it: text keys verbatim (sbatch reads ``64000``, ``[a|b]``
+    and ``%j/logs`` as text too), ``null`` unsets; numbers as YAML, so ``--time 240`` is an int."""
+    if text == "null":
+        return None
+    if str in (typing.get_args(tp) or (tp,)):
+        return text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text  # from_dict then names the key and the value it expected
+
+
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, dict[str, Any]]:
     """The launcher's options and the cluster flags that were given (as a partial SlurmConfig)."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m launch.slurm",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # `--gpus 8` must not pass for --gpus-per-node
     )
     parser.add_argument("--slurm-config", help="YAML file of cluster settings (configs/slurm/*.yaml)")
     parser.add_argument("--dry-run", action="store_true", help="print the sbatch script; submit nothing")
@@ -289,8 +320,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, dict[str
     flags = {}
     for key, value in vars(args).items():
         if key.startswith("slurm.") and value is not None:
-            # Scalars are read as YAML, so `--time 240` is a number and `--account null` unsets it.
-            flags[key.removeprefix("slurm.")] = value if isinstance(value, list) else yaml.safe_load(value)
+            name = key.removeprefix("slurm.")
+            flags[name] = value if isinstance(value, list) else flag_value(value, hints[name])
     return args, flags
 
 

@@ -125,11 +125,30 @@ def test_help_names_every_cluster_key(capsys: pytest.CaptureFixture) -> None:
         ("--nodes 0", "nodes: expected values >= 1"),
         ("--apptainer-image a.sif --pyxis-image b", "choose one container runtime"),
         ("train.batch_size=0", "train.batch_size: expected values >= 1"),
+        ("--sbatch time=1", "sbatch: 'time=1' is set by its own key, time (--time)"),
+        ("--sbatch=--gpus-per-node=8", "sbatch: '--gpus-per-node=8' is set by its own key, gpus_per_node"),
+        ("--time '%j'", "time: expected int, got '%j'"),
     ],
 )
 def test_bad_settings_stop_before_submitting(flags: str, message: str, capsys: pytest.CaptureFixture) -> None:
     assert slurm.main(["--slurm-config", LOCAL, "--dry-run", *shlex.split(flags)]) == slurm.EXIT_USAGE
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("flags", ["--gpus 8", "--part debug", "--nodes"])
+def test_unknown_or_shortened_flags_are_usage_errors(flags: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit:
+        slurm.main(["--slurm-config", LOCAL, "--dry-run", *shlex.split(flags)])
+    err = capsys.readouterr().err
+    assert exit.value.code == slurm.EXIT_USAGE and len(err.splitlines()) == 1
+    assert err.startswith("python -m launch.slurm: error: ") and err.endswith(" (see --help)\n")
+
+
+def test_values_sbatch_takes_as_text_pass_through(tmp_path: Path) -> None:
+    script = dry_run(f"--mem 64000 --constraint '[a100|h100]' --folder '{tmp_path}/%j/logs'", tmp_path).splitlines()
+    assert "#SBATCH --mem=64000" in script and "#SBATCH --constraint='[a100|h100]'" in script
+    assert f"#SBATCH --output={tmp_path}/%j/logs/%j_0_log.out" in script
 
 
 @pytest.fixture
