@@ -58,7 +58,7 @@ from torchvision.datasets import MNIST, VisionDataset
 
 from gan_dist.config import Config, ConfigError, load_config
 from gan_dist.data import DataError, ShardedBatches, load_split
-from gan_dist.dist import DistEnv, setup, teardown, usable_cores
+from gan_dist.dist import DistEnv, StepAgreement, setup, teardown, usable_cores
 from gan_dist.engine import GANEngine
 from gan_dist.models import build_models
 
@@ -307,12 +307,11 @@ class TutorialWorkload(Workload):
 
 class EngineWorkload(Workload):
     """(b) and (c): gan_dist's own components; a step is what ``Trainer.fit`` does per step on the
-    hot path (``engine.iteration`` and the stop-flag agreement), minus the periodic logging."""
+    hot path (``engine.iteration`` and the step agreement), minus the periodic logging."""
 
     def __init__(self, cfg: Config) -> None:
         self.env = setup(cfg.dist)
         self.device, self.rank, self.world_size = self.env.device, self.env.rank, self.env.world_size
-        self.precision = cfg.amp.dtype if cfg.amp.enabled else "float32"
         # gloo only: an NCCL future completes when the work is queued, not when it is done.
         self.times_comm = self.env.distributed and self.device.type == "cpu"
         images, labels = load_split(cfg.data, self.env)
@@ -321,6 +320,8 @@ class EngineWorkload(Workload):
         self.batches = _forever(shards.epoch)
         self.n_critic = cfg.train.n_critic
         self.engine = GANEngine(cfg, self.env)
+        self.precision = str(self.engine.precision.dtype).removeprefix("torch.")
+        self.agreement = StepAgreement(self.env)
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return [self.engine.opt_d, self.engine.opt_g]
@@ -338,10 +339,11 @@ class EngineWorkload(Workload):
     def train_step(self, step: int, batch: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
         self.engine.iteration(step, batch)
         with self.clock.phase("comm") if self.times_comm else contextlib.nullcontext():
-            self.env.any(False)
+            self.agreement.exchange(False, False)
         return sum(real.shape[0] for real, _ in batch)
 
     def close(self) -> None:
+        self.agreement.drain()
         teardown(self.env)
 
 

@@ -188,6 +188,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     bad = ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
+        if isinstance(value, bool) and {"off", "on"} & set(typing.get_args(tp)):
+            value = "on" if value else "off"  # YAML 1.1 reads a bare off/on as a boolean
         if value not in typing.get_args(tp):
             raise bad
         return value

@@ -18,6 +18,14 @@ import torch.distributed as tdist
 from gan_dist.config import ConfigError, DistConfig
 
 
+class PeerFailed(RuntimeError):
+    """Raised on every rank at once when some rank failed; ``cause`` is this rank's own error, if any."""
+
+    def __init__(self, cause: Exception | None) -> None:
+        super().__init__(str(cause) if cause is not None else "another rank failed at the same point")
+        self.cause = cause
+
+
 @dataclass(frozen=True)
 class DistEnv:
     rank: int
@@ -38,6 +46,11 @@ class DistEnv:
         """A process group exists (world size > 1, or ``dist.force_ddp``): collectives and DDP are live."""
         return self.control is not None
 
+    def raise_together(self, error: Exception | None) -> None:
+        """Every rank calls this; if any rank has an error, every rank raises ``PeerFailed``."""
+        if self.any(error is not None):
+            raise PeerFailed(error)
+
     def barrier(self) -> None:
         if self.distributed:
             tdist.barrier(group=self.control)
@@ -54,6 +67,12 @@ class DistEnv:
         """Sum a tensor over ranks in place (on the training device's backend)."""
         if self.distributed:
             tdist.all_reduce(t)
+        return t
+
+    def all_reduce_min(self, t: torch.Tensor) -> torch.Tensor:
+        """The elementwise minimum over ranks, in place."""
+        if self.distributed:
+            tdist.all_reduce(t, op=tdist.ReduceOp.MIN)
         return t
 
     def broadcast_object(self, obj: Any) -> Any:
@@ -76,6 +95,41 @@ class DistEnv:
         parts = [torch.empty_like(padded) for _ in range(self.world_size)]
         tdist.all_gather(parts, padded)
         return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes, strict=True)])
+
+
+class StepAgreement:
+    """The ranks' per-step decisions (stop on a signal, save on rank 0's clock) without a host barrier.
+
+    The flags offered after step k travel in an all-reduce that runs while step k+1 computes and is
+    read after it, so every rank acts on the same decision at the same step, one step late. Stop is
+    any rank's; save is rank 0's alone (the other ranks offer 0), so clocks never need to agree.
+    """
+
+    def __init__(self, env: DistEnv) -> None:
+        self.env = env
+        self.pending: tuple[torch.Tensor, Any] | None = None
+
+    def exchange(self, stop: bool, save: bool) -> tuple[bool, bool]:
+        """Offer this step's flags; returns the flags agreed one step ago (both false at first)."""
+        flags = torch.tensor([int(stop), int(save and self.env.is_main)], dtype=torch.int32)
+        work = (tdist.all_reduce(flags, op=tdist.ReduceOp.MAX, group=self.env.control, async_op=True)
+                if self.env.distributed else None)
+        previous, self.pending = self.pending, (flags, work)
+        return self._read(previous)
+
+    def drain(self) -> tuple[bool, bool]:
+        """Finish the agreement in flight (every rank calls this at the same step), returning its flags."""
+        previous, self.pending = self.pending, None
+        return self._read(previous)
+
+    @staticmethod
+    def _read(entry: tuple[torch.Tensor, Any] | None) -> tuple[bool, bool]:
+        if entry is None:
+            return False, False
+        flags, work = entry
+        if work is not None:
+            work.wait()
+        return bool(flags[0]), bool(flags[1])
 
 
 def _env_int(name: str, default: int) -> int:

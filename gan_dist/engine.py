@@ -15,6 +15,7 @@ import hashlib
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -72,16 +73,58 @@ class GANLoss:
         return F.binary_cross_entropy_with_logits(fake, torch.ones_like(fake))
 
 
-class Precision:
-    """Autocast plus, for float16, the one GradScaler of both optimizers."""
+NATIVE_BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})  # x86 AVX512-BF16 / AMX, Arm BF16
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+    """The CPU's feature flags as the kernel reports them (empty where there is no /proc/cpuinfo)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return frozenset()
+    lines = (line.partition(":")[2] for line in text.splitlines() if line.startswith(("flags", "Features")))
+    return frozenset(word for line in lines for word in line.split())
+
+
+def native_bf16(device: torch.device) -> tuple[bool, str]:
+    """Whether ``device`` computes bf16 natively, and the evidence: emulated bf16 is slower than fp32."""
+    if device.type == "cuda":
+        ok = torch.cuda.is_bf16_supported()
+        return ok, f"{torch.cuda.get_device_name(device)} {'supports' if ok else 'lacks'} bf16"
+    found = sorted(cpu_flags() & NATIVE_BF16_CPU_FLAGS)
+    return (True, f"CPU has {', '.join(found)}") if found else (False, "CPU has no native bf16 (AVX512-BF16/AMX)")
+
+
+def choose_dtype(cfg: AmpConfig, device_type: str, bf16: tuple[bool, str]) -> tuple[torch.dtype, str]:
+    """The compute dtype for ``cfg`` on this device, and why; ``bf16`` is ``native_bf16``'s answer."""
+    if not cfg.enabled:
+        return torch.float32, "amp.enabled=false"
+    if cfg.dtype == "float16" and device_type != "cuda":
+        raise ConfigError("amp.dtype: float16 needs CUDA; use auto, bfloat16 or float32 on CPU")
+    if cfg.dtype != "auto":
+        return getattr(torch, cfg.dtype), f"amp.dtype={cfg.dtype}"
+    native, evidence = bf16
+    if native:
+        return torch.bfloat16, f"auto: {evidence}"
+    if device_type == "cuda":
+        return torch.float16, f"auto: {evidence}, so float16 with a GradScaler"
+    return torch.float32, f"auto: {evidence}, so float32"
+
+
+class MixedPrecision:
+    """Autocast in the dtype chosen for the device, plus, for float16, the one GradScaler of both optimizers."""
 
     def __init__(self, cfg: AmpConfig, device: torch.device) -> None:
-        self.dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float16
-        self.enabled = cfg.enabled
-        if cfg.enabled and self.dtype == torch.float16 and device.type != "cuda":
-            raise ConfigError("amp.dtype: float16 needs CUDA; use bfloat16 on CPU")
+        bf16 = native_bf16(device) if cfg.enabled and cfg.dtype == "auto" else (False, "")
+        self.dtype, self.reason = choose_dtype(cfg, device.type, bf16)
+        self.enabled = self.dtype != torch.float32
         self.device_type = device.type
-        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.enabled and self.dtype == torch.float16)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+
+    @property
+    def config(self) -> AmpConfig:
+        """The resolved section, as a run's config records it: ``auto`` replaced by what it chose."""
+        return AmpConfig(enabled=self.enabled, dtype=str(self.dtype).removeprefix("torch."))
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
@@ -96,6 +139,16 @@ def _adam(module: nn.Module, lr: float, betas: tuple[float, float]) -> torch.opt
     """Fused Adam: one kernel for all parameters on CUDA and CPU alike, and no per-step host reads
     (CPU has no foreach kernels; docs/BENCHMARKS.md measures both)."""
     return torch.optim.Adam(module.parameters(), lr=lr, betas=betas, fused=True)
+
+
+def _compiled(module: nn.Module, mode: str) -> nn.Module:
+    """``module`` behind ``torch.compile`` (static shapes), or itself when compiling is off.
+
+    The compiled wrapper only forwards calls: parameters, buffers and state dicts stay the module's own.
+    """
+    if mode == "off":
+        return module
+    return torch.compile(module, mode=mode, dynamic=False)
 
 
 @dataclass
@@ -128,9 +181,12 @@ class GANEngine:
             g, d = nn.SyncBatchNorm.convert_sync_batchnorm(g), nn.SyncBatchNorm.convert_sync_batchnorm(d)
         self.generator, self.discriminator = g.to(env.device), d.to(env.device)
         self.G, self.D = self._wrap(self.generator, cfg, env), self._wrap(self.discriminator, cfg, env)
+        # The bare G makes the D step's fakes (no DDP hooks under no_grad); each call site is compiled.
+        self.fake_G, self.G, self.D = (_compiled(m, cfg.train.compile) for m in (self.generator, self.G, self.D))
+        self.graphed = cfg.train.compile == "reduce-overhead" and env.device.type == "cuda"
         self.opt_g = _adam(self.generator, cfg.optim.g_lr, cfg.optim.g_betas)
         self.opt_d = _adam(self.discriminator, cfg.optim.d_lr, cfg.optim.d_betas)
-        self.precision = Precision(cfg.amp, env.device)
+        self.precision = MixedPrecision(cfg.amp, env.device)
         self.loss = GANLoss(cfg.loss)
         self.noise = NoiseStream(cfg.train.seed, env.rank, cfg.model.z_dim, env.device)
 
@@ -159,7 +215,7 @@ class GANEngine:
 
     def d_step(self, real: torch.Tensor, labels: torch.Tensor, z: torch.Tensor, fake_labels: torch.Tensor):
         with torch.no_grad(), self.precision.autocast():
-            fake = self.generator(z, fake_labels)
+            fake = self.fake_G(z, fake_labels)
         with self.precision.autocast():
             real_logits = self.D(real, labels)
             fake_logits = self.D(fake, fake_labels)
@@ -181,6 +237,8 @@ class GANEngine:
 
     def iteration(self, step: int, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> StepMetrics:
         """One D step per real batch, then one G step; ``step`` picks the random streams."""
+        if self.graphed:  # CUDA graphs may reuse the previous iteration's output memory from here on
+            torch.compiler.cudagraph_mark_step_begin()
         self.noise.seed_dropout(step)
         scaler = self.precision.scaler
         for phase, (real, labels) in enumerate(batches):
@@ -192,6 +250,12 @@ class GANEngine:
         if self.ema is not None:
             self.ema.update(self.generator)
         return StepMetrics(d_loss, g_loss, d_real, d_fake)
+
+    def finite(self) -> bool:
+        """Whether every weight and buffer (EMA included) is finite: one host read, at save time only."""
+        modules = [self.generator, self.discriminator] + ([self.ema.module] if self.ema is not None else [])
+        tensors = [t for m in modules for t in (*m.parameters(), *m.buffers()) if t.is_floating_point()]
+        return bool(torch.stack([t.isfinite().all() for t in tensors]).all())
 
     # ---- checkpoint plumbing: plain state dicts only, so ``torch.load(weights_only=True)`` reads them
     def state_dict(self) -> dict:
@@ -209,8 +273,12 @@ class GANEngine:
     def load_state_dict(self, state: dict) -> None:
         self.generator.load_state_dict(state["generator"])
         self.discriminator.load_state_dict(state["discriminator"])
-        self.opt_g.load_state_dict(state["opt_g"])
-        self.opt_d.load_state_dict(state["opt_d"])
+        for opt, saved in ((self.opt_g, state["opt_g"]), (self.opt_d, state["opt_d"])):
+            # Adam's moments come from the checkpoint; its hyperparameters from this run's config.
+            settings = [{k: group[k] for k in ("lr", "betas")} for group in opt.param_groups]
+            opt.load_state_dict(saved)
+            for group, own in zip(opt.param_groups, settings, strict=True):
+                group.update(own)
         self.precision.scaler.load_state_dict(state["scaler"])
         if self.ema is not None:
             # A checkpoint from a run without EMA starts the average from the current G.

@@ -22,6 +22,12 @@ from gan_dist.data import NUM_CLASSES
 from gan_dist.dist import DistEnv
 from gan_dist.engine import NAMES, StepMetrics, derive_seed
 
+NEVER = 2**62  # "no non-finite value yet", as a first-bad step
+
+
+class Diverged(RuntimeError):
+    """Training produced non-finite losses or weights: the run stops, and nothing non-finite is saved."""
+
 
 def start_wandb(cfg: WandbConfig, run_dir: Path, config: dict[str, Any], run_id: str | None):
     """Open (or reopen, by id) the W&B run on rank 0. Returns None when disabled or when W&B fails."""
@@ -76,12 +82,18 @@ class MetricLogger:
         self.replay_until = last_logged_step(self.path) if env.is_main else 0
         self.batch = batch_per_rank
         self.sums = torch.zeros(len(NAMES), device=env.device)
+        self.bad = torch.zeros(len(NAMES), device=env.device)
+        self.first_bad = torch.full((len(NAMES),), NEVER, dtype=torch.int64, device=env.device)
         self.count = 0
         self.window_start = time.perf_counter()
-        self.lrs: dict[str, float] = {}
 
-    def update(self, metrics: StepMetrics) -> None:
-        self.sums += metrics.stacked()
+    def update(self, step: int, metrics: StepMetrics) -> None:
+        """Accumulate on the device: non-finite values are counted (and their first step kept), not summed."""
+        values = metrics.stacked()
+        bad = ~torch.isfinite(values)
+        self.sums += values.masked_fill(bad, 0.0)
+        self.bad += bad
+        self.first_bad.masked_fill_(bad & (self.first_bad == NEVER), step)
         self.count += 1
 
     def due(self, step: int) -> bool:
@@ -92,11 +104,15 @@ class MetricLogger:
         if self.count == 0:
             return None
         elapsed = time.perf_counter() - self.window_start
-        local = torch.cat([self.sums / self.count, torch.tensor([self.count * self.batch / elapsed],
-                                                                device=self.sums.device)])
-        total = self.env.all_reduce_sum(local).tolist()  # the one host sync of the window
+        rate = torch.tensor([self.count * self.batch / elapsed], device=self.sums.device)
+        total = self.env.all_reduce_sum(torch.cat([self.sums / self.count, rate, self.bad])).tolist()
+        *means, images_per_s = total[:len(NAMES) + 1]  # the one host sync of the window
+        if any(total[len(NAMES) + 1:]):  # the same sum on every rank, so all ranks stop here together
+            first = self.env.all_reduce_min(self.first_bad.clone()).tolist()
+            bad = {name: at for name, at in zip(NAMES, first, strict=True) if at != NEVER}
+            raise Diverged(f"non-finite {', '.join(bad)} from step {min(bad.values())} "
+                           f"(found at the log step {step})")
         record: dict[str, Any] = {"step": step, "epoch": epoch}
-        *means, images_per_s = total
         record |= {k: v / self.env.world_size for k, v in zip(NAMES, means, strict=True)}
         record["images_per_s"] = images_per_s
         self.sums.zero_()

@@ -9,13 +9,18 @@ Offline, on Debian's Fashion-MNIST (apt-get install dataset-fashion-mnist):
 Slurm: python -m launch.slurm (it ends up in ``main`` below, with the same arguments).
 
 ``--help`` lists every config key; ``--dry-run`` prints the resolved config and exits.
-Exit status: 0 done; 2 bad config, data or checkpoint; 75 stopped by a signal after saving (requeue me).
+Exit status: 0 done; 2 bad config, data, checkpoint or run_dir; 3 diverged (non-finite losses or
+weights: nothing non-finite is saved, the newest checkpoint is the last good one); 75 stopped by a
+signal after saving (requeue me); 130 aborted by a second Ctrl-C (no partial file is left).
+Under torchrun these arrive as torchrun's exit 1; its summary table lists each rank's own status.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
+import os
 import signal
 import sys
 import time
@@ -25,19 +30,22 @@ from pathlib import Path
 from gan_dist.checkpoint import FORMAT_VERSION, Checkpointer, CheckpointError, check_shapes
 from gan_dist.config import Config, ConfigError, describe, load_config, to_dict, to_yaml
 from gan_dist.data import DataError, ShardedBatches, load_split
-from gan_dist.dist import DistEnv, setup, teardown
+from gan_dist.dist import DistEnv, PeerFailed, StepAgreement, setup, teardown
 from gan_dist.engine import GANEngine
 from gan_dist.evaluate import Evaluator
-from gan_dist.monitor import MetricLogger, SampleWriter, start_wandb
+from gan_dist.monitor import Diverged, MetricLogger, SampleWriter, start_wandb
 
 EXIT_USAGE = 2
+EXIT_DIVERGED = 3
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped cleanly on a signal, a checkpoint is on disk
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+EXIT_ABORTED = 128 + signal.SIGINT
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
 
 
 class StopFlag:
-    """Set by SIGTERM/SIGUSR1/SIGUSR2. The handler only records the signal: the ranks agree on it
-    at the next step boundary, outside any handler, and then save and exit together."""
+    """Set by SIGTERM, SIGUSR1, SIGUSR2 or a first SIGINT (Ctrl-C). The handler only records the
+    signal: the ranks agree on it at a step boundary, outside any handler, then save and exit
+    together. A second SIGINT aborts at once (``KeyboardInterrupt``)."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -45,7 +53,16 @@ class StopFlag:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame) -> None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt
         self.signum = signum
+        if signum == signal.SIGINT:  # os.write: print() is not safe inside a signal handler
+            os.write(sys.stderr.fileno(), b"interrupt: saving at the next step boundary; interrupt again to abort\n")
+
+    @property
+    def name(self) -> str:
+        """The signal seen here; a rank that stops because another rank was signalled says so."""
+        return signal.Signals(self.signum).name if self.signum is not None else "on another rank"
 
 
 class Position:
@@ -65,15 +82,15 @@ class Position:
 class Trainer:
     """Wires the components of one run and drives the loop; every rank runs the same calls."""
 
-    def __init__(self, cfg: Config, env: DistEnv) -> None:
-        self.cfg, self.env = cfg, env
+    def __init__(self, cfg: Config, env: DistEnv, stop: StopFlag) -> None:
+        self.env, self.stop = env, stop
         self.run_dir = Path(cfg.run_dir)
-        if env.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+        env.raise_together(_prepare_run_dir(self.run_dir) if env.is_main else None)
         images, labels = load_split(cfg.data, env)
         self.data = ShardedBatches(images, labels, cfg.train.batch_size, env.rank, env.world_size, cfg.train.seed)
         self.engine = GANEngine(cfg, env)
+        # From here on the config is the resolved one: what ``auto`` chose is what the run records.
+        self.cfg = cfg = dataclasses.replace(cfg, amp=self.engine.precision.config)
         self.pos = Position(len(self.data) // cfg.train.n_critic, cfg.train.n_critic)
         if self.pos.steps_per_epoch == 0:
             raise DataError(f"{len(self.data)} batches per rank cannot feed train.n_critic={cfg.train.n_critic}")
@@ -81,13 +98,19 @@ class Trainer:
         self.total_steps = min(total, cfg.train.max_steps or total)
         self.checkpointer = Checkpointer(cfg.checkpoint, self.run_dir, env)
         self.best_fid = math.inf
+        self.eval_seconds = 0.0
+        self.last_saved: Path | None = None
         run_id = self._restore(self.checkpointer.resume_state(cfg.train.resume))
+        self._say(f"precision: {cfg.amp.dtype} ({self.engine.precision.reason})")
+        if env.is_main:  # only once the resume check has passed: a refused start changes nothing
+            (self.run_dir / "config.yaml").write_text(
+                f"# amp.dtype: {self.engine.precision.reason}\n" + to_yaml(cfg))
         self.evaluator = Evaluator(cfg, env) if cfg.eval.every_steps > 0 else None
-        wandb_run = start_wandb(cfg.log.wandb, self.run_dir, to_dict(cfg), run_id) if env.is_main else None
+        wandb_config = to_dict(cfg) | {"resolved": {"amp": self.engine.precision.reason}}
+        wandb_run = start_wandb(cfg.log.wandb, self.run_dir, wandb_config, run_id) if env.is_main else None
         self.wandb_id = wandb_run.id if wandb_run is not None else run_id
         self.logger = MetricLogger(cfg.log, env, self.run_dir, wandb_run, cfg.train.batch_size)
         self.samples = SampleWriter(cfg.log, env, self.run_dir, cfg.model.z_dim, cfg.train.seed, self.logger)
-        self.stop = StopFlag()
 
     def _say(self, message: str) -> None:
         if self.env.is_main:
@@ -103,6 +126,7 @@ class Trainer:
         self.engine.load_state_dict(state)
         self.pos.step, self.pos.epoch, self.pos.batch = state["step"], state["epoch"], state["batch"]
         self.best_fid = state.get("best_fid", math.inf)
+        self.last_saved = path
         note = ""
         if state["world_size"] != self.env.world_size:
             # Re-shard from the same point of the epoch, counted in samples seen; exactness is lost.
@@ -130,9 +154,15 @@ class Trainer:
             "best_fid": self.best_fid,
         }
 
-    def save(self) -> None:
-        path = self.checkpointer.save(self.state())
+    def save(self, name: str | None = None) -> Path:
+        """Every rank calls this at the same step; weights that are not finite are never written."""
+        if self.env.any(not self.engine.finite()):
+            raise Diverged(f"non-finite weights at step {self.pos.step}")
+        path = self.checkpointer.save(self.state(), name=name)
+        if name is None:
+            self.last_saved = path
         self._say(f"saved {path}")
+        return path
 
     def evaluate(self, train_seconds: float) -> None:
         """Score the sampling G on every rank; keep ``best.pt`` when FID improves."""
@@ -142,23 +172,44 @@ class Trainer:
         self.logger.log_eval(self.pos.step, self.pos.epoch, scores)
         if scores["fid"] < self.best_fid:
             self.best_fid = scores["fid"]
-            self._say(f"new best FID {self.best_fid:.3f}: {self.checkpointer.save(self.state(), name='best.pt')}")
+            self._say(f"new best FID {self.best_fid:.3f}")
+            self.save(name="best.pt")
 
     def fit(self) -> int:
+        """Train to the last step, or until a stop signal (exit 75) or divergence (exit 3)."""
         cfg, pos = self.cfg, self.pos
         self._say(f"world size {self.env.world_size} on {self.env.device.type}; global batch "
                   f"{cfg.train.batch_size * self.env.world_size}; {pos.steps_per_epoch} steps per epoch; "
                   f"training to step {self.total_steps}")
+        if self.env.any(self.stop.signum is not None):
+            self._say(f"stopped by signal ({self.stop.name}) before step {pos.step + 1}: nothing new to save; "
+                      f"exit {EXIT_REQUEUE} to requeue")
+            return EXIT_REQUEUE
+        agreement = StepAgreement(self.env)
+        try:
+            code = self._loop(agreement)
+        except Diverged as e:
+            agreement.drain()
+            kept = f"{self.last_saved} is the newest and last good checkpoint" if self.last_saved else \
+                "no checkpoint was saved"
+            self._say(f"training diverged: {e}; nothing non-finite was saved; {kept}; exit {EXIT_DIVERGED}")
+            return EXIT_DIVERGED
+        agreement.drain()
+        return code
+
+    def _loop(self, agreement: StepAgreement) -> int:
+        cfg, pos = self.cfg, self.pos
         lrs = {"g": cfg.optim.g_lr, "d": cfg.optim.d_lr}
         progress = Progress(self.total_steps, enabled=self.env.is_main and cfg.log.progress)
-        start, self.eval_seconds = time.perf_counter(), 0.0
+        start = time.perf_counter()
         while pos.step < self.total_steps:
             epoch = pos.epoch
             batches = self.data.epoch(epoch, start=pos.batch)
             while pos.epoch == epoch and pos.step < self.total_steps:
                 reals = [next(batches) for _ in range(cfg.train.n_critic)]
-                self.logger.update(self.engine.iteration(pos.step, reals))
+                metrics = self.engine.iteration(pos.step, reals)
                 pos.advance()
+                self.logger.update(pos.step, metrics)
                 progress.update(pos.step)
                 if self.logger.due(pos.step):
                     self.logger.flush(pos.step, pos.epoch, lrs)
@@ -166,12 +217,12 @@ class Trainer:
                     self.samples.write(pos.step, self.engine.sampler)
                 if self.evaluator is not None and self.evaluator.due(pos.step):
                     self.evaluate(time.perf_counter() - start)
-                stopping = self.env.any(self.stop.signum is not None)
-                if stopping or (self.checkpointer.due(pos.step) and pos.step < self.total_steps):
+                stopping, timed = agreement.exchange(self.stop.signum is not None, self.checkpointer.time_due())
+                if stopping or timed or (self.checkpointer.due(pos.step) and pos.step < self.total_steps):
                     self.save()
                 if stopping:
                     self.logger.flush(pos.step, pos.epoch, lrs)
-                    self._say(f"stopped by signal ({self._signal_name()}) at step {pos.step}; "
+                    self._say(f"stopped by signal ({self.stop.name}) at step {pos.step}; "
                               f"exit {EXIT_REQUEUE} to requeue")
                     return EXIT_REQUEUE
             if pos.epoch != epoch and not self.samples.due(pos.step):
@@ -184,13 +235,22 @@ class Trainer:
         self._say(f"done: {pos.step} steps in {self.run_dir}")
         return 0
 
-    def _signal_name(self) -> str:
-        """The signal seen here; a rank that stopped because another rank was signalled says so."""
-        return signal.Signals(self.stop.signum).name if self.stop.signum is not None else "on another rank"
-
     def close(self) -> None:
         if self.logger.wandb is not None:
             self.logger.wandb.finish()
+
+
+def _prepare_run_dir(run_dir: Path) -> ConfigError | None:
+    """Create ``run_dir``, or say why it cannot hold a run (a file, read-only, no permission)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        return ConfigError(f"run_dir: {run_dir} exists and is not a folder")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return ConfigError(f"run_dir: cannot create {run_dir}: {e.strerror or e}")
+    if not os.access(run_dir, os.W_OK):
+        return ConfigError(f"run_dir: {run_dir} is not writable (read-only file system or permissions)")
+    return None
 
 
 class Progress:
@@ -208,10 +268,6 @@ class Progress:
         width = 30
         done = width * step // self.total
         sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {step}/{self.total} {rate:.1f} it/s")
-
-    def _signal_name(self) -> str:
-        """The signal seen here; a rank that stopped because another rank was signalled says so."""
-        return signal.Signals(self.stop.signum).name if self.stop.signum is not None else "on another rank"
 
     def close(self) -> None:
         if self.enabled:
@@ -232,6 +288,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    stop = StopFlag()  # first of all: a signal during start-up is a clean stop, not a silent death
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
@@ -241,18 +298,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dry_run:
         print(to_yaml(cfg), end="")
         return 0
-    env = setup(cfg.dist)
-    trainer = None
+    env = trainer = None
+    reason = None
     try:
-        trainer = Trainer(cfg, env)
+        env = setup(cfg.dist)
+        trainer = Trainer(cfg, env, stop)
         return trainer.fit()
     except (ConfigError, DataError, CheckpointError) as e:
-        print(f"error (rank {env.rank}): {e}", file=sys.stderr, flush=True)
+        reason = f"error (rank {env.rank if env else os.environ.get('RANK', 0)}): {e}"
         return EXIT_USAGE
+    except PeerFailed as e:  # every rank is here: the ranks that failed say why before any rank exits
+        if e.cause is not None:
+            print(f"error (rank {env.rank}): {e.cause}", file=sys.stderr, flush=True)
+        env.barrier()
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        reason = "aborted by a second interrupt; every checkpoint on disk is complete"
+        return EXIT_ABORTED
     finally:
         if trainer is not None:
             trainer.close()
-        teardown(env)
+        if env is not None:
+            teardown(env)
+        if reason:  # last, so it is the line right above a launcher's summary
+            print(reason, file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,70 @@
+"""The compute dtype follows the device: bf16 only where it is native, and the choice is recorded."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import base_overrides, run
+
+from gan_dist.config import AmpConfig
+from gan_dist.engine import NATIVE_BF16_CPU_FLAGS, MixedPrecision, choose_dtype, cpu_flags
+
+NATIVE, EMULATED = (True, "has it"), (False, "lacks it")
+
+
+@pytest.mark.parametrize(("device", "bf16", "expected"), [
+    ("cpu", NATIVE, torch.bfloat16),
+    ("cpu", EMULATED, torch.float32),
+    ("cuda", NATIVE, torch.bfloat16),
+    ("cuda", EMULATED, torch.float16),
+])
+def test_auto_picks_native_bf16_else_the_device_fallback(device, bf16, expected):
+    dtype, reason = choose_dtype(AmpConfig(dtype="auto"), device, bf16)
+    assert dtype == expected
+    assert reason.startswith("auto: ") and bf16[1] in reason
+
+
+@pytest.mark.parametrize("bf16", [NATIVE, EMULATED])
+@pytest.mark.parametrize(("cfg", "expected"), [
+    (AmpConfig(dtype="bfloat16"), torch.bfloat16),
+    (AmpConfig(dtype="float32"), torch.float32),
+    (AmpConfig(enabled=False, dtype="bfloat16"), torch.float32),
+])
+def test_explicit_settings_win_over_the_capability(cfg, expected, bf16):
+    assert choose_dtype(cfg, "cpu", bf16)[0] == expected
+
+
+@pytest.mark.parametrize(("line", "native"), [
+    ("flags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_tile", True),
+    ("flags\t\t: fpu sse avx2 fma", False),
+    ("Features\t: fp asimd bf16 i8mm", True),
+    ("Features\t: fp asimd", False),
+])
+def test_cpu_flags_are_read_from_cpuinfo(tmp_path, line, native):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\n{line}\n\nprocessor\t: 1\n{line}\n")
+    assert bool(cpu_flags(cpuinfo) & NATIVE_BF16_CPU_FLAGS) == native
+    assert cpu_flags(tmp_path / "missing") == frozenset()
+
+
+def test_resolved_section_round_trips():
+    resolved = MixedPrecision(AmpConfig(dtype="auto"), torch.device("cpu")).config
+    assert resolved.dtype in ("bfloat16", "float32") and resolved.enabled == (resolved.dtype == "bfloat16")
+    assert MixedPrecision(resolved, torch.device("cpu")).dtype == getattr(torch, resolved.dtype)
+
+
+def test_run_prints_and_records_the_choice(tmp_path: Path, idx_root: Path):
+    overrides = base_overrides(tmp_path / "run", idx_root, **{"train.max_steps": 2})
+    result = run([sys.executable, "-m", "gan_dist.train", *overrides])
+    assert result.returncode == 0, result.stderr[-2000:]
+    line = next(x for x in result.stdout.splitlines() if x.startswith("precision: "))
+    written = (tmp_path / "run" / "config.yaml").read_text()
+    recorded = yaml.safe_load(written)["amp"]
+    assert recorded["dtype"] in ("bfloat16", "float32") and f"precision: {recorded['dtype']} (auto: " in line
+    assert written.startswith(f"# amp.dtype: {line.split('(', 1)[1].rstrip(')')}\n")
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "step_2.pt", weights_only=True)
+    assert checkpoint["config"]["amp"] == recorded
