@@ -19,12 +19,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -167,6 +168,36 @@ class Evaluator:
 # ---------------------------------------------------------------------------------------------- the CLI
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line on stderr (it prints the whole usage before them)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def integer(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer no smaller than ``minimum``."""
+
+    def parse(text: str) -> int:
+        if not (text.removeprefix("-").isdecimal() and int(text) >= minimum):
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return int(text)
+
+    return parse
+
+
+def writable_file(text: str) -> Path:
+    """An argparse type: a file whose folder exists and is writable, checked before any work."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; name a file in it")
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: the folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{text}: the folder {path.parent} is not writable")
+    return path
+
+
 class NpzError(ValueError):
     """An .npz that is not ``images`` uint8 [N, 28, 28] and ``labels`` int [N] with 0..9."""
 
@@ -189,7 +220,7 @@ def read_npz(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m gan_dist.evaluate",
         description="Score a generator: FID, intra-class FID, precision/recall and conditional accuracy "
                     "in the judge classifier's feature space (see the module docstring).",
@@ -198,16 +229,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     source.add_argument("--checkpoint", help="a gan_dist checkpoint (its EMA generator when it has one)")
     source.add_argument("--npz", help="samples of any generator: images uint8 [10N, 28, 28], labels int64 [10N]")
     parser.add_argument("--config", help="with --npz: YAML naming the dataset (else the defaults and overrides)")
-    parser.add_argument("--n-per-class", type=int, help="samples per class (default: eval.n_samples / 10)")
+    parser.add_argument("--n-per-class", type=integer(2), metavar="N",
+                        help="samples per class, 2 or more (default: eval.n_samples / 10)")
     parser.add_argument("--no-ema", action="store_true", help="score the raw generator, not its EMA")
     parser.add_argument("--no-floors", action="store_true", help="skip the real-vs-real and noise floors")
-    parser.add_argument("--out", help="also write the JSON line to this file")
+    parser.add_argument("--out", type=writable_file, help="also write the JSON line to this file")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     args = parser.parse_args(argv)
     if args.npz and args.n_per_class is not None:
         parser.error("--n-per-class applies to --checkpoint; an .npz brings its own samples")
     if args.checkpoint and args.config:
         parser.error("--config applies to --npz; a checkpoint brings its own config (override keys instead)")
+    model = [o for o in args.overrides if o.partition("=")[0].split(".")[0] == "model"]
+    if args.checkpoint and model:
+        parser.error(f"{model[0]}: the checkpoint's weights fix its model; model.* overrides cannot apply")
     return args
 
 
@@ -247,7 +282,7 @@ def main(argv: Sequence[str] | None = None, spec: JudgeSpec = DEFAULT_SPEC) -> i
         line = json.dumps(record)
         print(line, flush=True)
         if args.out:
-            Path(args.out).write_text(line + "\n")
+            args.out.write_text(line + "\n")
     return 0
 
 

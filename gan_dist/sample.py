@@ -27,20 +27,20 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 from torch.func import functional_call
 
 from gan_dist.checkpoint import CheckpointError, load_generator
 from gan_dist.data import NUM_CLASSES
 from gan_dist.engine import derive_seed
+from gan_dist.evaluate import EXIT_USAGE, Parser, integer
 from gan_dist.monitor import SampleWriter, fixed_noise, generate, save_grid
-from gan_dist.train import EXIT_USAGE
 
 # Stream ids mixed into --seed: the arrays and the walks never share latents.
 NPZ_STREAM, WALK_STREAM = 1, 2
@@ -101,15 +101,13 @@ def write_npz(path: Path, images: torch.Tensor, labels: torch.Tensor) -> None:
         np.savez_compressed(f, images=to_uint8(images), labels=labels.cpu().numpy())
 
 
-def integer(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an integer no smaller than ``minimum``."""
-
-    def parse(text: str) -> int:
-        if not (text.removeprefix("-").isdecimal() and int(text) >= minimum):
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
-        return int(text)
-
-    return parse
+def image_path(text: str) -> Path:
+    """An argparse type: a path whose extension names an image format PIL writes, checked before sampling."""
+    suffix = Path(text).suffix
+    if Image.registered_extensions().get(suffix.lower()) not in Image.SAVE:
+        what = f"PIL writes no {suffix} files" if suffix else "no extension to name the image format"
+        raise argparse.ArgumentTypeError(f"{text}: {what}; use .png (or .jpg, .webp, ...)")
+    return Path(text)
 
 
 def parse_device(text: str) -> torch.device:
@@ -124,25 +122,18 @@ def parse_device(text: str) -> torch.device:
     return dev
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line on stderr (it prints the whole usage before them)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = Parser(prog="python -m gan_dist.sample", description=__doc__,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, type=Path, metavar="PATH",
                         help="a step_<N>.pt written by gan_dist.train")
-    parser.add_argument("--grid", type=Path, metavar="OUT.png", help="write the class grid")
+    parser.add_argument("--grid", type=image_path, metavar="OUT.png", help="write the class grid")
     parser.add_argument("--n", type=integer(1), default=SampleWriter.COLUMNS,
                         help="grid columns (default %(default)s)")
     parser.add_argument("--npz", type=Path, metavar="OUT.npz", help="write images and labels for scoring")
     parser.add_argument("--n-per-class", type=integer(1), default=1000, metavar="N",
                         help="npz images per class (default %(default)s)")
-    parser.add_argument("--interpolate", type=Path, metavar="OUT.png", help="write latent and label walks")
+    parser.add_argument("--interpolate", type=image_path, metavar="OUT.png", help="write latent and label walks")
     parser.add_argument("--steps", type=integer(2), default=10, help="images per walk (default %(default)s)")
     parser.add_argument("--seed", type=integer(0), default=0, help="latent seed (default %(default)s)")
     parser.add_argument("--no-ema", action="store_true", help="use the raw G, not its saved EMA")

@@ -223,6 +223,32 @@ def test_cli_rejects_a_malformed_npz(arrays: dict, message: str, tmp_path: Path,
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--out", "missing/scores.json"], "argument --out: missing/scores.json: the folder missing does not exist"),
+    (["--out", "."], "argument --out: . is a folder; name a file in it"),
+    (["model.z_dim=7"], "model.z_dim=7: the checkpoint's weights fix its model; model.* overrides cannot apply"),
+    (["--n-per-class", "0"], "argument --n-per-class: expected an integer >= 2, got '0'"),
+])
+def test_cli_refuses_bad_arguments_before_any_work(args: list[str], message: str, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """One line and exit 2 before the checkpoint is even opened (it does not exist here)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit:
+        evaluate.main(["--checkpoint", "none.pt", *args])
+    err = capsys.readouterr().err
+    assert exit.value.code == evaluate.EXIT_USAGE and message in err and len(err.splitlines()) == 1
+
+
+def test_cli_refuses_a_non_finite_checkpoint(checkpoint: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    state = torch.load(checkpoint, weights_only=True)
+    state["generator"]["net.0.bias"].fill_(float("inf"))
+    torch.save(state, tmp_path / "diverged.pt")
+    assert evaluate.main(["--checkpoint", str(tmp_path / "diverged.pt")]) == evaluate.EXIT_USAGE
+    assert f"checkpoint {tmp_path / 'diverged.pt'}: generator has non-finite values" in capsys.readouterr().err
+
+
 def test_cli_reports_a_missing_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert evaluate.main(["--checkpoint", str(tmp_path / "none.pt")]) == evaluate.EXIT_USAGE
     assert "does not exist" in capsys.readouterr().err

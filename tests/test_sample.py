@@ -197,6 +197,10 @@ def bad_checkpoint(case: str, run_dir: Path, folder: Path) -> Path:
         state = torch.load(checkpoint(run_dir), weights_only=True)
         state["config"]["model"]["z_dim"] = 7
         torch.save(state, path)
+    elif case == "non-finite":  # what a diverged run saves
+        state = torch.load(checkpoint(run_dir), weights_only=True)
+        state["generator"]["net.0.weight"][0, 0] = float("nan")
+        torch.save(state, path)
     return path
 
 
@@ -206,6 +210,7 @@ def bad_checkpoint(case: str, run_dir: Path, folder: Path) -> Path:
     ("truncated", "is unreadable"),
     ("foreign", "is not a gan_dist checkpoint"),
     ("incompatible", "generator.net.0.weight has shape"),
+    ("non-finite", "generator has non-finite values in 1 tensor(s) (net.0.weight); the run diverged"),
 ])
 def test_bad_checkpoint(runs, case, message, tmp_path, capsys):
     bad = bad_checkpoint(case, runs["mlp"], tmp_path)
@@ -221,6 +226,8 @@ def test_bad_checkpoint(runs, case, message, tmp_path, capsys):
     (["--grid", "g.png", "--n", "ten"], "got 'ten'"),
     (["--grid", "g.png", "--seed", "-3"], "argument --seed"),
     (["--grid", "g.png", "--device", "tpu"], "argument --device"),
+    (["--grid", "g.jpgg"], "argument --grid: g.jpgg: PIL writes no .jpgg files; use .png"),
+    (["--interpolate", "walks"], "argument --interpolate: walks: no extension to name the image format"),
     ([], "nothing to write"),
 ])
 def test_bad_arguments(runs, args, message, tmp_path, capsys, monkeypatch):
@@ -228,6 +235,11 @@ def test_bad_arguments(runs, args, message, tmp_path, capsys, monkeypatch):
     code, err = cli(capsys, "--checkpoint", checkpoint(runs["mlp"]), *args)
     assert code == 2 and message in err and len(err.splitlines()) == 1
     assert not any(tmp_path.iterdir())
+
+
+def test_grid_in_any_format_pil_writes(runs, tmp_path, capsys):
+    assert cli(capsys, "--checkpoint", checkpoint(runs["mlp"]), "--grid", tmp_path / "g.JPG")[0] == 0
+    assert Image.open(tmp_path / "g.JPG").format == "JPEG"
 
 
 def test_unwritable_output(runs, tmp_path, capsys):
