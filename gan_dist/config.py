@@ -105,6 +105,7 @@ class DistConfig:
     backend: Literal["auto", "nccl", "gloo"] = opt(
         "auto", "process group backend; auto: nccl on CUDA, gloo on CPU (gloo on CUDA lets ranks share one GPU)"
     )
+    threads: int = opt(0, "CPU threads per rank; 0: the usable cores divided by the ranks on the node", ge=0)
     force_ddp: bool = opt(False, "build the process group and DDP even at world size 1 (exercises NCCL/DDP on one GPU)")
     bucket_cap_mb: float = opt(25.0, "DDP gradient bucket size", gt=0)
     gradient_as_bucket_view: bool = opt(True, "let gradients alias DDP's buckets (saves a copy)")

@@ -188,7 +188,7 @@ def setup(cfg: DistConfig) -> DistEnv:
         torch.cuda.set_device(device)
     else:
         # Each rank gets its share of the cores, so N ranks never oversubscribe the node.
-        torch.set_num_threads(max(1, usable_cores() // local_world))
+        torch.set_num_threads(cfg.threads or max(1, usable_cores() // local_world))
     control = None
     if world > 1 or cfg.force_ddp:
         timeout = datetime.timedelta(seconds=cfg.timeout_s)

@@ -9,9 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import run
 
 from gan_dist import bench
+from gan_dist.engine import native_bf16
 
 TINY = ["--device", "cpu", "--steps", "2", "--warmup", "1", "--rounds", "1", "--batch", "8", "--nproc", "2"]
 
@@ -32,7 +34,8 @@ def test_bench_runs_every_case_and_writes_json(idx_root: Path, tmp_path: Path) -
     assert [r["rank"] for r in ranks] == [0, 1] and all(r["threads"] == 1 for r in ranks)
     assert all(r["phases_ms"]["comm"] is not None for r in ranks)  # gloo all-reduce timed by the comm hook
     assert cases["a"]["summary"]["phases_ms"]["comm"] is None and cases["a"]["summary"]["x_ref"] == 1.0
-    assert cases["b"]["summary"]["precision"] == "bfloat16"  # the tutorial config's autocast
+    chosen = "bfloat16" if native_bf16(torch.device("cpu"))[0] else "float32"  # amp.dtype=auto on this CPU
+    assert cases["b"]["summary"]["precision"] == chosen and cases["b"]["summary"]["first_step_s"] > 0
     assert [t["ratio"] for t in report["targets"]] == ["(b) / (a)", "(c) / (b)"]
     assert report["table"] in proc.stdout
 
@@ -45,6 +48,15 @@ def test_compare_adds_twins_that_carry_the_override(tmp_path: Path) -> None:
     assert "torch.distributed.run" in twin and "--nproc_per_node=2" in twin
     assert twin[-2:] == ["data.split=test", "amp.enabled=false"]  # the twin's override comes last, so it wins
     assert "amp.enabled=false" not in bench.worker_argv(args, cases[1], tmp_path)
+
+
+def test_compare_env_gives_the_twins_its_variables_only(tmp_path: Path) -> None:
+    args = bench.parse_args([*TINY, "--compare-env", "OMP_WAIT_POLICY=PASSIVE", "--load", "1"])
+    cases = bench.plan(args)
+    assert [c.key for c in cases] == ["a", "b", "c", "b'", "c'"] and args.load == 1
+    assert [c.env for c in cases] == [(), (), (), ("OMP_WAIT_POLICY=PASSIVE",), ("OMP_WAIT_POLICY=PASSIVE",)]
+    with pytest.raises(SystemExit):
+        bench.parse_args([*TINY, "--compare-env", "PASSIVE"])
 
 
 def test_bench_reports_missing_data_with_exit_2(tmp_path: Path) -> None:
