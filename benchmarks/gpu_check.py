@@ -462,6 +462,7 @@ def fixed_step(mode: Mode, recipe: str, device: str) -> dict[str, Any]:
 
 
 def compare_step(mode: Mode, report: Report, recipe: str) -> None:
+    """``fixed_step`` on the CPU (a) against the device (b), from the same seeded initial state."""
     a, b = fixed_step(mode, recipe, "cpu"), fixed_step(mode, recipe, mode.device)
     loss_err = float(((a["losses"] - b["losses"]).abs() / a["losses"].abs().clamp_min(1)).max())
     report.check(f"{recipe}: losses agree (rtol {CPU_VS_DEVICE['loss_rtol']:g})",
@@ -552,7 +553,8 @@ def resume_case(mode: Mode, report: Report, recipe: str) -> None:
                           for d in (straight, broken)))
     unequal = sorted(k for k, v in diffs.items() if v != 0.0)
     worst = max(diffs, key=diffs.get)
-    summary = f"{len(unequal)} of {len(diffs)} tensors differ; largest {diffs[worst]:.3g} in {worst}"
+    summary = (f"{len(unequal)} of {len(diffs)} tensors differ; largest {diffs[worst]:.3g} in {worst}" if unequal
+               else f"all {len(diffs)} tensors equal")
     if recipe == "mlp":
         report.check("mlp: resumed run bitwise equal (torch.equal) to the uninterrupted one", not unequal, summary)
     else:
@@ -696,7 +698,8 @@ def ddp_gloo(mode: Mode, report: Report) -> None:
 
 def case_line(summary: dict[str, Any]) -> str:
     return (f"{summary['images_per_s']:.0f} img/s, x(a) {summary['x_ref']:.2f}, {summary['step_ms']:.3f} ms/step, "
-            f"{summary['gflop_per_s'] / 1e3:.3g} TFLOP/s ({summary['precision']})")
+            f"{summary['gflop_per_s'] / 1e3:.3g} TFLOP/s ({summary['precision']}), first step "
+            f"{summary['first_step_s']:.1f} s")
 
 
 def throughput(mode: Mode, report: Report, compile_mode: str | None = None) -> None:
