@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
+import yaml
 from conftest import base_overrides, run, torchrun_cmd
 
 SECRET = "0123456789abcdef0123456789abcdef01234567"
@@ -50,8 +50,10 @@ def test_two_ranks_make_one_offline_run_with_scalars_and_images(tmp_path, idx_ro
     assert [r["_step"] for r in images] == [3, 6]
     for r in images:
         assert (files[0].parent / "files" / r["samples/grid.path"]).is_file()
-    config = next(r["run"]["config"] for r in records(files[0]) if r.get("type") == "run")
-    assert json.dumps(config).count('"batch_size"') >= 1  # the resolved config is the run's config
+    logged = next(r["run"]["config"]["update"] for r in records(files[0]) if r.get("type") == "run")
+    resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert resolved["train"]["max_steps"] == 6
+    assert {key: logged[key] for key in resolved} == resolved  # every section, every value, as the run ran
 
 
 def test_resume_continues_the_same_run_with_rising_steps(tmp_path, idx_root):
@@ -97,12 +99,14 @@ def test_wandb_that_cannot_start_does_not_stop_training(tmp_path, idx_root):
 
 
 def test_api_key_is_never_written(tmp_path, idx_root):
-    run_dir = tmp_path / "run"
+    """Every file the run writes (its run_dir, its working dir, HOME and TMPDIR are all in tmp_path)."""
+    run_dir, home, tmp = tmp_path / "run", tmp_path / "home", tmp_path / "tmp"
+    home.mkdir()
+    tmp.mkdir()
     proc = run([sys.executable, "-m", "gan_dist.train", *wandb_overrides(run_dir, idx_root, **{"train.max_steps": 2})],
-               env_extra={"WANDB_API_KEY": SECRET})
+               cwd=tmp_path, env_extra={"WANDB_API_KEY": SECRET, "HOME": str(home), "TMPDIR": str(tmp)})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert SECRET not in proc.stdout + proc.stderr
-    for path in run_dir.rglob("*"):
-        if path.is_file():
-            assert SECRET.encode() not in path.read_bytes(), path
-    assert os.environ.get("WANDB_API_KEY") != SECRET
+    written = [path for path in tmp_path.rglob("*") if path.is_file()]
+    assert run_files(run_dir)[0] in written  # the scan sees W&B's own files
+    assert [path for path in written if SECRET.encode() in path.read_bytes()] == []
