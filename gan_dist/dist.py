@@ -35,6 +35,8 @@ class DistEnv:
     device: torch.device
     control: tdist.ProcessGroup | None = None
     """A gloo group for host-side flags (stop signals, save status): agreeing on them never syncs a GPU."""
+    backend: str | None = None
+    """The process group's backend (nccl or gloo); None without a process group."""
 
     @property
     def is_main(self) -> bool:
@@ -189,8 +191,9 @@ def setup(cfg: DistConfig) -> DistEnv:
     else:
         # Each rank gets its share of the cores, so N ranks never oversubscribe the node.
         torch.set_num_threads(cfg.threads or max(1, usable_cores() // local_world))
-    control = None
+    control = group_backend = None
     if world > 1 or cfg.force_ddp:
+        group_backend = backend
         timeout = datetime.timedelta(seconds=cfg.timeout_s)
         # Alone, an in-process store is the whole rendezvous: no address or port is needed.
         store = _attempt_store(rank, world, timeout) if world > 1 else tdist.HashStore()
@@ -203,7 +206,7 @@ def setup(cfg: DistConfig) -> DistEnv:
             **({"device_id": device} if backend == "nccl" else {}),
         )
         control = tdist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else tdist.group.WORLD
-    return DistEnv(rank, local_rank, world, local_world, device, control)
+    return DistEnv(rank, local_rank, world, local_world, device, control, group_backend)
 
 
 def teardown(env: DistEnv) -> None:

@@ -178,7 +178,8 @@ class Trainer:
     def fit(self) -> int:
         """Train to the last step, or until a stop signal (exit 75) or divergence (exit 3)."""
         cfg, pos = self.cfg, self.pos
-        self._say(f"world size {self.env.world_size} on {self.env.device.type}; global batch "
+        group = f" ({self.env.backend} process group)" if self.env.distributed else ""
+        self._say(f"world size {self.env.world_size} on {self.env.device}{group}; global batch "
                   f"{cfg.train.batch_size * self.env.world_size}; {pos.steps_per_epoch} steps per epoch; "
                   f"training to step {self.total_steps}")
         if self.env.any(self.stop.signum is not None):
@@ -277,7 +278,7 @@ class Progress:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m gan_dist.train",
-        description="Train a conditional GAN (see the module docstring for launch examples).",
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="config keys (override as key=value):\n" + "\n".join(describe()),
     )
