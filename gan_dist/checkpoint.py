@@ -57,6 +57,9 @@ def atomic_save(obj: Any, path: Path) -> None:
         tmp.unlink(missing_ok=True)
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
         raise CheckpointError(f"saving checkpoint {path} failed (disk full?): {reason}") from e
+    except BaseException:  # an abort (a second Ctrl-C) mid-write leaves no partial file either
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _reason(e: Exception) -> str:
@@ -133,9 +136,12 @@ class Checkpointer:
         return sorted(found, reverse=True)
 
     def due(self, step: int) -> bool:
-        by_steps = self.cfg.every_steps > 0 and step % self.cfg.every_steps == 0
-        by_time = self.cfg.every_minutes > 0 and time.monotonic() - self.last_save >= 60 * self.cfg.every_minutes
-        return by_steps or by_time
+        """A save by step count: the same answer on every rank."""
+        return self.cfg.every_steps > 0 and step % self.cfg.every_steps == 0
+
+    def time_due(self) -> bool:
+        """A save by this rank's clock. Clocks differ, so only rank 0's answer may decide (``StepAgreement``)."""
+        return self.cfg.every_minutes > 0 and time.monotonic() - self.last_save >= 60 * self.cfg.every_minutes
 
     def save(self, state: dict[str, Any], name: str | None = None) -> Path:
         """Every rank calls this. Rank 0 writes; all ranks then agree that it worked, or all raise.

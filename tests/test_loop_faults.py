@@ -14,6 +14,8 @@ import pytest
 import torch
 from conftest import REPO, base_overrides, run, torchrun_cmd
 
+from gan_dist.checkpoint import atomic_save
+
 TRAIN = [sys.executable, "-m", "gan_dist.train"]
 
 
@@ -174,3 +176,13 @@ def test_under_torchrun_the_ranks_reason_is_the_last_line_before_its_summary(tmp
     # After the reason: only the agent's log records, then its traceback and summary.
     agent = tail[:tail.index("Traceback (most recent call last):")]
     assert all(re.match(r"[WEI]\d{4} ", line) for line in agent), result.stderr[-3000:]
+
+
+def test_an_abort_mid_write_leaves_no_partial_file(tmp_path):
+    class Interrupting:
+        def __reduce__(self):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_save({"weights": torch.zeros(1000), "then": Interrupting()}, tmp_path / "step_1.pt")
+    assert list(tmp_path.iterdir()) == []
