@@ -4,6 +4,9 @@
 #       host (default: one per visible GPU), with --config "$CONFIG" when CONFIG is set;
 #   a program as first argument (python, bash, ...): that command, run as given.
 set -euo pipefail
+# Waiting OpenMP threads sleep rather than spin, unless the caller chose: containers share their
+# host's cores, and spinning threads take cores from the work (docs/BENCHMARKS.md).
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 
 # `docker run IMAGE python -m gan_dist.train --help` or `... bash` must reach the program itself,
 # while `docker run IMAGE train.max_steps=20` only adds overrides to the default training command.

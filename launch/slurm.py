@@ -157,6 +157,9 @@ class SlurmTrainTask:
             raise RuntimeError("SlurmTrainTask runs inside a submitit Slurm job: no preemption handler found")
         # The trainer places rank r on cuda:LOCAL_RANK, so every task must keep seeing all the node's GPUs.
         env = TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        # Before torch loads OpenMP, which reads it once: waiting threads sleep rather than spin on
+        # cores that the node's other tasks need, unless the job's environment chose (docs/BENCHMARKS.md).
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         from gan_dist import train  # torch and friends: seconds that submitting should not pay
 
         status, signals = run_noting_signals(lambda: train.main(argv))

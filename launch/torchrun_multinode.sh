@@ -23,6 +23,9 @@ set -euo pipefail
 # One store per attempt: restart counts are per node, so they cannot scope a shared store's keys
 # across nodes, and a restarted rank could read a dead peer's address (pytorch/pytorch#135712).
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+# Waiting OpenMP threads sleep rather than spin, unless the caller chose: on a node whose cores the
+# ranks, gloo and other jobs share, spinning threads take cores from the work (docs/BENCHMARKS.md).
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 
 exec "${PYTHON:-python}" -m torch.distributed.run \
     --nnodes="$NNODES" \
