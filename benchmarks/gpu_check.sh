@@ -3,8 +3,8 @@
 # the GPU, and throughput. The stages live in benchmarks/gpu_check.py; this script runs each in its own
 # process under its own timeout, so a crash or a hang costs one stage, and then summarises.
 #
-# Prepare here, once (the data must travel with the working tree; ../shared and /usr/share do not):
-#   mkdir -p .git/info && echo /.bench_data/ >> .git/info/exclude
+# Prepare here, once (the data must travel with the working tree; ../shared and /usr/share do not;
+# .gitignore keeps .bench_data out of git):
 #   mkdir -p .bench_data && cp /usr/share/datasets/fashion-mnist/*-ubyte.gz .bench_data/
 # (train-* for training and the judge, t10k-* as the evaluation reference.) Then, with the device tool:
 #   run(command="bash benchmarks/gpu_check.sh", carry=[".bench_data"], timeout_s=420)
