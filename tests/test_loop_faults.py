@@ -169,8 +169,9 @@ def test_under_torchrun_the_ranks_reason_is_the_last_line_before_its_summary(tmp
     run_dir = tmp_path / "run"
     run_dir.write_text("not a folder")
     result = run(torchrun_cmd(2, base_overrides(run_dir, idx_root)))
-    assert result.returncode == 1  # torchrun's own status; its summary names each rank's 2
-    assert result.stderr.count("exitcode  : 2") == 2
+    # torchrun's own status is 1. Its summary shows a rank's 2; a rank still exiting when the agent
+    # stops the group may be listed with the agent's SIGTERM instead.
+    assert result.returncode == 1 and "exitcode  : 2" in result.stderr
     lines = result.stderr.splitlines()
     tail = lines[lines.index(f"error (rank 0): run_dir: {run_dir} exists and is not a folder") + 1:]
     # After the reason: only the agent's log records, then its traceback and summary.
