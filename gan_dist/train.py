@@ -219,7 +219,7 @@ class Trainer:
                 if self.evaluator is not None and self.evaluator.due(pos.step):
                     self.evaluate(time.perf_counter() - start)
                 stopping, timed = agreement.exchange(self.stop.signum is not None, self.checkpointer.time_due())
-                if stopping or timed or (self.checkpointer.due(pos.step) and pos.step < self.total_steps):
+                if stopping or ((timed or self.checkpointer.due(pos.step)) and pos.step < self.total_steps):
                     self.save()
                 if stopping:
                     self.logger.flush(pos.step, pos.epoch, lrs)
