@@ -33,10 +33,28 @@ def opt(default: Any, help: str, *, ge: float | None = None, gt: float | None = 
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: Literal["mnist", "fashion_mnist"] = opt("mnist", "dataset read with torchvision's IDX readers")
-    root: str = opt("data", "folder holding the IDX files, flat or as <root>/<MNIST|FashionMNIST>/raw/")
+    name: Literal["mnist", "fashion_mnist", "idx", "cifar10", "cifar100", "folder"] = opt(
+        "mnist", "mnist, fashion_mnist, idx (any MNIST-format pair), cifar10, cifar100 (torchvision's readers), "
+        "or folder (<root>/<class>/<image>; a flat folder is unconditional)"
+    )
+    root: str = opt("data", "where the source lives: IDX files (flat or <root>/<MNIST|FashionMNIST>/raw/), "
+                            "CIFAR's batches, or the image folder")
     split: Literal["train", "test"] = opt("train", "split to train on")
-    download: bool = opt(True, "download into <root>/<Dataset>/raw when the files are missing")
+    download: bool = opt(True, "mnist, fashion_mnist, cifar10, cifar100: download into root when missing")
+    resolution: int | None = opt(None, "square size the images are converted to (null: the source's own)", ge=1)
+    channels: Literal[1, 3] | None = opt(None, "channels the images are converted to (null: the source's own)")
+    flip: bool = opt(False, "random horizontal flips (for data where mirror images are natural)")
+    holdout: float = opt(0.1, "folder without train/ and test/: seeded share held out as the test split",
+                         gt=0.0, le=0.5)
+    skip_bad: bool = opt(False, "skip (and count) unreadable images instead of stopping")
+    cache_dir: str = opt("~/.cache/gan_dist/data", "where converted uint8 datasets are cached")
+    resident: Literal["auto", "on", "off"] = opt(
+        "auto", "on: the split as one tensor on the training device; off: streamed from the memory-mapped "
+        "cache by DataLoader workers; auto: on when it fits data.resident_max_gb"
+    )
+    resident_max_gb: float = opt(4.0, "data.resident=auto: largest split (uint8) kept on the device", ge=0)
+    workers: int = opt(2, "streamed: DataLoader worker processes per rank (0: in the training process)", ge=0)
+    prefetch: int = opt(4, "streamed: batches each worker prepares ahead", ge=1)
 
 
 @dataclass(frozen=True)
@@ -48,11 +66,12 @@ class ModelConfig:
     d_hidden: tuple[int, ...] = opt((1024, 512, 256), "mlp: hidden widths of D", ge=1)
     d_dropout: float = opt(0.3, "dropout after each hidden layer of D", ge=0.0, le=0.95)
     width: int = opt(64, "dcgan: base channel count", ge=8)
-    conditioning: Literal["concat", "projection"] = opt(
-        "concat", "how D sees the label: concatenated embedding, or a projection head (Miyato 2018)"
+    conditioning: Literal["concat", "projection", "none"] = opt(
+        "concat", "how D sees the label: concatenated embedding, a projection head (Miyato 2018), or none "
+        "(unconditional: neither G nor D takes a label)"
     )
     spectral_norm: bool = opt(False, "spectral normalisation on every weight layer of D")
-    d_depth: int = opt(1, "dcgan: conv layers of D per resolution (28, 14); the extra ones are 3x3", ge=1, le=4)
+    d_depth: int = opt(1, "dcgan: conv layers of D per resolution stage; the extra ones are 3x3", ge=1, le=4)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ A split is 47 MB at most, so it lives in memory (on the GPU when training there)
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import math
 import shutil
@@ -28,6 +29,42 @@ NUM_CLASSES = 10
 
 class DataError(RuntimeError):
     """Data that cannot be found or read; entry points turn it into exit status 2."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What the data is, measured from the data itself: every network, metric and grid is built from it.
+
+    It travels in every checkpoint, so sampling and evaluation rebuild G without the data.
+    """
+
+    name: str
+    """``data.name`` of the source."""
+    channels: int
+    resolution: int
+    num_classes: int
+    """0: unconditional (a flat folder: every label is 0)."""
+    class_names: tuple[str, ...]
+    sizes: dict[str, int]
+    """Images per split, e.g. ``{"train": 60000, "test": 10000}``."""
+    source: str
+    """Where it came from: a folder, a file, or a download."""
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.channels, self.resolution, self.resolution
+
+    @property
+    def conditional(self) -> bool:
+        return self.num_classes > 0
+
+    def to_dict(self) -> dict:
+        """Builtins only: safe for YAML, JSON, W&B and ``torch.load(weights_only=True)``."""
+        return dataclasses.asdict(self) | {"class_names": list(self.class_names)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DatasetInfo:
+        return cls(**(dict(d) | {"class_names": tuple(d["class_names"]), "sizes": dict(d["sizes"])}))
 
 
 def idx_names(split: str) -> tuple[str, str]:
