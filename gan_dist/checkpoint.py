@@ -18,12 +18,14 @@ from typing import Any
 import torch
 
 from gan_dist.config import CheckpointConfig, Config, ConfigError, from_dict
+from gan_dist.data import DatasetInfo, idx_description
 from gan_dist.dist import DistEnv
 from gan_dist.models import build_generator
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2 adds ``data``, the dataset's description; a version 1 checkpoint was always MNIST-format data."""
 REQUIRED = ("format_version", "generator", "discriminator", "opt_g", "opt_d", "scaler", "step", "epoch", "batch",
-            "world_size", "config")
+            "world_size", "config", "data")
 _NAME = re.compile(r"step_(\d+)\.pt")
 
 
@@ -80,6 +82,8 @@ def load_file(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} does not exist") from None
     except Exception as e:  # truncated zip, bad pickle opcode, non-allowlisted global, ...
         raise CheckpointError(f"checkpoint {path} is unreadable ({_reason(e)})") from None
+    if isinstance(state, dict) and state.get("format_version") == 1:
+        state = _from_version_1(path, state)
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED):
         missing = [k for k in REQUIRED if not isinstance(state, dict) or k not in state]
         raise CheckpointError(f"checkpoint {path} is not a gan_dist checkpoint (missing {', '.join(missing)})")
@@ -88,6 +92,27 @@ def load_file(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
             f"checkpoint {path} has format version {state['format_version']}; this gan_dist reads {FORMAT_VERSION}"
         )
     return state
+
+
+def _from_version_1(path: Path, state: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 knew only mnist and fashion_mnist, whose description follows from the name."""
+    name = state.get("config", {}).get("data", {}).get("name", "mnist")
+    try:
+        info = idx_description(name, source=f"{name} (from a version 1 checkpoint)")
+    except KeyError:
+        raise IncompatibleCheckpoint(f"checkpoint {path} has format version 1 and data.name={name!r}, "
+                                     "which version 1 never wrote") from None
+    return state | {"format_version": FORMAT_VERSION, "data": info.to_dict()}
+
+
+def check_data(path: Path, saved: DatasetInfo, current: DatasetInfo) -> None:
+    """A run resumes on the data it was trained on: another dataset or shape is refused, not mixed in."""
+    fields = ("name", "shape", "num_classes")
+    if any(getattr(saved, f) != getattr(current, f) for f in fields):
+        def show(i: DatasetInfo) -> str:
+            return f"{i.name}, {i.channels}×{i.resolution}×{i.resolution}, {i.num_classes} classes"
+        raise IncompatibleCheckpoint(f"checkpoint {path} was trained on {show(saved)}; this run's data is "
+                                     f"{show(current)}; use another run_dir, or the data it was trained on")
 
 
 def check_finite(path: Path, name: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -254,8 +279,9 @@ def _move_aside(path: Path, why: CheckpointError) -> None:
 
 
 def load_generator(path: str | Path, device: torch.device | str = "cpu",
-                   use_ema: bool = True) -> tuple[torch.nn.Module, Config]:
-    """G (its EMA when saved and ``use_ema``) in eval mode, rebuilt from the config the checkpoint carries.
+                   use_ema: bool = True) -> tuple[torch.nn.Module, Config, DatasetInfo]:
+    """G (its EMA when saved and ``use_ema``) in eval mode, rebuilt from the config and data description
+    the checkpoint carries, so no data is needed.
 
     Tensors are mapped to ``device``, so a checkpoint trained on GPUs samples on a laptop.
     """
@@ -265,10 +291,11 @@ def load_generator(path: str | Path, device: torch.device | str = "cpu",
         cfg = from_dict(Config, state["config"])
     except ConfigError as e:
         raise IncompatibleCheckpoint(f"checkpoint {path}: its config does not fit this gan_dist ({e})") from None
-    generator = build_generator(cfg.model).to(device)
+    info = DatasetInfo.from_dict(state["data"])
+    generator = build_generator(cfg.model, info).to(device)
     name = "generator_ema" if use_ema and "generator_ema" in state else "generator"
     weights = state[name]
     check_finite(path, name, weights)
     check_shapes(path, "generator", weights, generator)
     generator.load_state_dict(weights)
-    return generator.eval().requires_grad_(False), cfg
+    return generator.eval().requires_grad_(False), cfg, info

@@ -23,9 +23,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gan_dist.config import AmpConfig, Config, ConfigError, LossConfig
-from gan_dist.data import NUM_CLASSES
+from gan_dist.data import DatasetInfo
 from gan_dist.dist import DistEnv
-from gan_dist.models import EMA, build_models
+from gan_dist.models import EMA, build_models, label_count
 
 
 def derive_seed(*parts: int) -> int:
@@ -35,16 +35,20 @@ def derive_seed(*parts: int) -> int:
 
 
 class NoiseStream:
-    """Latents and fake labels of one rank, reseeded from (seed, rank, step, phase) at every draw."""
+    """Latents and fake labels of one rank, reseeded from (seed, rank, step, phase) at every draw.
 
-    def __init__(self, seed: int, rank: int, z_dim: int, device: torch.device) -> None:
+    With no classes every fake label is 0, which unconditional networks ignore.
+    """
+
+    def __init__(self, seed: int, rank: int, z_dim: int, num_classes: int, device: torch.device) -> None:
         self.seed, self.rank, self.z_dim, self.device = seed, rank, z_dim, device
+        self.num_classes = max(num_classes, 1)
         self.gen = torch.Generator(device)
 
     def draw(self, step: int, phase: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         self.gen.manual_seed(derive_seed(self.seed, self.rank, step, phase))
         z = torch.randn(n, self.z_dim, generator=self.gen, device=self.device)
-        labels = torch.randint(0, NUM_CLASSES, (n,), generator=self.gen, device=self.device)
+        labels = torch.randint(0, self.num_classes, (n,), generator=self.gen, device=self.device)
         return z, labels
 
     def seed_dropout(self, step: int) -> None:
@@ -170,11 +174,13 @@ NAMES = ("d_loss", "g_loss", "d_real", "d_fake")
 class GANEngine:
     """Networks, optimizers and the two phases. Owns nothing about files or logging."""
 
-    def __init__(self, cfg: Config, env: DistEnv) -> None:
+    def __init__(self, cfg: Config, env: DistEnv, info: DatasetInfo) -> None:
+        self.info, self.num_classes = info, label_count(cfg.model, info)
         torch.manual_seed(cfg.train.seed)  # identical init on every rank; DDP also broadcasts rank 0's
-        g, d = build_models(cfg.model)
+        g, d = build_models(cfg.model, info)
         # Before any SyncBatchNorm conversion: calibrating the average never needs the other ranks.
-        self.ema = EMA(g.to(env.device), cfg.ema.decay, cfg.model.z_dim) if cfg.ema.enabled else None
+        self.ema = EMA(g.to(env.device), cfg.ema.decay, cfg.model.z_dim, self.num_classes) \
+            if cfg.ema.enabled else None
         if cfg.dist.sync_batchnorm and env.device.type != "cuda":
             raise ConfigError("dist.sync_batchnorm: SyncBatchNorm needs CUDA; on CPU each rank keeps its own stats")
         if cfg.dist.sync_batchnorm and env.distributed:
@@ -188,7 +194,7 @@ class GANEngine:
         self.opt_d = _adam(self.discriminator, cfg.optim.d_lr, cfg.optim.d_betas)
         self.precision = MixedPrecision(cfg.amp, env.device)
         self.loss = GANLoss(cfg.loss)
-        self.noise = NoiseStream(cfg.train.seed, env.rank, cfg.model.z_dim, env.device)
+        self.noise = NoiseStream(cfg.train.seed, env.rank, cfg.model.z_dim, self.num_classes, env.device)
 
     @staticmethod
     def _wrap(module: nn.Module, cfg: Config, env: DistEnv) -> nn.Module:

@@ -1,83 +1,119 @@
-"""Conditional generators and discriminators for 28×28 single-channel images.
+"""Generators and discriminators built from the data's description: any channels, resolution and classes.
 
-``mlp`` is the tutorial's pair. ``dcgan`` is its named successor, made conditional. Every
+``mlp`` is the tutorial's pair, on C·H·W pixels. ``dcgan`` is its named successor: its number of
+up- and down-sampling stages follows the resolution (4→8→16→32→64, or 7→14→28). With no classes
+(``model.conditioning: none``, or a flat image folder) neither network takes a label. Every
 discriminator returns raw logits: the sigmoid lives inside the loss, where autocast keeps it in float32.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from gan_dist.config import ModelConfig
-from gan_dist.data import NUM_CLASSES
+from gan_dist.config import ConfigError, ModelConfig
+from gan_dist.data import DatasetInfo
 
-IMAGE_SHAPE = (1, 28, 28)
-IMAGE_SIZE = 28 * 28
+MAX_WIDTH_MULTIPLE = 8  # the widest DCGAN stage has 8 × model.width channels
 
 
 def _leaky() -> nn.Module:
     return nn.LeakyReLU(0.2)
 
 
-class MLPGenerator(nn.Module):
-    """z ⊕ label embedding → 256-512-1024 → 784, Tanh."""
+def label_count(cfg: ModelConfig, info: DatasetInfo) -> int:
+    """Classes G and D are conditioned on; 0 when unconditional."""
+    if cfg.conditioning == "none":
+        return 0
+    if not info.conditional:
+        raise ConfigError(f"model.conditioning={cfg.conditioning} needs class labels, but {info.name} at "
+                          f"{info.source} has none (a flat folder); set model.conditioning=none")
+    return info.num_classes
 
-    def __init__(self, cfg: ModelConfig) -> None:
+
+def dcgan_stages(resolution: int) -> tuple[int, int]:
+    """(start size, number of 2× stages) of a DCGAN for ``resolution``: halved while even and above 7."""
+    size, stages = resolution, 0
+    while size % 2 == 0 and size > 7:
+        size, stages = size // 2, stages + 1
+    if stages == 0 or size < 3:
+        raise ConfigError(f"data.resolution: dcgan needs a size of the form s·2^k with s in 3..7 and k >= 1 "
+                          f"(e.g. 28, 32, 64, 128), got {resolution}")
+    return size, stages
+
+
+def _stage_widths(width: int, stages: int) -> list[int]:
+    """Channels from the finest stage to the coarsest: width, 2·width, ... capped at 8·width."""
+    return [width * min(2 ** i, MAX_WIDTH_MULTIPLE) for i in range(stages + 1)]
+
+
+class MLPGenerator(nn.Module):
+    """z ⊕ label embedding → 256-512-1024 → C·H·W, Tanh."""
+
+    def __init__(self, cfg: ModelConfig, info: DatasetInfo) -> None:
         super().__init__()
-        self.embed = nn.Embedding(NUM_CLASSES, cfg.embed_dim)
+        classes = label_count(cfg, info)
+        self.shape = info.shape
+        self.embed = nn.Embedding(classes, cfg.embed_dim) if classes else None
         layers: list[nn.Module] = []
-        width = cfg.z_dim + cfg.embed_dim
+        width = cfg.z_dim + (cfg.embed_dim if classes else 0)
         for hidden in cfg.g_hidden:
             layers += [nn.Linear(width, hidden), _leaky()]
             width = hidden
-        self.net = nn.Sequential(*layers, nn.Linear(width, IMAGE_SIZE), nn.Tanh())
+        self.net = nn.Sequential(*layers, nn.Linear(width, math.prod(self.shape)), nn.Tanh())
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.cat([z, self.embed(labels)], 1)).view(-1, *IMAGE_SHAPE)
+        return self.net(_with_label(z, labels, self.embed)).view(-1, *self.shape)
 
 
 class DCGANGenerator(nn.Module):
-    """z ⊕ label embedding → 7×7 → 14×14 → 28×28 with transposed convolutions and BatchNorm."""
+    """z ⊕ label embedding → s×s → ... → resolution, transposed convolutions and BatchNorm, a 3×3 conv to C."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, info: DatasetInfo) -> None:
         super().__init__()
-        w = cfg.width
-        self.embed = nn.Embedding(NUM_CLASSES, cfg.embed_dim)
+        classes = label_count(cfg, info)
+        size, stages = dcgan_stages(info.resolution)
+        widths = _stage_widths(cfg.width, stages)[::-1]  # coarsest first
+        self.embed = nn.Embedding(classes, cfg.embed_dim) if classes else None
         self.project = nn.Sequential(
-            nn.Linear(cfg.z_dim + cfg.embed_dim, 4 * w * 7 * 7, bias=False),
-            nn.Unflatten(1, (4 * w, 7, 7)),
-            nn.BatchNorm2d(4 * w),
+            nn.Linear(cfg.z_dim + (cfg.embed_dim if classes else 0), widths[0] * size * size, bias=False),
+            nn.Unflatten(1, (widths[0], size, size)),
+            nn.BatchNorm2d(widths[0]),
             nn.ReLU(),
         )
-        self.net = nn.Sequential(
-            nn.ConvTranspose2d(4 * w, 2 * w, 4, 2, 1, bias=False), nn.BatchNorm2d(2 * w), nn.ReLU(),
-            nn.ConvTranspose2d(2 * w, w, 4, 2, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(),
-            nn.Conv2d(w, 1, 3, 1, 1), nn.Tanh(),
-        )
+        layers: list[nn.Module] = []
+        for c_in, c_out in zip(widths, widths[1:]):
+            layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+        self.net = nn.Sequential(*layers, nn.Conv2d(widths[-1], info.channels, 3, 1, 1), nn.Tanh())
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.net(self.project(torch.cat([z, self.embed(labels)], 1)))
+        return self.net(self.project(_with_label(z, labels, self.embed)))
+
+
+def _with_label(z: torch.Tensor, labels: torch.Tensor, embed: nn.Embedding | None) -> torch.Tensor:
+    return z if embed is None else torch.cat([z, embed(labels)], 1)
 
 
 class Discriminator(nn.Module):
-    """A feature trunk plus the label: concatenated at the input, or as a projection on the features.
+    """A feature trunk plus the label: concatenated at the input, as a projection on the features, or none.
 
     Concat (the tutorial): the label's embedding joins the image, as extra constant planes for the
     conv trunk. Projection (Miyato & Koyama 2018): logit = w·φ(x) + embed(y)·φ(x).
     """
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, info: DatasetInfo) -> None:
         super().__init__()
+        classes = label_count(cfg, info)
         self.flat = cfg.arch == "mlp"
-        label_in = cfg.embed_dim if cfg.conditioning == "concat" else 0
-        self.trunk, features = (_mlp_trunk if self.flat else _conv_trunk)(cfg, label_in)
+        label_in = cfg.embed_dim if classes and cfg.conditioning == "concat" else 0
+        self.trunk, features = (_mlp_trunk if self.flat else _conv_trunk)(cfg, info, label_in)
         self.head = nn.Linear(features, 1)
-        self.embed = nn.Embedding(NUM_CLASSES, cfg.embed_dim) if label_in else None
-        self.proj = None if label_in else nn.Embedding(NUM_CLASSES, features)
+        self.embed = nn.Embedding(classes, cfg.embed_dim) if label_in else None
+        self.proj = nn.Embedding(classes, features) if classes and cfg.conditioning == "projection" else None
         if cfg.spectral_norm:
             for m in [*self.trunk.modules(), self.head, self.proj]:
                 if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
@@ -99,23 +135,24 @@ class Discriminator(nn.Module):
         return logits.squeeze(1)
 
 
-def _mlp_trunk(cfg: ModelConfig, label_in: int) -> tuple[nn.Module, int]:
+def _mlp_trunk(cfg: ModelConfig, info: DatasetInfo, label_in: int) -> tuple[nn.Module, int]:
     layers: list[nn.Module] = []
-    width = IMAGE_SIZE + label_in
+    width = math.prod(info.shape) + label_in
     for hidden in cfg.d_hidden:
         layers += [nn.Linear(width, hidden), _leaky(), nn.Dropout(cfg.d_dropout)]
         width = hidden
     return nn.Sequential(*layers), width
 
 
-def _conv_trunk(cfg: ModelConfig, label_in: int) -> tuple[nn.Module, int]:
-    """28 → 14 → 7, each stage ``d_depth - 1`` 3×3 convs then a strided 4×4 one.
+def _conv_trunk(cfg: ModelConfig, info: DatasetInfo, label_in: int) -> tuple[nn.Module, int]:
+    """resolution → ... → s, each stage ``d_depth - 1`` 3×3 convs then a strided 4×4 one.
 
-    BatchNorm after the second stage's downsampling, unless spectral norm already bounds the layers.
+    BatchNorm after every downsampling but the first, unless spectral norm already bounds the layers.
     """
+    size, stages = dcgan_stages(info.resolution)
     layers: list[nn.Module] = []
-    channels = 1 + label_in
-    for stage, width in enumerate((cfg.width, 2 * cfg.width)):
+    channels = info.channels + label_in
+    for stage, width in enumerate(_stage_widths(cfg.width, stages)[:-1]):
         for _ in range(cfg.d_depth - 1):
             layers += [nn.Conv2d(channels, width, 3, 1, 1), _leaky()]
             channels = width
@@ -124,22 +161,22 @@ def _conv_trunk(cfg: ModelConfig, label_in: int) -> tuple[nn.Module, int]:
             layers.append(nn.Identity() if cfg.spectral_norm else nn.BatchNorm2d(width))
         layers.append(_leaky())
         channels = width
-    return nn.Sequential(*layers, nn.Flatten()), channels * 7 * 7
+    return nn.Sequential(*layers, nn.Flatten()), channels * size * size
 
 
-def build_generator(cfg: ModelConfig) -> nn.Module:
-    return MLPGenerator(cfg) if cfg.arch == "mlp" else DCGANGenerator(cfg)
+def build_generator(cfg: ModelConfig, info: DatasetInfo) -> nn.Module:
+    return MLPGenerator(cfg, info) if cfg.arch == "mlp" else DCGANGenerator(cfg, info)
 
 
-def build_models(cfg: ModelConfig) -> tuple[nn.Module, nn.Module]:
-    return build_generator(cfg), Discriminator(cfg)
+def build_models(cfg: ModelConfig, info: DatasetInfo) -> tuple[nn.Module, nn.Module]:
+    return build_generator(cfg, info), Discriminator(cfg, info)
 
 
 class EMA:
     """An exponential moving average of G's parameters, with BatchNorm statistics measured for it.
 
     The live G's running statistics follow its last few batches, not the averaged weights, and using
-    them with the average visibly blurs samples (FID 69 -> 57 on MNIST). So before the average is
+    them with the average visibly blurs samples. So before the average is
     used or saved, its statistics are measured afresh on fixed latents and balanced labels, the
     "standing statistics" of BigGAN. Fixed inputs make them the same on every rank with no collective;
     built from G before any SyncBatchNorm conversion, the copy never needs the other ranks either.
@@ -147,8 +184,10 @@ class EMA:
 
     CALIBRATION_SEED = 0x57A7
 
-    def __init__(self, generator: nn.Module, decay: float, z_dim: int, calibration_samples: int = 2048) -> None:
+    def __init__(self, generator: nn.Module, decay: float, z_dim: int, num_classes: int,
+                 calibration_samples: int = 2048) -> None:
         self.decay, self.z_dim, self.calibration_samples = decay, z_dim, calibration_samples
+        self.num_classes = max(num_classes, 1)  # unconditional: every label is 0
         self.module = copy.deepcopy(generator).eval().requires_grad_(False)
         self._norms = [m for m in self.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self._stale = bool(self._norms)
@@ -176,7 +215,7 @@ class EMA:
             for start in range(0, self.calibration_samples, batch):
                 n = min(batch, self.calibration_samples - start)
                 z = torch.randn(n, self.z_dim, generator=latents).to(device)
-                self.module(z, torch.arange(start, start + n, device=device) % NUM_CLASSES)
+                self.module(z, torch.arange(start, start + n, device=device) % self.num_classes)
             self.module.eval()
             self._stale = False
         return self.module

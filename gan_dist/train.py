@@ -27,9 +27,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from gan_dist.checkpoint import FORMAT_VERSION, Checkpointer, CheckpointError, check_shapes
+from gan_dist.checkpoint import FORMAT_VERSION, Checkpointer, CheckpointError, check_data, check_shapes
 from gan_dist.config import Config, ConfigError, describe, load_config, to_dict, to_yaml
-from gan_dist.data import DataError, ShardedBatches, load_split
+from gan_dist.data import DataError, DatasetInfo, load_split, make_batches
 from gan_dist.dist import DistEnv, PeerFailed, StepAgreement, setup, teardown
 from gan_dist.engine import GANEngine
 from gan_dist.evaluate import Evaluator
@@ -86,9 +86,10 @@ class Trainer:
         self.env, self.stop = env, stop
         self.run_dir = Path(cfg.run_dir)
         env.raise_together(_prepare_run_dir(self.run_dir) if env.is_main else None)
-        images, labels = load_split(cfg.data, env)
-        self.data = ShardedBatches(images, labels, cfg.train.batch_size, env.rank, env.world_size, cfg.train.seed)
-        self.engine = GANEngine(cfg, env)
+        split = load_split(cfg.data, env)
+        self.info = split.info
+        self.data = make_batches(split, cfg.data, env, cfg.train.batch_size, cfg.train.seed)
+        self.engine = GANEngine(cfg, env, self.info)
         # From here on the config is the resolved one: what ``auto`` chose is what the run records.
         self.cfg = cfg = dataclasses.replace(cfg, amp=self.engine.precision.config)
         self.pos = Position(len(self.data) // cfg.train.n_critic, cfg.train.n_critic)
@@ -101,12 +102,14 @@ class Trainer:
         self.eval_seconds = 0.0
         self.last_saved: Path | None = None
         run_id = self._restore(self.checkpointer.resume_state(cfg.train.resume))
+        self._say(f"data: {describe_data(self.info, split.name, self.engine.num_classes)}; {self.data.mode}")
         self._say(f"precision: {cfg.amp.dtype} ({self.engine.precision.reason})")
         if env.is_main:  # only once the resume check has passed: a refused start changes nothing
             (self.run_dir / "config.yaml").write_text(
                 f"# amp.dtype: {self.engine.precision.reason}\n" + to_yaml(cfg))
         self.evaluator = Evaluator(cfg, env) if cfg.eval.every_steps > 0 else None
-        wandb_config = to_dict(cfg) | {"resolved": {"amp": self.engine.precision.reason}}
+        wandb_config = to_dict(cfg) | {"resolved": {"amp": self.engine.precision.reason,
+                                                    "data": self.info.to_dict()}}
         wandb_run = start_wandb(cfg.log.wandb, self.run_dir, wandb_config, run_id) if env.is_main else None
         self.wandb_id = wandb_run.id if wandb_run is not None else run_id
         self.logger = MetricLogger(cfg.log, env, self.run_dir, wandb_run, cfg.train.batch_size)
@@ -121,6 +124,7 @@ class Trainer:
         if state is None:
             return None
         path = Path(state["path"])
+        check_data(path, DatasetInfo.from_dict(state["data"]), self.info)
         check_shapes(path, "generator", state["generator"], self.engine.generator)
         check_shapes(path, "discriminator", state["discriminator"], self.engine.discriminator)
         self.engine.load_state_dict(state)
@@ -150,6 +154,7 @@ class Trainer:
             "world_size": self.env.world_size,
             "rng": {"seed": self.cfg.train.seed, "scheme": "blake2b(seed/rank/step/phase) reseeded every step"},
             "config": to_dict(self.cfg),
+            "data": self.info.to_dict(),
             "wandb_run_id": self.wandb_id,
             "best_fid": self.best_fid,
         }
@@ -239,6 +244,13 @@ class Trainer:
     def close(self) -> None:
         if self.logger.wandb is not None:
             self.logger.wandb.finish()
+
+
+def describe_data(info: DatasetInfo, split: str, classes: int) -> str:
+    """One line for the start of a run: what the networks were built for."""
+    labels = f"{classes} classes" if classes else "unconditional"
+    c, h, w = info.shape
+    return f"{info.name} {split} ({info.sizes.get(split, '?')} images, {c}×{h}×{w}, {labels}) from {info.source}"
 
 
 def _prepare_run_dir(run_dir: Path) -> ConfigError | None:
