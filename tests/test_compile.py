@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from conftest import base_overrides, run
+from shapes import DIGITS
 
 from gan_dist.config import load_config
 from gan_dist.dist import DistEnv
@@ -21,7 +22,7 @@ TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
 
 def test_compiled_steps_match_eager_and_save_plain_state_dicts():
     batch = torch.rand(16, 1, 28, 28) * 2 - 1, torch.randint(0, 10, (16,))
-    engines = {mode: GANEngine(load_config(None, [f"train.compile={mode}", "model.d_dropout=0.0"]), CPU)
+    engines = {mode: GANEngine(load_config(None, [f"train.compile={mode}", "model.d_dropout=0.0"]), CPU, DIGITS)
                for mode in ("off", "default")}
     for step in range(3):
         metrics = {mode: e.iteration(step, [batch]).stacked() for mode, e in engines.items()}

@@ -10,6 +10,7 @@ import torch
 import torch.multiprocessing as mp
 from conftest import file_group
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from shapes import DIGITS
 
 from gan_dist.config import load_config
 from gan_dist.dist import DistEnv, setup, teardown
@@ -47,7 +48,7 @@ def _fixed_inputs(step: int) -> dict[str, torch.Tensor]:
 def _equivalence_run(env: DistEnv, out: Path) -> None:
     """Dropout off, float32, fixed inputs sliced by rank; the parameters after STEPS are saved."""
     rank, world = env.rank, env.world_size
-    eng = GANEngine(load_config(None, ["model.d_dropout=0", "amp.enabled=false"]), env)
+    eng = GANEngine(load_config(None, ["model.d_dropout=0", "amp.enabled=false"]), env, DIGITS)
     per = GLOBAL_BATCH // world
     for step in range(STEPS):
         t = {k: v[rank * per:(rank + 1) * per] for k, v in _fixed_inputs(step).items()}
@@ -79,7 +80,7 @@ def _check_options(env: DistEnv, out: Path) -> None:
     """A few iterations per option, with different real data per rank, counting all-reduces per network."""
     results: dict[str, object] = {}
     for name, overrides in OPTIONS.items():
-        eng = GANEngine(load_config(None, overrides), env)
+        eng = GANEngine(load_config(None, overrides), env, DIGITS)
         counts = {"G": 0, "D": 0}
 
         eng.G.register_comm_hook(None, _counting_hook(counts, "G"))
@@ -136,5 +137,5 @@ def test_two_half_batches_equal_one_full_batch(two_ranks):
     from gan_dist.models import build_generator
 
     torch.manual_seed(0)
-    init = build_generator(ModelConfig()).state_dict()
+    init = build_generator(ModelConfig(), DIGITS).state_dict()
     assert max((init[k] - one["G"][k]).abs().max().item() for k in init) > 1e-4

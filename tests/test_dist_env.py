@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
+from shapes import DIGITS
 
 from gan_dist import dist
 from gan_dist.config import ConfigError, DistConfig, load_config
@@ -46,7 +47,7 @@ def test_force_ddp_at_world_size_1_wraps_both_networks_and_trains_identically():
         env = dist.setup(cfg.dist)
         try:
             assert env.distributed == forced
-            engine = GANEngine(cfg, env)
+            engine = GANEngine(cfg, env, DIGITS)
             assert isinstance(engine.G, DDP) == forced and isinstance(engine.D, DDP) == forced
             agreement = dist.StepAgreement(env)
             for step in range(3):

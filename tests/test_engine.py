@@ -7,17 +7,18 @@ import math
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from shapes import DIGITS, RGB32, batch, info
 
-from gan_dist.config import Config, LossConfig, ModelConfig, load_config
+from gan_dist.config import Config, ConfigError, LossConfig, ModelConfig, load_config
 from gan_dist.dist import DistEnv
 from gan_dist.engine import GANEngine, GANLoss, NoiseStream
-from gan_dist.models import EMA, Discriminator, build_generator
+from gan_dist.models import EMA, Discriminator, build_generator, dcgan_stages, label_count
 
 CPU = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"))
 
 
 def engine(*overrides: str) -> GANEngine:
-    return GANEngine(load_config(None, list(overrides)), CPU)
+    return GANEngine(load_config(None, list(overrides)), CPU, DIGITS)
 
 
 def snapshot(module: torch.nn.Module) -> list[torch.Tensor]:
@@ -28,15 +29,11 @@ def changed(before: list[torch.Tensor], module: torch.nn.Module) -> bool:
     return any(not torch.equal(a, b) for a, b in zip(before, module.parameters(), strict=True))
 
 
-def batch(n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.rand(n, 1, 28, 28) * 2 - 1, torch.randint(0, 10, (n,))
-
-
 @pytest.mark.parametrize("arch", ["mlp", "dcgan"])
 def test_each_phase_updates_only_its_network(arch):
     eng = engine(f"model.arch={arch}", "model.width=8")
     g0, d0 = snapshot(eng.generator), snapshot(eng.discriminator)
-    eng.d_step(*batch(), *eng.noise.draw(0, 0, 8))
+    eng.d_step(*batch(8), *eng.noise.draw(0, 0, 8))
     assert changed(d0, eng.discriminator) and not changed(g0, eng.generator)
     d1 = snapshot(eng.discriminator)
     eng.g_step(*eng.noise.draw(0, 1, 8))
@@ -47,7 +44,7 @@ def test_each_phase_updates_only_its_network(arch):
 @pytest.mark.parametrize("loss", ["bce", "hinge"])
 def test_losses_finite_under_bf16_autocast(loss):
     eng = engine("amp.enabled=true", "amp.dtype=bfloat16", f"loss.kind={loss}")
-    m = eng.iteration(0, [batch()])
+    m = eng.iteration(0, [batch(8)])
     assert all(math.isfinite(v.item()) for v in m.stacked())
     assert 0 < m.d_real.item() < 1 and 0 < m.d_fake.item() < 1
 
@@ -60,7 +57,7 @@ def test_float16_on_cpu_is_refused():
 
 
 def test_noise_is_a_function_of_seed_rank_step():
-    a, b = NoiseStream(1, 0, 4, torch.device("cpu")), NoiseStream(1, 1, 4, torch.device("cpu"))
+    a, b = NoiseStream(1, 0, 4, 10, torch.device("cpu")), NoiseStream(1, 1, 4, 10, torch.device("cpu"))
     z0, y0 = a.draw(5, 0, 3)
     assert torch.equal(z0, a.draw(5, 0, 3)[0]) and torch.equal(y0, a.draw(5, 0, 3)[1])
     assert not torch.equal(z0, b.draw(5, 0, 3)[0])  # per-rank streams differ
@@ -79,8 +76,8 @@ def test_hinge_and_bce_values_on_known_logits():
 
 
 def test_ema_update_is_the_running_average():
-    g = build_generator(ModelConfig())
-    ema = EMA(g, decay=0.9, z_dim=100)
+    g = build_generator(ModelConfig(), DIGITS)
+    ema = EMA(g, decay=0.9, z_dim=100, num_classes=10)
     start = snapshot(ema.module)
     with torch.no_grad():
         for p in g.parameters():
@@ -92,8 +89,8 @@ def test_ema_update_is_the_running_average():
 
 
 def test_ema_batchnorm_statistics_are_measured_for_the_averaged_weights():
-    g = build_generator(ModelConfig(arch="dcgan", width=8))
-    ema = EMA(g, decay=0.5, z_dim=100, calibration_samples=512)
+    g = build_generator(ModelConfig(arch="dcgan", width=8), DIGITS)
+    ema = EMA(g, decay=0.5, z_dim=100, num_classes=10, calibration_samples=512)
     with torch.no_grad():
         for p in g.parameters():
             p.mul_(1.5)
@@ -132,7 +129,7 @@ def test_ema_checkpoints_and_old_checkpoints_without_it_load():
 @pytest.mark.parametrize("arch", ["mlp", "dcgan"])
 @pytest.mark.parametrize("conditioning", ["concat", "projection"])
 def test_spectral_norm_keeps_top_singular_value_near_one(arch, conditioning):
-    d = Discriminator(ModelConfig(arch=arch, conditioning=conditioning, spectral_norm=True, width=8, d_depth=2))
+    d = Discriminator(ModelConfig(arch=arch, conditioning=conditioning, spectral_norm=True, width=8, d_depth=2), DIGITS)
     d.train()
     x, y = batch(4)
     for _ in range(30):  # power iterations run in training-mode forwards
@@ -146,7 +143,7 @@ def test_spectral_norm_keeps_top_singular_value_near_one(arch, conditioning):
 
 @pytest.mark.parametrize("depth", [1, 2, 3])
 def test_deeper_discriminator_adds_3x3_convs_per_resolution(depth):
-    d = Discriminator(ModelConfig(arch="dcgan", conditioning="projection", width=8, d_depth=depth))
+    d = Discriminator(ModelConfig(arch="dcgan", conditioning="projection", width=8, d_depth=depth), DIGITS)
     convs = [m for m in d.trunk if isinstance(m, torch.nn.Conv2d)]
     assert [m.stride[0] for m in convs] == ([1] * (depth - 1) + [2]) * 2
     x, y = batch(4)
@@ -154,7 +151,7 @@ def test_deeper_discriminator_adds_3x3_convs_per_resolution(depth):
 
 
 def test_config_defaults_build():
-    GANEngine(Config(), CPU)
+    GANEngine(Config(), CPU, DIGITS)
 
 
 class HostReads(TorchDispatchMode):
@@ -174,8 +171,46 @@ class HostReads(TorchDispatchMode):
 def test_iteration_reads_nothing_back_to_the_host(arch):
     """On CUDA a host read waits for the GPU; the step must never do one (checked here on CPU)."""
     eng = engine(f"model.arch={arch}", "model.width=8", "ema.enabled=true")
-    eng.iteration(0, [batch()])  # the first step may initialise lazily
+    eng.iteration(0, [batch(8)])  # the first step may initialise lazily
     with HostReads() as reads:
         for step in range(1, 3):
-            eng.iteration(step, [batch()]).stacked()
+            eng.iteration(step, [batch(8)]).stacked()
     assert reads.seen == []
+
+
+# ------------------------------------------------------------------------------- built from the description
+
+
+@pytest.mark.parametrize(("described", "arch", "conditioning"), [
+    (RGB32, "dcgan", "projection"), (RGB32, "mlp", "concat"), (info(3, 64, 0), "dcgan", "none"),
+    (info(1, 16, 100), "dcgan", "concat"), (info(3, 48, 2), "dcgan", "projection"),
+])
+def test_networks_follow_the_description(described, arch, conditioning):
+    cfg = ModelConfig(arch=arch, conditioning=conditioning, width=8)
+    g, d = build_generator(cfg, described), Discriminator(cfg, described)
+    images, labels = batch(3, described)
+    assert g(torch.randn(3, cfg.z_dim), labels).shape == images.shape
+    assert d(images, labels).shape == (3,)
+    assert (g.embed is None) == (conditioning == "none")
+
+
+def test_dcgan_stages_follow_the_resolution():
+    assert [dcgan_stages(r) for r in (28, 32, 64, 48, 8)] == [(7, 2), (4, 3), (4, 4), (6, 3), (4, 1)]
+    for bad in (27, 7, 4, 2):
+        with pytest.raises(ConfigError, match="data.resolution"):
+            dcgan_stages(bad)
+
+
+def test_a_conditional_recipe_on_unlabelled_data_names_the_fix():
+    with pytest.raises(ConfigError, match="model.conditioning=none"):
+        label_count(ModelConfig(conditioning="projection"), info(3, 32, 0))
+    assert label_count(ModelConfig(conditioning="none"), RGB32) == 0
+
+
+def test_an_unconditional_engine_trains_with_zero_labels():
+    engine = GANEngine(load_config(None, ["model.arch=dcgan", "model.width=8", "model.conditioning=none"]), CPU,
+                       info(3, 16, 0))
+    images, _ = batch(4, info(3, 16, 0))
+    metrics = engine.iteration(0, [(images, torch.zeros(4, dtype=torch.long))])
+    assert torch.isfinite(metrics.stacked()).all()
+    assert engine.noise.draw(0, 0, 5)[1].tolist() == [0] * 5
