@@ -60,9 +60,19 @@ def fid(real: torch.Tensor, fake: torch.Tensor) -> float:
 
 def intra_fid(real: torch.Tensor, real_labels: torch.Tensor, fake: torch.Tensor, fake_labels: torch.Tensor,
               num_classes: int) -> float:
-    """FID per class (fakes grouped by their conditioning label), averaged over the classes."""
-    per_class = [fid(real[real_labels == c], fake[fake_labels == c]) for c in range(num_classes)]
-    return sum(per_class) / num_classes
+    """FID per class 0..num_classes-1 (fakes grouped by their conditioning label), averaged over the classes.
+
+    Every class needs 2 samples in both sets; with many classes a small set misses some, so the
+    error names the class.
+    """
+    total = 0.0
+    for c in range(num_classes):
+        real_c, fake_c = real[real_labels == c], fake[fake_labels == c]
+        if min(real_c.shape[0], fake_c.shape[0]) < 2:
+            raise ValueError(f"intra-class FID: class {c} has {real_c.shape[0]} real and {fake_c.shape[0]} "
+                             "generated samples; it needs at least 2 of each")
+        total += fid(real_c, fake_c)
+    return total / num_classes
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:

@@ -136,3 +136,17 @@ def test_precision_recall_match_scipy_brute_force() -> None:
 def test_chunking_does_not_change_precision_recall() -> None:
     real, fake = cloud(300, 5, seed=16), cloud(260, 5, seed=17) + 0.4
     assert metrics.precision_recall(real, fake, chunk=64) == metrics.precision_recall(real, fake)
+
+
+def test_intra_fid_over_many_classes_names_a_class_too_small() -> None:
+    """100 classes, as CIFAR-100 has: the mean of 100 per-class FIDs; a class with one sample is named."""
+    real, fake = cloud(1000, 4, seed=18), cloud(1000, 4, seed=19) + 0.1
+    labels = torch.arange(100).repeat(10)
+    expected = np.mean([reference_fid(real[labels == c].double().numpy(), fake[labels == c].double().numpy())
+                        for c in range(100)])
+    assert metrics.intra_fid(real, labels, fake, labels, 100) == pytest.approx(expected, rel=1e-6)
+    short = labels.clone()
+    short[short == 37] = 38
+    short[0] = 37  # class 37 keeps one generated sample
+    with pytest.raises(ValueError, match="class 37 has 10 real and 1 generated samples"):
+        metrics.intra_fid(real, labels, fake, short, 100)
