@@ -1,34 +1,44 @@
-"""MNIST-format data: decoded once into one tensor, sharded by ``DistributedSampler``.
+"""The data layer: any image source, converted once into a uint8 cache, fed in ``DistributedSampler`` order.
 
-A split is 47 MB at most, so it lives in memory (on the GPU when training there) scaled to
-[-1, 1]; a batch is one index gather, with no per-sample PIL work in the hot loop.
+A source (``gan_dist.sources``: IDX, CIFAR, an image folder) is read and converted to
+``data.channels`` × ``data.resolution``² once, by local rank 0 of each node, into
+``<data.cache_dir>/<name>-<key>/``; every rank then memory-maps it. The key hashes the source's
+file listing (paths, sizes, mtimes) and the conversion, so changed data or settings is a new cache.
+
+Two feeders give bit-identical batches: ``ResidentBatches`` keeps the split as one uint8 tensor on
+the device (a batch is an index gather), ``StreamedBatches`` reads the memory-mapped cache in
+DataLoader workers. Pixels stay uint8 until the batch is on the device, where ``to_unit`` scales them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import gzip
+import hashlib
+import json
 import math
+import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
-from torch.utils.data import DistributedSampler
-from torchvision.datasets import MNIST, FashionMNIST
-from torchvision.datasets.mnist import read_image_file, read_label_file
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from gan_dist.config import DataConfig
 from gan_dist.dist import DistEnv
+from gan_dist.sources import IDX_DATASETS, DataError, Decoded, Source, open_source
 
-DATASETS: dict[str, type[MNIST]] = {"mnist": MNIST, "fashion_mnist": FashionMNIST}
-NUM_CLASSES = 10
+__all__ = ["DataError", "DatasetInfo", "ResidentBatches", "ShardedBatches", "Split", "StreamedBatches",
+           "has_split", "idx_description", "load_split", "make_batches", "to_pixels", "to_unit"]
 
-
-class DataError(RuntimeError):
-    """Data that cannot be found or read; entry points turn it into exit status 2."""
+CACHE_FORMAT = 1
+"""Bumped whenever the conversion or the cache layout changes: older caches are then other keys."""
+FLIP_STREAM = 0xF11B
+"""Tags the flip decisions' random stream, apart from any other stream seeded by (seed, epoch)."""
 
 
 @dataclass(frozen=True)
@@ -67,150 +77,321 @@ class DatasetInfo:
         return cls(**(dict(d) | {"class_names": tuple(d["class_names"]), "sizes": dict(d["sizes"])}))
 
 
-def idx_names(split: str) -> tuple[str, str]:
-    prefix = "train" if split == "train" else "t10k"
-    return f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"
+def idx_description(name: str, source: str) -> DatasetInfo:
+    """mnist's or fashion_mnist's description at its own shape and official sizes, without reading it
+    (KeyError for any other name): what records written before descriptions existed were made from."""
+    classes = tuple(IDX_DATASETS[name].classes)
+    return DatasetInfo(name, 1, 28, len(classes), classes, {"train": 60000, "test": 10000}, source)
 
 
-def _candidates(cfg: DataConfig) -> list[Path]:
-    root = Path(cfg.root).expanduser()
-    return [root, root / DATASETS[cfg.name].__name__ / "raw"]
+def to_unit(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels as float32 in [-1, 1], the networks' encoding."""
+    return pixels.float().div(127.5).sub(1.0)
 
 
-def find_files(cfg: DataConfig) -> tuple[Path, Path] | None:
-    """The (images, labels) IDX files of the split, raw or .gz, in a flat folder or torchvision's layout."""
-    for folder in _candidates(cfg):
-        found = []
-        for stem in idx_names(cfg.split):
-            hits = [p for p in (folder / stem, folder / f"{stem}.gz") if p.is_file()]
-            found.append(hits[0] if hits else None)
-        if all(found):
-            return found[0], found[1]
-    return None
-
-
-IDX_KINDS = {"images": (0x803, read_image_file), "labels": (0x801, read_label_file)}
-"""Magic number (unsigned bytes, 3 or 1 dimensions) and torchvision's reader of each IDX file."""
-
-
-def _check_idx(path: Path, plain: Path, kind: str) -> None:
-    """The header of ``plain`` (``path`` inflated) against ``kind``, and its size against the header.
-
-    torchvision's readers assume both: a wrong file gets a bare assert or a reshape error from them.
-    """
-    magic = IDX_KINDS[kind][0]
-    with plain.open("rb") as f:
-        head = f.read(4)
-        found = int.from_bytes(head, "big") if len(head) == 4 else None
-        if found != magic:
-            other = next((k for k, (m, _) in IDX_KINDS.items() if m == found), None)
-            hint = f" (that of an IDX {other} file)" if other else ""
-            shown = f"0x{found:08x}" if found is not None else "none (under 4 bytes)"
-            raise DataError(f"{path} is not an IDX {kind} file: magic number {shown}{hint}, expected 0x{magic:08x}")
-        dims = f.read(4 * (magic & 0xFF))
-    shape = [int.from_bytes(dims[i:i + 4], "big") for i in range(0, len(dims), 4)]
-    size, expected = plain.stat().st_size, 4 + len(dims) + math.prod(shape)
-    if len(dims) != 4 * (magic & 0xFF) or size != expected:
-        raise DataError(f"{path} is cut short or padded: its header says {kind} of shape {shape}, "
-                        f"{expected} bytes, the file has {size}")
-
-
-def _read_idx(path: Path, kind: str) -> torch.Tensor:
-    """Checked, then read by torchvision's reader, which takes a plain file: a .gz is inflated first."""
-    reader = IDX_KINDS[kind][1]
-    try:
-        if path.suffix != ".gz":
-            _check_idx(path, path, kind)
-            return reader(str(path))
-        with tempfile.NamedTemporaryFile() as tmp, gzip.open(path, "rb") as src:
-            shutil.copyfileobj(src, tmp)
-            tmp.flush()
-            _check_idx(path, Path(tmp.name), kind)
-            return reader(tmp.name)
-    except (OSError, EOFError) as e:  # unreadable, or a damaged .gz
-        raise DataError(f"cannot read {path}: {e.strerror if isinstance(e, OSError) and e.strerror else e}") from None
-
-
-def _check_labels(path: Path, labels: torch.Tensor) -> None:
-    """Every label a class id: one out of range would otherwise stop training mid-epoch, or never."""
-    bad = (labels < 0) | (labels >= NUM_CLASSES)
-    if bad.any():
-        values = ", ".join(str(v) for v in labels[bad].unique().tolist()[:10])
-        raise DataError(f"{path}: {int(bad.sum())} of {len(labels)} labels are outside 0..{NUM_CLASSES - 1} "
-                        f"(values: {values})")
-
-
-def _download(cfg: DataConfig) -> None:
-    try:
-        DATASETS[cfg.name](str(Path(cfg.root).expanduser()), train=cfg.split == "train", download=True)
-    except Exception as e:  # torchvision raises bare RuntimeError/URLError for every network failure
-        raise DataError(f"downloading {cfg.name} into {cfg.root} failed: {e}") from None
-
-
-def load_split(cfg: DataConfig, env: DistEnv) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images as float32 [N, 1, 28, 28] in [-1, 1] and labels as int64 [N], on ``env.device``.
-
-    With ``download``, local rank 0 of each node fetches missing files while the other ranks wait,
-    so no two processes ever write the same file.
-    """
-    if cfg.download and env.local_rank == 0 and find_files(cfg) is None:
-        try:
-            _download(cfg)
-            failed = None
-        except DataError as e:
-            failed = e
-    else:
-        failed = None
-    if env.any(failed is not None):  # every rank enters: the barrier that orders the download
-        raise failed or DataError(f"downloading {cfg.name} failed on another rank")
-    files = find_files(cfg)
-    if files is None:
-        stems = " and ".join(f"{s}[.gz]" for s in idx_names(cfg.split))
-        where = " or ".join(str(p) for p in _candidates(cfg))
-        raise DataError(f"{cfg.name} {cfg.split} split not found: put {stems} in {where} (or set data.download=true)")
-    images = _read_idx(files[0], "images")
-    labels = _read_idx(files[1], "labels").long()
-    _check_labels(files[1], labels)
-    if images.shape[0] != labels.shape[0] or images.shape[1:] != (28, 28):
-        raise DataError(f"{files[0]} and {files[1]}: expected N×28×28 images and N labels, "
-                        f"got {tuple(images.shape)} and {tuple(labels.shape)}")
-    x = images.to(env.device).unsqueeze(1).float().div_(127.5).sub_(1.0)
-    return x.contiguous(), labels.to(env.device)
+def to_pixels(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] back to uint8 pixels (the inverse of ``to_unit`` on every uint8 value)."""
+    return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
 @dataclass
+class Split:
+    """One split of the cached, converted dataset."""
+
+    name: str
+    images: np.ndarray
+    """uint8 [N, C, H, W], memory-mapped from the cache."""
+    labels: np.ndarray
+    """int64 [N]; all 0 for unconditional data."""
+    info: DatasetInfo
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def tensors(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 images and int64 labels in memory on ``device``, copied a chunk at a time, so a large
+        split never needs a second full copy on the host."""
+        images = torch.empty(self.images.shape, dtype=torch.uint8, device=device)
+        step = max(1, 2**28 // max(1, math.prod(self.images.shape[1:])))  # about 256 MiB a chunk
+        for i in range(0, len(self), step):
+            images[i:i + step] = torch.from_numpy(np.array(self.images[i:i + step]))
+        return images, torch.from_numpy(np.array(self.labels, dtype=np.int64)).to(device)
+
+
+# ---- the cache ---------------------------------------------------------------------------------
+
+def cache_path(cfg: DataConfig, source: Source) -> Path:
+    """``<cache_dir>/<name>-<key>``: the key hashes the source's files (relative path, size, mtime),
+    its root and everything the conversion depends on."""
+    try:
+        listing = [[str(p.relative_to(source.root)), st.st_size, st.st_mtime_ns]
+                   for p in source.files() for st in [p.stat()]]
+    except OSError as e:
+        raise DataError(f"cannot list {source.root}: {e}") from None
+    recipe = {"format": CACHE_FORMAT, "name": cfg.name, "root": str(source.root.resolve()), "files": listing,
+              "resolution": cfg.resolution, "channels": cfg.channels, "holdout": cfg.holdout,
+              "skip_bad": cfg.skip_bad}
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cfg.cache_dir).expanduser() / f"{cfg.name}-{key}"
+
+
+def _save(path: Path, array: np.ndarray) -> None:
+    with path.open("wb") as f:
+        np.save(f, array)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def build_cache(cfg: DataConfig, source: Source, path: Path) -> None:
+    """Read and convert the source, then write it under ``path`` through a temporary sibling renamed
+    at the end: a crash leaves no cache at ``path``, and of two builders of one key the first
+    rename wins while the other's copy (identical) is dropped."""
+    start = time.perf_counter()
+    decoded: Decoded = source.read()
+    info = DatasetInfo(cfg.name, decoded.channels, decoded.resolution, len(decoded.class_names),
+                       decoded.class_names, {s: len(labels) for s, (_, labels) in decoded.splits.items()},
+                       str(source.root))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    except OSError as e:
+        raise DataError(f"cannot write the data cache in {path.parent}: {e.strerror or e} (data.cache_dir)") from None
+    try:
+        for split, (images, labels) in decoded.splits.items():
+            _save(tmp / f"{split}_images.npy", images)
+            _save(tmp / f"{split}_labels.npy", labels)
+        meta = info.to_dict() | {"format": CACHE_FORMAT, "skipped": decoded.skipped}
+        (tmp / "info.json").write_text(json.dumps(meta, indent=1) + "\n")
+        try:
+            tmp.rename(path)
+        except OSError:
+            if not path.is_dir():
+                raise
+    except OSError as e:
+        raise DataError(f"cannot write the data cache {path}: {e.strerror or e} (data.cache_dir)") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # left only when the rename did not happen
+    total = sum(info.sizes.values())
+    if decoded.skipped:
+        shown = "; ".join(decoded.skipped[:3]) + ("; ..." if len(decoded.skipped) > 3 else "")
+        print(f"data: skipped {len(decoded.skipped)} unreadable images ({shown})", flush=True)
+    print(f"data: built cache {path} ({total} images in {time.perf_counter() - start:.1f} s)", flush=True)
+
+
+def open_cache(path: Path, split: str) -> Split:
+    """The split of a built cache, its images memory-mapped."""
+    try:
+        meta = json.loads((path / "info.json").read_text())
+        info = DatasetInfo.from_dict({f.name: meta[f.name] for f in dataclasses.fields(DatasetInfo)})
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"data cache {path} is unreadable ({e}): delete it to rebuild") from None
+    if split not in info.sizes:
+        raise DataError(f"{info.name} in {info.source} has no {split} split")
+    if info.sizes[split] == 0:
+        raise DataError(f"the {split} split of {info.name} in {info.source} is empty "
+                        "(a folder: raise data.holdout, or add images)")
+    try:
+        images = np.load(path / f"{split}_images.npy", mmap_mode="r")
+        labels = np.load(path / f"{split}_labels.npy")
+    except (OSError, ValueError) as e:
+        raise DataError(f"data cache {path} is unreadable ({e}): delete it to rebuild") from None
+    if images.shape != (info.sizes[split], *info.shape) or labels.shape != (info.sizes[split],):
+        raise DataError(f"data cache {path} does not match its info.json: delete it to rebuild")
+    return Split(split, images, labels, info)
+
+
+def _prepare(cfg: DataConfig, source: Source, split: str) -> None:
+    """Local rank 0: download the split if allowed and missing, then build the cache if it is not there."""
+    if cfg.download and source.downloadable and not source.has(split):
+        source.download(split)
+    if not source.has(split):
+        raise source.missing(split)
+    path = cache_path(cfg, source)
+    if not path.is_dir():
+        build_cache(cfg, source, path)
+
+
+def load_split(cfg: DataConfig, env: DistEnv, split: str | None = None) -> Split:
+    """The split (``data.split`` by default) from the cache, building it first where needed.
+
+    Every rank calls it: local rank 0 of each node downloads and builds while the other ranks wait
+    in the agreement, so no two processes of a node write the same file; then every rank opens it.
+    An error on any rank stops every rank here.
+    """
+    split = split or cfg.split
+    source = open_source(cfg)
+    failed = None
+    if env.local_rank == 0:
+        try:
+            _prepare(cfg, source, split)
+        except DataError as e:
+            failed = e
+    if env.any(failed is not None):  # every rank enters: the barrier that orders the build
+        raise failed or DataError(f"preparing {cfg.name} failed on another rank")
+    result = None
+    try:
+        result = open_cache(cache_path(cfg, source), split)
+    except DataError as e:
+        failed = e
+    if env.any(failed is not None):
+        raise failed or DataError(f"opening the {cfg.name} cache failed on another rank")
+    return result
+
+
+def has_split(cfg: DataConfig, split: str) -> bool:
+    """The split can be had from what is on disk, without a download."""
+    return open_source(cfg).has(split)
+
+
+# ---- the feeders -------------------------------------------------------------------------------
+
+def _flip(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Images [B, C, H, W] mirrored left to right where ``mask`` [B] is true."""
+    return torch.where(mask.view(-1, 1, 1, 1), images.flip(-1), images)
+
+
 class ShardedBatches:
-    """Per-rank batches of an in-memory split, in ``DistributedSampler`` order.
+    """Per-rank batches in ``DistributedSampler`` order (global rank, common seed, set per epoch).
 
     The sampler pads the index list so every rank holds the same number of samples; the last
     partial batch is dropped, so every rank runs the same number of steps and no collective can hang.
+    A flip is decided per sample index and epoch, so it is the same whichever rank or batch the
+    sample lands in.
     """
 
-    images: torch.Tensor
-    labels: torch.Tensor
-    batch_size: int
-    rank: int
-    world_size: int
-    seed: int
+    mode = "indices"
+    """What feeds the batches, for a start-up line: the feeders say "resident" or "streamed"."""
 
-    def __post_init__(self) -> None:
-        self.sampler = DistributedSampler(
-            range(len(self.labels)), num_replicas=self.world_size, rank=self.rank, shuffle=True, seed=self.seed
-        )
+    def __init__(self, size: int, batch_size: int, rank: int, world_size: int, seed: int, flip: bool = False) -> None:
+        self.size, self.batch_size, self.seed, self.flip = size, batch_size, seed, flip
+        self.sampler = DistributedSampler(range(size), num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
         if len(self) == 0:
-            raise DataError(f"{len(self.labels)} samples over {self.world_size} ranks give no full batch "
-                            f"of {self.batch_size}")
+            raise DataError(f"{size} samples over {world_size} ranks give no full batch of {batch_size}")
 
     def __len__(self) -> int:
         return self.sampler.num_samples // self.batch_size
 
     def indices(self, epoch: int) -> torch.Tensor:
-        """This rank's sample indices for ``epoch``, grouped as [batches, batch_size]."""
+        """This rank's sample indices for ``epoch``, grouped as [batches, batch_size] (on the CPU)."""
         self.sampler.set_epoch(epoch)
         idx = torch.tensor(list(self.sampler), dtype=torch.int64)[: len(self) * self.batch_size]
-        return idx.view(len(self), self.batch_size).to(self.images.device)
+        return idx.view(len(self), self.batch_size)
+
+    def flips(self, epoch: int) -> torch.Tensor | None:
+        """One bit per dataset index for ``epoch`` (None without ``flip``): mirror that sample."""
+        if not self.flip:
+            return None
+        rng = np.random.default_rng([FLIP_STREAM, self.seed, epoch])
+        return torch.from_numpy(rng.integers(0, 2, size=self.size, dtype=np.uint8).astype(bool))
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Batches of ``epoch`` from batch ``start`` on (a resumed run skips what it already did)."""
-        for idx in self.indices(epoch)[start:]:
-            yield self.images[idx], self.labels[idx]
+        """float32 images in [-1, 1] and int64 labels on the device, from batch ``start`` on (resume)."""
+        raise NotImplementedError
+
+
+class ResidentBatches(ShardedBatches):
+    """The whole split as one uint8 tensor on the device: a batch is an index gather."""
+
+    mode = "resident"
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, rank: int, world_size: int,
+                 seed: int, flip: bool = False) -> None:
+        super().__init__(len(labels), batch_size, rank, world_size, seed, flip)
+        self.images, self.labels = images, labels
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        device = self.images.device
+        flips = self.flips(epoch)
+        flips = flips.to(device) if flips is not None else None
+        for idx in self.indices(epoch)[start:].to(device):
+            x = self.images[idx]
+            yield to_unit(_flip(x, flips[idx]) if flips is not None else x), self.labels[idx]
+
+
+class _CachedBatches(Dataset):
+    """Batches of a memory-mapped split, fetched by (indices, flips); a worker started by spawn or
+    forkserver reopens the memory map from its file instead of receiving a copy of the images."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
+        self.images, self.labels = images, labels
+
+    def __getstate__(self) -> dict:
+        if isinstance(self.images, np.memmap) and self.images.filename:
+            return {"path": self.images.filename, "labels": self.labels}
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict) -> None:
+        if "path" in state:
+            state = {"images": np.load(state["path"], mmap_mode="r"), "labels": state["labels"]}
+        self.__dict__.update(state)
+
+    def __getitem__(self, item: tuple[np.ndarray, np.ndarray | None]) -> tuple[torch.Tensor, torch.Tensor]:
+        idx, flips = item
+        x = torch.from_numpy(self.images[idx])  # a fancy index copies: the result is writable
+        return (_flip(x, torch.from_numpy(flips)) if flips is not None else x), torch.from_numpy(self.labels[idx])
+
+
+class _Plan:
+    """The loader's sampler: the (indices, flips) of the epoch's batches, set before each epoch, so
+    persistent workers serve every epoch."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[np.ndarray, np.ndarray | None]] = []
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+class StreamedBatches(ShardedBatches):
+    """The memory-mapped split read by DataLoader workers: the same batches as ``ResidentBatches``,
+    for data too large for the device. One epoch iterates at a time."""
+
+    mode = "streamed"
+
+    def __init__(self, split: Split, batch_size: int, rank: int, world_size: int, seed: int, flip: bool = False,
+                 *, device: torch.device | str = "cpu", workers: int = 2, prefetch: int = 4) -> None:
+        super().__init__(len(split), batch_size, rank, world_size, seed, flip)
+        self.device = torch.device(device)
+        self.dataset = _CachedBatches(split.images, split.labels)
+        self.workers, self.prefetch = workers, prefetch
+        self.plan = _Plan()
+        self.loader = self._loader()
+
+    def _loader(self) -> DataLoader:
+        return DataLoader(self.dataset, batch_size=None, sampler=self.plan, num_workers=self.workers,
+                          pin_memory=self.device.type == "cuda", persistent_workers=self.workers > 0,
+                          prefetch_factor=self.prefetch if self.workers > 0 else None)
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        flips = self.flips(epoch)
+        flips = flips.numpy() if flips is not None else None
+        self.plan.items = [(idx, flips[idx] if flips is not None else None)
+                           for idx in self.indices(epoch)[start:].numpy()]
+        delivered = 0
+        batches = iter(self.loader)
+        try:
+            for x, y in batches:
+                delivered += 1
+                yield to_unit(x.to(self.device, non_blocking=True)), y.to(self.device, non_blocking=True)
+        finally:
+            if delivered < len(self.plan):  # abandoned midway: the workers still fetch what nobody reads
+                del batches
+                self.close()
+
+    def close(self) -> None:
+        """Stop the workers now (the next epoch starts new ones); dropping the loader shuts them down."""
+        self.loader = self._loader()
+
+
+def make_batches(split: Split, cfg: DataConfig, env: DistEnv, batch_size: int, seed: int) -> ShardedBatches:
+    """Resident batches when ``data.resident`` says so (auto: the split fits ``resident_max_gb``),
+    else streamed ones; this rank's share, per ``env``."""
+    resident = cfg.resident == "on" or (cfg.resident == "auto" and split.images.nbytes <= cfg.resident_max_gb * 2**30)
+    if resident:
+        images, labels = split.tensors(env.device)
+        return ResidentBatches(images, labels, batch_size, env.rank, env.world_size, seed, cfg.flip)
+    return StreamedBatches(split, batch_size, env.rank, env.world_size, seed, cfg.flip, device=env.device,
+                           workers=cfg.workers, prefetch=cfg.prefetch)

@@ -1,10 +1,12 @@
-"""Shared fixtures: tiny IDX datasets written by the tests, and helpers to run the real entry points."""
+"""Shared fixtures: tiny datasets written by the tests (IDX, CIFAR, image folders), and helpers to run the
+real entry points."""
 
 from __future__ import annotations
 
 import gzip
 import json
 import os
+import pickle
 import struct
 import subprocess
 import sys
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,6 +42,94 @@ def write_idx(folder: Path, n: int, split: str = "test", gz: bool = False,
         else:
             (folder / name).write_bytes(blob)
     return images, labels
+
+
+def _class_pattern(rng: np.random.Generator, label: int, height: int, width: int) -> np.ndarray:
+    """RGB uint8 [H, W, 3]: dim noise with a bright bar whose row band and colour follow the class,
+    so a classifier can tell the classes apart at any size."""
+    image = rng.integers(0, 40, size=(height, width, 3), dtype=np.uint8)
+    band = (label % 8) * height // 8
+    colour = np.array([(label * 97) % 256, (label * 57 + 128) % 256, 255 - (label * 31) % 256], dtype=np.uint8)
+    image[band: band + max(1, height // 8), width // 8: width - width // 8] = colour
+    return image
+
+
+CIFAR = {
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "batches.meta"),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], "meta"),
+}
+
+
+def write_cifar(root: Path, n: int, kind: str = "cifar10", seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Write a CIFAR-10 or CIFAR-100 dataset in CIFAR's own pickle format: ``n`` training images (over the
+    five batches of CIFAR-10) and ``n // 2`` test images. Each batch is a dict with ``data`` (uint8
+    [m, 3072]: the red plane, then green, then blue) and ``labels`` (CIFAR-100: ``fine_labels`` and
+    ``coarse_labels``); the keys are text, as the originals' Python 2 strings read with ``encoding="latin1"``.
+    Returns per split the images as [N, 32, 32, 3] (torchvision's ``.data``) and the labels."""
+    folder_name, train_files, test_files, meta_name = CIFAR[kind]
+    classes = 10 if kind == "cifar10" else 100
+    rng = np.random.default_rng(seed)
+    folder = root / folder_name
+    folder.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for split, files, count in (("train", train_files, n), ("test", test_files, n // 2)):
+        labels = (np.arange(count) % classes).astype(np.int64)
+        rng.shuffle(labels)
+        images = np.stack([_class_pattern(rng, int(y), 32, 32) for y in labels]) if count else \
+            np.zeros((0, 32, 32, 3), np.uint8)
+        written[split] = images, labels
+        for part, (chunk, chunk_labels) in enumerate(zip(np.array_split(images, len(files)),
+                                                         np.array_split(labels, len(files)), strict=True)):
+            batch = {"batch_label": f"{split} batch {part + 1}", "data": chunk.transpose(0, 3, 1, 2).reshape(-1, 3072),
+                     "filenames": [f"img_{split}_{part}_{i}.png" for i in range(len(chunk))]}
+            if kind == "cifar10":
+                batch["labels"] = chunk_labels.tolist()
+            else:
+                batch["fine_labels"], batch["coarse_labels"] = chunk_labels.tolist(), (chunk_labels // 5).tolist()
+            (folder / files[part]).write_bytes(pickle.dumps(batch, protocol=2))
+    if kind == "cifar10":
+        meta = {"label_names": [f"class_{c}" for c in range(10)], "num_cases_per_batch": 10000, "num_vis": 3072}
+    else:
+        meta = {"fine_label_names": [f"fine_{c:02d}" for c in range(100)],
+                "coarse_label_names": [f"coarse_{c:02d}" for c in range(20)]}
+    (folder / meta_name).write_bytes(pickle.dumps(meta, protocol=2))
+    return written
+
+
+FOLDER_SIZES = ((16, 16), (20, 14), (12, 18), (24, 24))
+
+
+def write_folder(root: Path, classes: dict[str, int] | None, size: int | Sequence[tuple[int, int]] = FOLDER_SIZES,
+                 modes: Sequence[str] = ("L", "RGB", "RGBA", "P"), formats: Sequence[str] = ("png", "jpg"),
+                 n: int = 12, seed: int = 0) -> list[Path]:
+    """Write an image folder: ``<root>/<class>/<i>.<format>`` with ``classes[name]`` images of each class,
+    or with ``classes=None`` a flat folder of ``n`` images (unconditional data). Image ``i`` of a class
+    takes the i-th size (``size``: (width, height) pairs, or one square side), mode and format in turn;
+    a mode JPEG cannot hold (RGBA, P) is saved as PNG. Returns the written files."""
+    sizes = [(size, size)] if isinstance(size, int) else list(size)
+    rng = np.random.default_rng(seed)
+    groups = {"": n} if classes is None else classes
+    written = []
+    for label, (name, count) in enumerate(groups.items()):
+        folder = root / name if name else root
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            width, height = sizes[i % len(sizes)]
+            mode, fmt = modes[i % len(modes)], formats[i % len(formats)]
+            image = Image.fromarray(_class_pattern(rng, label, height, width))
+            if mode == "P":
+                image = image.quantize(16)
+            elif mode == "RGBA":
+                image = image.convert("RGBA")
+                image.putalpha(200)
+            else:
+                image = image.convert(mode)
+            if fmt in ("jpg", "jpeg") and image.mode not in ("L", "RGB"):
+                fmt = "png"
+            path = folder / f"{i}.{fmt}"
+            image.save(path)
+            written.append(path)
+    return written
 
 
 @pytest.fixture
