@@ -39,7 +39,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from gan_dist import bench, evaluate
 from gan_dist import dist as gan_dist_dist
 from gan_dist.config import Config, DataConfig, load_config
-from gan_dist.data import DataError, ShardedBatches, load_split
+from gan_dist.data import DataError, DatasetInfo, Split, load_split, make_batches
 from gan_dist.dist import DistEnv, setup, teardown, usable_cores
 from gan_dist.engine import GANEngine
 from gan_dist.judge import DEFAULT_SPEC, JudgeSpec
@@ -215,8 +215,8 @@ def torchrun(nproc: int) -> list[str]:
 
 
 @functools.cache
-def _split(data: DataConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The decoded split, once per stage process: every combination of a stage trains on it."""
+def _split(data: DataConfig, device: torch.device) -> Split:
+    """The cached split, once per stage process: every combination of a stage trains on it."""
     return load_split(data, DistEnv(0, 0, 1, 1, device))
 
 
@@ -225,11 +225,10 @@ class Run:
 
     def __init__(self, cfg: Config, env: DistEnv) -> None:
         self.cfg, self.env = cfg, env
-        images, labels = _split(cfg.data, env.device)
-        shards = ShardedBatches(images, labels, cfg.train.batch_size, env.rank, env.world_size, cfg.train.seed)
-        self.split_device = images.device
-        self.batches = shards.epoch(0)
-        self.engine = GANEngine(cfg, env)
+        split = _split(cfg.data, env.device)
+        self.shards = make_batches(split, cfg.data, env, cfg.train.batch_size, cfg.train.seed)
+        self.batches = self.shards.epoch(0)
+        self.engine = GANEngine(cfg, env, split.info)
         self.step = 0
 
     def train(self, steps: int) -> list[torch.Tensor]:
@@ -354,12 +353,12 @@ def preflight(mode: Mode, report: Report) -> None:
         report.measure("fp32 matmul ceiling, GFLOP/s", round(bench.matmul_ceiling(device, torch.float32) / 1e9, 1))
     cfg = mode.config("mlp")
     try:
-        images, _ = _split(cfg.data, device)
+        split = _split(cfg.data, device)
     except DataError as e:
         report.check("data present", False, f"{e} (see the header of benchmarks/gpu_check.sh)")
         return
-    report.check("data present", True, f"{cfg.data.name} {cfg.data.split}: {images.shape[0]} images on {images.device}")
-    precision = GANEngine(cfg, setup(cfg.dist)).precision
+    report.check("data present", True, f"{cfg.data.name} {cfg.data.split}: {len(split)} images, {split.info.shape}")
+    precision = GANEngine(cfg, setup(cfg.dist), split.info).precision
     report.measure("amp.dtype=auto resolves to", f"{precision.dtype} ({precision.reason})")
 
 
@@ -379,7 +378,9 @@ def combinations(device: str) -> list[tuple[str, str, tuple[str, ...]]]:
 def off_device(run: Run) -> list[str]:
     device = run.env.device.type
     misplaced = [name for name, t in run.tensors() if t.device.type != device]
-    return misplaced + ([f"split on {run.split_device}"] if run.split_device.type != device else [])
+    resident = getattr(run.shards, "images", None)  # a streamed split is on the host by design
+    return misplaced + ([f"split on {resident.device}"] if resident is not None and resident.device.type != device
+                        else [])
 
 
 def matrix_case(mode: Mode, report: Report, recipe: str, dtype: str, extra: tuple[str, ...]) -> None:
@@ -435,12 +436,12 @@ def spectral_norm(mode: Mode, report: Report) -> None:
                          f"estimate {estimate:.4f}, exact {exact:.4f}, relative error {error:+.2e}")
 
 
-def fixed_inputs(n: int, z_dim: int) -> list[torch.Tensor]:
+def fixed_inputs(n: int, z_dim: int, info: DatasetInfo) -> list[torch.Tensor]:
     """Real images and labels, D-step latents and labels, G-step latents and labels; the same on any device."""
     g = torch.Generator().manual_seed(1234)
-    real = torch.rand(n, 1, 28, 28, generator=g) * 2 - 1
+    real = torch.rand(n, *info.shape, generator=g) * 2 - 1
     z_d, z_g = (torch.randn(n, z_dim, generator=g) for _ in range(2))
-    labels, y_d, y_g = (torch.randint(0, 10, (n,), generator=g) for _ in range(3))
+    labels, y_d, y_g = (torch.randint(0, max(info.num_classes, 1), (n,), generator=g) for _ in range(3))
     return [real, labels, z_d, y_d, z_g, y_g]
 
 
@@ -448,10 +449,12 @@ def fixed_step(mode: Mode, recipe: str, device: str) -> dict[str, Any]:
     """One D step and one G step in float32 on fixed inputs, dropout off; losses, gradients and weights."""
     cfg = mode.config(recipe, "amp.dtype=float32", "model.d_dropout=0", f"dist.device={device}")
     env = setup(cfg.dist)
-    engine = GANEngine(cfg, env)
+    info = _split(cfg.data, env.device).info
+    engine = GANEngine(cfg, env, info)
     if env.device.type == "cuda":  # after the engine, whatever it sets: this compares true float32
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    real, labels, z_d, y_d, z_g, y_g = (t.to(env.device) for t in fixed_inputs(cfg.train.batch_size, cfg.model.z_dim))
+    inputs = fixed_inputs(cfg.train.batch_size, cfg.model.z_dim, info)
+    real, labels, z_d, y_d, z_g, y_g = (t.to(env.device) for t in inputs)
     d_loss, _, _ = engine.d_step(real, labels, z_d, y_d)
     g_loss = engine.g_step(z_g, y_g)  # D is frozen here: its .grad stays the D step's
     named = [*(("G." + k, p) for k, p in engine.generator.named_parameters()),

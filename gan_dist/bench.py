@@ -12,7 +12,8 @@ Cases, each in a fresh process (so that peak memory is its own), alternating A B
   (a) reference: the tutorial's loop as written (``Tutorial*`` below), fixed only so that G learns. It
       keeps the tutorial's models, BCELoss and Adam(lr=1e-4) whatever the config says; it shares the
       data, the batch and the thread count with (b).
-  (b) gan_dist on one process: dist.setup, load_split, ShardedBatches and GANEngine, wired as train.py does.
+  (b) gan_dist on one process: dist.setup, load_split, make_batches and GANEngine, wired as train.py does
+      (``--compare data.resident=off`` times streamed batches beside resident ones).
   (c) gan_dist on --nproc ranks under torchrun, the same batch per rank (skipped when --nproc is 1).
 Every process runs one step under a FLOP counter, drops --warmup steps, then times --steps. A step is
 split into data, forward/backward (the rest), optimizer (hooks on Adam.step) and communication (a DDP
@@ -59,7 +60,7 @@ from torchvision import transforms
 from torchvision.datasets import MNIST, VisionDataset
 
 from gan_dist.config import Config, ConfigError, load_config
-from gan_dist.data import DataError, ShardedBatches, load_split
+from gan_dist.data import DataError, DatasetInfo, load_split, make_batches
 from gan_dist.dist import DistEnv, StepAgreement, setup, teardown, usable_cores
 from gan_dist.engine import GANEngine, native_bf16
 from gan_dist.models import build_models
@@ -125,7 +126,7 @@ class TutorialDataset(MNIST):
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Callable) -> None:
         VisionDataset.__init__(self, root=None, transform=transform)
-        self.data = images.add(1.0).mul_(127.5).round_().to(torch.uint8).squeeze(1)  # back to the raw bytes
+        self.data = images.squeeze(1)  # the raw bytes [N, 28, 28], as torchvision's MNIST holds them
         self.targets = labels
 
 
@@ -278,7 +279,11 @@ class TutorialWorkload(Workload):
             torch.set_num_threads(usable_cores())  # the threads dist.setup gives (b)
         torch.manual_seed(cfg.train.seed)
         np.random.seed(cfg.train.seed)
-        images, labels = load_split(cfg.data, ALONE_ON_CPU)
+        split = load_split(cfg.data, ALONE_ON_CPU)
+        if split.info.shape != (1, 28, 28) or split.info.num_classes != 10:
+            raise DataError(f"the tutorial's networks need 28×28 grayscale images of 10 classes; "
+                            f"{split.info.name} has {split.info.shape}, {split.info.num_classes} classes")
+        images, labels = (torch.from_numpy(np.asarray(a)) for a in (split.images, split.labels))
         transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean=(0.5,), std=(0.5,))])
         dataset = TutorialDataset(images, labels, transform)
         loader = DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=True)
@@ -316,12 +321,11 @@ class EngineWorkload(Workload):
         self.device, self.rank, self.world_size = self.env.device, self.env.rank, self.env.world_size
         # gloo only: an NCCL future completes when the work is queued, not when it is done.
         self.times_comm = self.env.distributed and self.device.type == "cpu"
-        images, labels = load_split(cfg.data, self.env)
-        train = cfg.train
-        shards = ShardedBatches(images, labels, train.batch_size, self.rank, self.world_size, train.seed)
-        self.batches = _forever(shards.epoch)
+        split = load_split(cfg.data, self.env)
+        self.shards = make_batches(split, cfg.data, self.env, cfg.train.batch_size, cfg.train.seed)
+        self.batches = _forever(self.shards.epoch)
         self.n_critic = cfg.train.n_critic
-        self.engine = GANEngine(cfg, self.env)
+        self.engine = GANEngine(cfg, self.env, split.info)
         self.precision = str(self.engine.precision.dtype).removeprefix("torch.")
         self.agreement = StepAgreement(self.env)
 
@@ -508,12 +512,12 @@ def launch(args: argparse.Namespace, case: Case) -> list[dict[str, Any]]:
         return [json.loads(f.read_text()) for f in files]
 
 
-def model_flops(cfg: Config) -> dict[str, float]:
+def model_flops(cfg: Config, info: DatasetInfo) -> dict[str, float]:
     """Forward FLOPs per image of G and D (the tutorial's pair has the same matmuls)."""
-    g, d = build_models(cfg.model)
+    g, d = build_models(cfg.model, info)
     z, y = torch.randn(2, cfg.model.z_dim), torch.zeros(2, dtype=torch.long)
     out = {}
-    for name, run in (("G_forward", lambda: g(z, y)), ("D_forward", lambda: d(torch.zeros(2, 1, 28, 28), y))):
+    for name, run in (("G_forward", lambda: g(z, y)), ("D_forward", lambda: d(torch.zeros(2, *info.shape), y))):
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             run()
         out[name] = counter.get_total_flops() / 2
@@ -657,7 +661,7 @@ def busy_processes(n: int) -> Iterator[None]:
 
 def run_parent(args: argparse.Namespace) -> int:
     cfg = worker_config(args)
-    load_split(cfg.data, ALONE_ON_CPU)  # fail fast here, and download only once
+    info = load_split(cfg.data, ALONE_ON_CPU).info  # fail fast here, and download and convert only once
     cases = plan(args)
     load_before = os.getloadavg()
     results: dict[str, list[list[dict[str, Any]]]] = defaultdict(list)
@@ -679,7 +683,7 @@ def run_parent(args: argparse.Namespace) -> int:
                      "overrides": args.overrides, "compare": args.compare, "compare_env": args.compare_env,
                      "background_load": args.load,
                      "data": f"{cfg.data.name} {cfg.data.split} ({cfg.data.root})"},
-        "model_flops_per_image": model_flops(cfg),
+        "model_flops_per_image": model_flops(cfg, info),
         "cases": [{"key": c.key, "label": c.label, "overrides": list(c.overrides),
                    "summary": summarise(c, results[c.key], results["a"]), "rounds": results[c.key]}
                   for c in cases],
