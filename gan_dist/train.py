@@ -113,7 +113,8 @@ class Trainer:
         wandb_run = start_wandb(cfg.log.wandb, self.run_dir, wandb_config, run_id) if env.is_main else None
         self.wandb_id = wandb_run.id if wandb_run is not None else run_id
         self.logger = MetricLogger(cfg.log, env, self.run_dir, wandb_run, cfg.train.batch_size)
-        self.samples = SampleWriter(cfg.log, env, self.run_dir, cfg.model.z_dim, cfg.train.seed, self.logger)
+        self.samples = SampleWriter(cfg.log, env, self.run_dir, cfg.model.z_dim, cfg.train.seed, self.logger,
+                                    self.info, self.engine.num_classes)
 
     def _say(self, message: str) -> None:
         if self.env.is_main:
