@@ -8,7 +8,8 @@ is padded with black to 32×32 and coloured with its own random hue (seeded): th
 V of HSV at a fixed saturation, so the background stays black and the garment takes the hue. The
 first ``--n-train`` / ``--n-test`` images of each split (default: all) are written as
 ``DIR/train/<class>/<i>.png`` and ``DIR/test/<class>/<i>.png``; a ``/`` in a class name becomes ``-``.
-Train on it with ``data.name=folder data.root=DIR``.
+Train on it with ``data.name=folder data.root=DIR``; a folder reader wants the same classes in both
+splits, so take enough images that every class appears in each (a few hundred do).
 """
 
 from __future__ import annotations

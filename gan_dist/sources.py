@@ -390,6 +390,8 @@ class FolderSource(Source):
         if channels is None or resolution is None:
             paths = [p for files, _ in listed.values() for p in files]
             heads = [head for _, head in self._readable(_probe, paths, bad)]
+            if not heads:
+                raise DataError(f"{self.root} has no readable images")
             if channels is None:
                 channels = 3 if any(mode not in GREY_MODES for _, mode in heads) else 1
             if resolution is None:

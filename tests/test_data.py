@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, base_overrides, write_cifar, write_folder, write_idx
+from conftest import REPO, base_overrides, file_group, write_cifar, write_folder, write_idx
 from PIL import Image
 from torchvision.datasets import FashionMNIST
 
@@ -343,6 +343,31 @@ def test_a_cache_built_meanwhile_by_another_node_is_kept(tmp_path, cache):
     stamp = (path / "info.json").stat().st_mtime_ns
     data.build_cache(cfg, source, path)  # the second builder of the same key
     assert (path / "info.json").stat().st_mtime_ns == stamp and len(list(cache.iterdir())) == 1
+
+
+def _two_ranks(rank: int, root: Path, out: Path) -> None:
+    """One rank of a gloo group (local rank = rank: only rank 0 builds): a good folder, then a bad one."""
+    torch.set_num_threads(1)
+    env = file_group(rank, 2, out / "store")
+    got = load_split(config(root / "good", out / "cache", name="folder", resolution=8), env)
+    results = {"sizes": got.info.sizes, "images": got.images.tolist(), "built": len(list((out / "cache").iterdir()))}
+    try:
+        load_split(config(root / "bad", out / "cache", name="folder"), env)
+    except DataError as e:
+        results["error"] = str(e)
+    (out / f"rank{rank}.json").write_text(json.dumps(results))
+    torch.distributed.destroy_process_group()
+
+
+def test_ranks_wait_for_local_rank_0_and_fail_together(tmp_path, capfd):
+    write_folder(tmp_path / "good", {"a": 4, "b": 4})
+    (tmp_path / "bad").mkdir()
+    torch.multiprocessing.spawn(_two_ranks, args=(tmp_path, tmp_path), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["images"] == ranks[1]["images"] and ranks[1]["built"] == 1
+    assert ranks[0]["error"].startswith(f"{tmp_path / 'bad'} has no images")
+    assert ranks[1]["error"] == "preparing folder failed on another rank"
+    assert capfd.readouterr().out.count("data: built cache") == 1
 
 
 # ---- bad folders -----------------------------------------------------------------------------------
