@@ -9,6 +9,7 @@ discriminator returns raw logits: the sigmoid lives inside the loss, where autoc
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 
 import torch
@@ -86,7 +87,7 @@ class DCGANGenerator(nn.Module):
             nn.ReLU(),
         )
         layers: list[nn.Module] = []
-        for c_in, c_out in zip(widths, widths[1:]):
+        for c_in, c_out in itertools.pairwise(widths):
             layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
         self.net = nn.Sequential(*layers, nn.Conv2d(widths[-1], info.channels, 3, 1, 1), nn.Tanh())
 

@@ -145,6 +145,7 @@ def base_overrides(run_dir: Path, root: Path, **extra: object) -> list[str]:
     items = {
         "run_dir": run_dir,
         "data.root": root,
+        "data.cache_dir": Path(run_dir).parent / "data_cache",
         "data.split": "test",
         "data.download": False,
         "log.wandb.mode": "disabled",

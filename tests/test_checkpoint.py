@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import base_overrides, file_group, run
+from conftest import base_overrides, file_group, run, write_folder
 
 from gan_dist import checkpoint
 from gan_dist.checkpoint import FORMAT_VERSION, REQUIRED, Checkpointer, CheckpointError, load_file
@@ -123,6 +123,40 @@ def test_unknown_format_version_exits_2(trained, idx_root, capsys):
     torch.save(state | {"format_version": 99}, path)
     assert train(trained, idx_root) == 2
     assert "format version 99" in capsys.readouterr().err
+
+
+def as_version_1(path: Path, data_name: str = "mnist") -> None:
+    """Rewrite a checkpoint as format 1 wrote it: no data description, MNIST-format data by name."""
+    state = torch.load(path, weights_only=True)
+    del state["data"]
+    state["config"]["data"] = {"name": data_name, "root": "data", "split": "train", "download": True}
+    torch.save(state | {"format_version": 1}, path)
+
+
+def test_a_version_1_checkpoint_resumes_and_samples(trained, idx_root, capsys):
+    path = trained / "checkpoints" / "step_5.pt"
+    as_version_1(path)
+    generator, cfg, info = checkpoint.load_generator(path)
+    assert (info.name, info.shape, info.num_classes) == ("mnist", (1, 28, 28), 10)
+    assert generator(torch.randn(2, cfg.model.z_dim), torch.tensor([0, 9])).shape == (2, 1, 28, 28)
+    assert train(trained, idx_root, **{"train.max_steps": 6}) == 0
+    assert "resuming from" in capsys.readouterr().out
+
+
+def test_a_version_1_checkpoint_of_unknown_data_exits_2(trained, idx_root, capsys):
+    as_version_1(trained / "checkpoints" / "step_5.pt", data_name="cifar10")
+    assert train(trained, idx_root) == 2
+    assert "format version 1 and data.name='cifar10'" in capsys.readouterr().err
+
+
+def test_resuming_on_other_data_exits_2_saying_what_each_is(trained, tmp_path, capsys):
+    write_folder(tmp_path / "faces", {"a": 40, "b": 40}, size=28)
+    folder = {"data.name": "folder", "data.root": tmp_path / "faces", "data.split": "train",
+              "data.cache_dir": tmp_path / "cache"}
+    assert main(base_overrides(trained, tmp_path / "faces", **folder)) == 2
+    err = capsys.readouterr().err
+    assert "was trained on mnist, 1×28×28, 10 classes" in err
+    assert "this run's data is folder, 3×28×28, 2 classes" in err
 
 
 def test_disk_full_names_the_path_and_keeps_older_checkpoints(trained, idx_root):

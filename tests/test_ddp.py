@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from conftest import file_group
-from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from shapes import DIGITS
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from gan_dist.config import load_config
 from gan_dist.dist import DistEnv, setup, teardown

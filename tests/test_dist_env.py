@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 from shapes import DIGITS
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gan_dist import dist
 from gan_dist.config import ConfigError, DistConfig, load_config

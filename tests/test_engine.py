@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from shapes import DIGITS, RGB32, batch, info
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from gan_dist.config import Config, ConfigError, LossConfig, ModelConfig, load_config
 from gan_dist.dist import DistEnv
