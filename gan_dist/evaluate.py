@@ -1,17 +1,21 @@
-"""Score a generator in the judge's feature space: FID, intra-class FID, precision/recall, accuracy.
+"""Score a generator in the judge's feature space: FID, precision/recall, and for a conditional G
+intra-class FID and conditional accuracy.
 
 A checkpoint, on one process or many:
     python -m gan_dist.evaluate --checkpoint runs/mnist_cgan/checkpoints/step_4680.pt
     torchrun --nproc_per_node=4 -m gan_dist.evaluate --checkpoint best.pt --out scores.json
-Samples of any generator, as ``gan_dist.sample --npz`` writes them (uint8 images, int64 labels):
-    python -m gan_dist.evaluate --npz samples.npz data.name=mnist data.root=data
+Samples of any generator, as ``gan_dist.sample --npz`` writes them (uint8 images [N, H, W] for one
+channel or [N, H, W, 3] for RGB, int64 labels [N]):
+    python -m gan_dist.evaluate --npz samples.npz data.name=cifar10 data.root=data
 Trailing ``key=value`` overrides apply to the checkpoint's config (or to the defaults with ``--npz``),
 e.g. ``data.root=...`` when the data moved, or ``eval.judge_dir=...``.
 
 The reference is the ``test`` split of the dataset, always; the judge is ``gan_dist.judge``'s.
-Each rank generates and embeds its contiguous share of the samples; the features are all-gathered
-in rank order, so every rank holds the same features as a single process would, and computes the
-same metrics. Prints one JSON line (rank 0). Exit status: 0 done; 2 bad arguments, data or checkpoint.
+The class metrics (``cond_acc``, ``intra_fid``) need a G conditioned on two or more classes; an
+unconditional one gets FID and precision/recall. Each rank generates and embeds its contiguous
+share of the samples; the features are all-gathered in rank order, so every rank holds the same
+features as a single process would, and computes the same metrics. Prints one JSON line (rank 0).
+Exit status: 0 done; 2 bad arguments, data or checkpoint.
 """
 
 from __future__ import annotations
@@ -34,15 +38,23 @@ from torch import nn
 from gan_dist import metrics
 from gan_dist.checkpoint import CheckpointError, load_generator
 from gan_dist.config import Config, ConfigError, load_config, resolve, to_dict
-from gan_dist.data import NUM_CLASSES, DataError, load_split
+from gan_dist.data import DataError, DatasetInfo, Split, load_split
 from gan_dist.dist import DistEnv, setup, teardown
 from gan_dist.engine import derive_seed
-from gan_dist.judge import DEFAULT_SPEC, JudgeSpec, load_or_train, shard
+from gan_dist.judge import DEFAULT_SPEC, JudgeSpec, load_or_train, shard, to_device
+from gan_dist.models import label_count
 from gan_dist.monitor import generate
 
-K = 3  # neighbours of the precision/recall manifolds, as in Kynkäänniemi et al. 2019
+NEIGHBOURS = 3  # k of the precision/recall manifolds, as in Kynkäänniemi et al. 2019
 EXIT_USAGE = 2
 METRICS = ("cond_acc", "fid", "intra_fid", "precision", "recall")
+"""Every metric, as a conditional G gets them."""
+CLASS_METRICS = ("cond_acc", "intra_fid")
+
+
+def metric_names(num_classes: int) -> tuple[str, ...]:
+    """The metrics of a G conditioned on ``num_classes`` classes: the class ones need two or more."""
+    return METRICS if num_classes >= 2 else tuple(m for m in METRICS if m not in CLASS_METRICS)
 
 
 @dataclass(frozen=True)
@@ -57,52 +69,68 @@ class FeatureSet:
         return FeatureSet(self.features[index], self.logits[index], self.labels[index])
 
 
-def score(real: FeatureSet, fake: FeatureSet, real_radii: torch.Tensor | None = None) -> dict[str, float]:
-    """All metrics of ``fake`` against ``real``; ``real_radii`` caches the real k-NN radii."""
-    precision, recall = metrics.precision_recall(real.features, fake.features, K, real_radii)
-    return {
-        "cond_acc": metrics.accuracy(fake.logits, fake.labels),
-        "fid": metrics.fid(real.features, fake.features),
-        "intra_fid": metrics.intra_fid(real.features, real.labels, fake.features, fake.labels, NUM_CLASSES),
-        "precision": precision,
-        "recall": recall,
-    }
+def score(real: FeatureSet, fake: FeatureSet, num_classes: int,
+          real_radii: torch.Tensor | None = None) -> dict[str, float]:
+    """``metric_names(num_classes)`` of ``fake`` against ``real``; ``real_radii`` caches the real k-NN radii."""
+    precision, recall = metrics.precision_recall(real.features, fake.features, NEIGHBOURS, real_radii)
+    scores = {"fid": metrics.fid(real.features, fake.features), "precision": precision, "recall": recall}
+    if num_classes >= 2:
+        scores["cond_acc"] = metrics.accuracy(fake.logits, fake.labels)
+        scores["intra_fid"] = metrics.intra_fid(real.features, real.labels, fake.features, fake.labels, num_classes)
+    return {k: scores[k] for k in metric_names(num_classes)}
 
 
-def to_unit_range(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 [N, 28, 28] in 0..255 (the .npz format) to float32 [N, 1, 28, 28] in [-1, 1], like the data."""
-    return torch.as_tensor(images).unsqueeze(1).float().div(127.5).sub(1.0)
+def shape_text(channels: int, height: int, width: int) -> str:
+    return f"{height}×{width} with {channels} channel{'' if channels == 1 else 's'}"
 
 
 class Evaluator:
     """Scores generators against the held-out split, with fixed latents; every method is collective.
 
-    Building it trains or loads the judge, embeds the real reference and its k-NN radii once. ``run``
-    then costs one generation of ``eval.n_samples`` images and their features (split over the ranks),
-    and the metrics on the gathered features (on every rank alike: two 10k×10k distance passes and a
-    few 128×128 eigendecompositions, a few seconds on one CPU core). Lower FID is better.
+    Building it loads the reference (the ``test`` split; ``reference`` when the caller has loaded it),
+    trains or loads the judge, and embeds the reference and its k-NN radii once. ``run`` then costs
+    one generation of ``eval.n_samples`` images and their features (split over the ranks), and the
+    metrics on the gathered features (on every rank alike: two 10k×10k distance passes and a few
+    128×128 eigendecompositions per class, seconds on one CPU core). Lower FID is better.
     """
 
-    def __init__(self, cfg: Config, env: DistEnv, spec: JudgeSpec = DEFAULT_SPEC) -> None:
-        n_per_class = cfg.eval.n_samples // NUM_CLASSES
-        if n_per_class < 2:
-            raise ConfigError(f"eval.n_samples: needs at least {2 * NUM_CLASSES} (2 per class for intra-class FID)")
+    def __init__(self, cfg: Config, env: DistEnv, spec: JudgeSpec = DEFAULT_SPEC,
+                 reference: Split | None = None) -> None:
+        reference = reference if reference is not None else load_split(cfg.data, env, "test")
+        self.data: DatasetInfo = reference.info
+        self.num_classes = label_count(cfg.model, self.data)
+        self.metrics = metric_names(self.num_classes)
+        rows = max(self.num_classes, 1)  # unconditional: one "class", label 0
+        n_per_class = cfg.eval.n_samples // rows
+        if self.num_classes >= 2 and n_per_class < 2:
+            raise ConfigError(f"eval.n_samples: needs at least {2 * self.num_classes} "
+                              f"(2 per class of {self.num_classes} for intra-class FID)")
+        if n_per_class * rows <= NEIGHBOURS:
+            raise ConfigError(f"eval.n_samples: needs at least {NEIGHBOURS + 1} for the k-NN precision/recall")
+        if self.num_classes >= 2:
+            counts = np.bincount(reference.labels, minlength=self.num_classes)
+            if counts.min() < 2:
+                raise DataError(f"{self.data.name} test split has {counts.min()} image(s) of class "
+                                f"{counts.argmin()}; intra-class FID needs 2 or more of every class")
         self.cfg, self.env = cfg.eval, env
         self.judge = load_or_train(cfg.data, cfg.eval.judge_dir, env, spec)
-        reference = dataclasses.replace(cfg.data, split="test")
-        images, labels = load_split(reference, env)
-        mine = shard(labels.shape[0], env)
-        self.real = self._embed(images[mine], labels[mine])
-        self.real_radii = metrics.knn_radii(self.real.features, K)
+        mine = shard(len(reference.labels), env)
+        self.real = self._embed(to_device(reference.images[mine], env.device),
+                                to_device(reference.labels[mine], env.device))
+        self.real_radii = metrics.knn_radii(self.real.features, NEIGHBOURS)
         latents = torch.Generator().manual_seed(cfg.eval.seed)
-        self.z = torch.randn(n_per_class * NUM_CLASSES, cfg.model.z_dim, generator=latents)
-        self.labels = torch.arange(NUM_CLASSES).repeat(n_per_class)  # 0..9, 0..9: every shard is balanced
+        self.z = torch.randn(n_per_class * rows, cfg.model.z_dim, generator=latents)
+        self.labels = torch.arange(rows).repeat(n_per_class)  # 0..K-1, 0..K-1: every shard is balanced
         self.info: dict[str, Any] = {
             "dataset": cfg.data.name,
+            "shape": list(self.data.shape),
+            "num_classes": self.data.num_classes,
+            "conditioned_on": self.num_classes,
             "reference": f"{cfg.data.name}/test",
-            "n_reference": int(labels.shape[0]),
+            "n_reference": len(reference.labels),
             "reference_is_training_data": cfg.data.split == "test",
             "judge_trained_on": self.judge.info["trained_on"],
+            "judge_task": self.judge.info["task"],
             "judge_accuracy": self.judge.info["accuracy"],
             "judge_key": self.judge.info["key"],
             "judge_cache": self.judge.info["cache"],
@@ -111,12 +139,14 @@ class Evaluator:
     def due(self, step: int) -> bool:
         return self.cfg.every_steps > 0 and step % self.cfg.every_steps == 0
 
-    def _embed(self, images: torch.Tensor, labels: torch.Tensor) -> FeatureSet:
-        """Features of this rank's images, then all ranks' features in rank order."""
-        features, logits = self.judge(images.to(self.env.device), self.cfg.batch_size)
-        labels = labels.to(self.env.device)
+    def _gather(self, features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> FeatureSet:
+        """All ranks' features in rank order."""
         gather = self.env.all_gather_cat
-        return FeatureSet(gather(features), gather(logits), gather(labels))
+        return FeatureSet(gather(features), gather(logits), gather(labels.to(self.env.device)))
+
+    def _embed(self, images: torch.Tensor, labels: torch.Tensor) -> FeatureSet:
+        """Features of this rank's images (uint8, or float in [-1, 1]), then all ranks' features in rank order."""
+        return self._gather(*self.judge(images.to(self.env.device), self.cfg.batch_size), labels)
 
     def _agree(self, values: dict[str, float]) -> dict[str, float]:
         """Rank 0's numbers on every rank, by one all-reduce that all enter: all ranks then decide alike."""
@@ -126,23 +156,28 @@ class Evaluator:
         return dict(zip(values, self.env.all_reduce_sum(vector).tolist(), strict=True))
 
     def _scores(self, fake: FeatureSet, start: float) -> dict[str, float]:
-        """METRICS of gathered fakes, with their count and rank 0's wall time, equal on every rank."""
-        scores = score(self.real, fake, self.real_radii)
+        """``self.metrics`` of gathered fakes, with their count and rank 0's wall time, equal on every rank."""
+        scores = score(self.real, fake, self.num_classes, self.real_radii)
         return self._agree(scores | {"n_samples": float(fake.labels.shape[0]),
                                      "seconds": time.perf_counter() - start})
 
     def run(self, generator: nn.Module) -> dict[str, float]:
         """Scores of ``generator(z, labels)`` (the bare module, not its DDP wrapper) on the fixed latents.
 
-        Returns the same dict on every rank: METRICS, ``n_samples`` and ``seconds`` (rank 0's wall time).
+        Each batch is embedded as it is generated, so the fakes never all exist at once. Returns the
+        same dict on every rank: ``self.metrics``, ``n_samples`` and ``seconds`` (rank 0's wall time).
         """
         start = time.perf_counter()
-        mine = shard(self.labels.shape[0], self.env)
-        z, labels = self.z[mine].to(self.env.device), self.labels[mine].to(self.env.device)
-        return self._scores(self._embed(generate(generator, z, labels, self.cfg.batch_size), labels), start)
+        mine, b, device = shard(self.labels.shape[0], self.env), self.cfg.batch_size, self.env.device
+        z, labels = self.z[mine].to(device), self.labels[mine].to(device)
+        parts = [self.judge(generate(generator, z[i:i + b], labels[i:i + b], b), b) for i in range(0, len(z), b)]
+        if not parts:  # a rank with no samples still enters the gathers
+            parts = [self.judge(torch.empty(0, *self.data.shape, device=device), b)]
+        features, logits = (torch.cat(p) for p in zip(*parts, strict=True))
+        return self._scores(self._gather(features, logits, labels), start)
 
     def score_images(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-        """Scores of given samples (float [N, 1, 28, 28] in [-1, 1]; every rank holds all of them)."""
+        """Scores of given samples (uint8 [N, C, H, W], or float in [-1, 1]; every rank holds all of them)."""
         start = time.perf_counter()
         mine = shard(labels.shape[0], self.env)
         return self._scores(self._embed(images[mine], labels[mine]), start)
@@ -150,19 +185,22 @@ class Evaluator:
     def floors(self) -> dict[str, float]:
         """Both ends of the scale, as ``floor_real_*`` and ``floor_noise_*``.
 
-        Real: one seeded half of the reference scored against the other, with true labels (as good as
-        samples can look, at half the sample size). Noise: uniform pixels in [-1, 1] with the
-        evaluation labels (what a generator that learned nothing gets).
+        Real: one seeded half of the reference, taken class by class, scored against the other half,
+        with true labels (as good as samples can look, at half the sample size). Noise: uniform pixels
+        0..255 with the evaluation labels (what a generator that learned nothing gets).
         """
         order = torch.randperm(self.real.labels.shape[0], generator=torch.Generator().manual_seed(self.cfg.seed))
-        first, second = order.to(self.env.device).chunk(2)
-        real = score(self.real[first], self.real[second])
+        order = order[self.real.labels.cpu()[order].argsort(stable=True)]  # by class, random within
+        first, second = order[0::2].to(self.env.device), order[1::2].to(self.env.device)
+        real = score(self.real[first], self.real[second], self.num_classes)
         pixels = torch.Generator().manual_seed(derive_seed(self.cfg.seed, 0x401CE))
         mine = shard(self.labels.shape[0], self.env)
-        noise_images = torch.rand(self.labels.shape[0], 1, 28, 28, generator=pixels).mul(2).sub(1)
-        noise = score(self.real, self._embed(noise_images[mine], self.labels[mine]), self.real_radii)
-        return self._agree({f"floor_real_{k}": real[k] for k in METRICS}
-                           | {f"floor_noise_{k}": noise[k] for k in METRICS})
+        noise_images = torch.randint(0, 256, (self.labels.shape[0], *self.data.shape), generator=pixels,
+                                     dtype=torch.uint8)
+        noise = score(self.real, self._embed(noise_images[mine], self.labels[mine]), self.num_classes,
+                      self.real_radii)
+        return self._agree({f"floor_real_{k}": real[k] for k in self.metrics}
+                           | {f"floor_noise_{k}": noise[k] for k in self.metrics})
 
 
 # ---------------------------------------------------------------------------------------------- the CLI
@@ -199,38 +237,68 @@ def writable_file(text: str) -> Path:
 
 
 class NpzError(ValueError):
-    """An .npz that is not ``images`` uint8 [N, 28, 28] and ``labels`` int [N] with 0..9."""
+    """An .npz that does not fit the dataset: ``images`` uint8 [N, H, W] (1 channel) or [N, H, W, 3] at
+    its resolution, and (for a conditional model) ``labels`` int [N] in its classes."""
 
 
-def read_npz(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images in [-1, 1] and labels from an .npz of another generator, checked before any scoring."""
+def read_npz(path: str | Path, info: DatasetInfo, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images [N, C, H, W] and int64 labels of another generator's samples, checked against the dataset
+    before any scoring. ``num_classes`` is what the samples are conditioned on: below 2 the labels are not
+    needed (and, if there, not used); every label is then 0."""
     try:
         with np.load(path, allow_pickle=False) as npz:
-            images, labels = npz["images"], npz["labels"]
+            images = npz["images"]
+            labels = npz["labels"] if num_classes >= 2 and "labels" in npz.files else None
     except (OSError, KeyError, ValueError) as e:
-        raise NpzError(f"{path}: cannot read 'images' and 'labels' ({e})") from None
-    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
-        raise NpzError(f"{path}: 'images' must be uint8 [N, 28, 28], got {images.dtype} {images.shape}")
-    if not np.issubdtype(labels.dtype, np.integer) or labels.shape != (images.shape[0],):
-        raise NpzError(f"{path}: 'labels' must be integers [{images.shape[0]}], got {labels.dtype} {labels.shape}")
-    counts = np.bincount(labels, minlength=NUM_CLASSES) if labels.size and labels.min() >= 0 else None
-    if counts is None or counts.size != NUM_CLASSES or counts.min() < 2:
-        raise NpzError(f"{path}: 'labels' must be in 0..{NUM_CLASSES - 1}, with at least 2 samples per class")
-    return to_unit_range(images), torch.from_numpy(labels.astype(np.int64))
+        raise NpzError(f"{path}: cannot read 'images' ({e})") from None
+    if images.dtype != np.uint8:
+        raise NpzError(f"{path}: 'images' must be uint8 pixels 0..255, got {images.dtype}")
+    if images.ndim == 3:
+        channels, height, width = 1, *images.shape[1:]
+    elif images.ndim == 4 and images.shape[3] in (1, 3):
+        height, width, channels = images.shape[1:]
+    else:
+        raise NpzError(f"{path}: 'images' must be [N, H, W] (1 channel) or [N, H, W, 3] (RGB), got shape "
+                       f"{images.shape}")
+    if (channels, height, width) != info.shape:
+        raise NpzError(f"{path}: 'images' are {shape_text(channels, height, width)}, the dataset ({info.name}) "
+                       f"is {shape_text(*info.shape)}")
+    n = images.shape[0]
+    if n <= NEIGHBOURS:
+        raise NpzError(f"{path}: {n} images; the k-NN precision/recall needs at least {NEIGHBOURS + 1}")
+    pixels = torch.from_numpy(images.reshape(n, height, width, channels)).permute(0, 3, 1, 2).contiguous()
+    if num_classes < 2:
+        return pixels, torch.zeros(n, dtype=torch.int64)
+    if labels is None:
+        raise NpzError(f"{path}: no 'labels' (int64 [{n}]) for a model of {num_classes} classes; "
+                       "model.conditioning=none scores the images without them")
+    if not np.issubdtype(labels.dtype, np.integer) or labels.shape != (n,):
+        raise NpzError(f"{path}: 'labels' must be integers [{n}], one per image, got {labels.dtype} {labels.shape}")
+    outside = (labels < 0) | (labels >= num_classes)
+    if outside.any():
+        raise NpzError(f"{path}: {int(outside.sum())} of {n} labels are outside 0..{num_classes - 1} (the "
+                       f"{num_classes} classes of {info.name}), e.g. {labels[outside][0]}")
+    counts = np.bincount(labels, minlength=num_classes)
+    if counts.min() < 2:
+        raise NpzError(f"{path}: class {counts.argmin()} has {counts.min()} sample(s); intra-class FID needs "
+                       f"at least 2 of every class 0..{num_classes - 1}")
+    return pixels, torch.from_numpy(labels.astype(np.int64))
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = Parser(
         prog="python -m gan_dist.evaluate",
-        description="Score a generator: FID, intra-class FID, precision/recall and conditional accuracy "
-                    "in the judge classifier's feature space (see the module docstring).",
+        description="Score a generator: FID and precision/recall, and for a conditional one intra-class FID "
+                    "and conditional accuracy, in the judge's feature space (see the module docstring).",
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="a gan_dist checkpoint (its EMA generator when it has one)")
-    source.add_argument("--npz", help="samples of any generator: images uint8 [10N, 28, 28], labels int64 [10N]")
+    source.add_argument("--npz", help="samples of any generator: images uint8 [N, H, W] (1 channel) or "
+                                      "[N, H, W, 3], labels int64 [N] (not needed with model.conditioning=none)")
     parser.add_argument("--config", help="with --npz: YAML naming the dataset (else the defaults and overrides)")
     parser.add_argument("--n-per-class", type=integer(2), metavar="N",
-                        help="samples per class, 2 or more (default: eval.n_samples / 10)")
+                        help="samples per class, 2 or more; all samples of an unconditional G "
+                             "(default: eval.n_samples / classes)")
     parser.add_argument("--no-ema", action="store_true", help="score the raw generator, not its EMA")
     parser.add_argument("--no-floors", action="store_true", help="skip the real-vs-real and noise floors")
     parser.add_argument("--out", type=writable_file, help="also write the JSON line to this file")
@@ -246,20 +314,40 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def check_reference(path: str, trained_on: DatasetInfo, reference: DatasetInfo, num_classes: int) -> None:
+    """The reference must be data of the shape (and classes) G was trained to make."""
+    if trained_on.shape != reference.shape or (num_classes and reference.num_classes != trained_on.num_classes):
+        def show(i: DatasetInfo) -> str:
+            return f"{shape_text(*i.shape)} and {i.num_classes} classes"
+        raise DataError(f"checkpoint {path}: its G makes {trained_on.name}'s {show(trained_on)}; the reference "
+                        f"({reference.name} test split) has {show(reference)}; point data.* at the data it "
+                        "was trained on")
+
+
 def evaluate(args: argparse.Namespace, spec: JudgeSpec) -> dict[str, Any] | None:
     """The JSON record of one evaluation on rank 0, None on the other ranks; every rank runs it."""
     if args.checkpoint:
-        generator, cfg = load_generator(args.checkpoint, "cpu", use_ema=not args.no_ema)
+        generator, cfg, trained_on = load_generator(args.checkpoint, "cpu", use_ema=not args.no_ema)
         cfg = resolve(to_dict(cfg), args.overrides)
-        n_samples = NUM_CLASSES * args.n_per_class if args.n_per_class is not None else cfg.eval.n_samples
+        rows = max(label_count(cfg.model, trained_on), 1)
+        n_samples = rows * args.n_per_class if args.n_per_class is not None else cfg.eval.n_samples
+        cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, n_samples=n_samples))
     else:
         cfg = load_config(args.config, args.overrides)
-        images, labels = read_npz(args.npz)
-        n_samples = labels.shape[0]  # the noise floor then has as many samples as the file
-    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, n_samples=n_samples))
     env = setup(cfg.dist)
     try:
-        evaluator = Evaluator(cfg, env, spec)
+        reference = load_split(cfg.data, env, "test")
+        if args.checkpoint:
+            check_reference(args.checkpoint, trained_on, reference.info, label_count(cfg.model, trained_on))
+        else:
+            # Unlabelled data scores unconditionally whatever model.conditioning says: there is no class to ask for.
+            if not reference.info.conditional:
+                cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, conditioning="none"))
+            classes = label_count(cfg.model, reference.info)
+            images, labels = read_npz(args.npz, reference.info, classes)
+            # the noise floor then has as many samples as the file
+            cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, n_samples=labels.shape[0]))
+        evaluator = Evaluator(cfg, env, spec, reference)
         scores = evaluator.run(generator.to(env.device)) if args.checkpoint else evaluator.score_images(images, labels)
         floors = {} if args.no_floors else evaluator.floors()
     finally:

@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from torch import nn
 from torchvision.utils import make_grid, save_image
 
 from gan_dist.config import LogConfig, WandbConfig
-from gan_dist.data import NUM_CLASSES
+from gan_dist.data import DatasetInfo
 from gan_dist.dist import DistEnv
 from gan_dist.engine import NAMES, StepMetrics, derive_seed
 
@@ -158,12 +159,44 @@ class MetricLogger:
             self.wandb.log({key: wandb.Image(str(path), caption=caption)}, step=step)
 
 
-def fixed_noise(z_dim: int, columns: int, seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``columns`` latents shared by all classes, so a grid row differs from the next only by the label."""
+GRID_ROWS = 10  # rows of a sample grid: every class up to this many, else an even pick of them
+
+
+def grid_classes(num_classes: int, rows: int = GRID_ROWS) -> list[int]:
+    """The classes a grid shows, one per row: all of them up to ``rows``, else ``rows`` spread evenly
+    from the first to the last (100 classes: 0, 11, 22, ..., 99). Below 2 classes none: one label
+    tells no rows apart, so the rows hold distinct latents instead."""
+    if num_classes < 2:
+        return []
+    if num_classes <= rows:
+        return list(range(num_classes))
+    return [round(i * (num_classes - 1) / (rows - 1)) for i in range(rows)]
+
+
+def fixed_noise(z_dim: int, columns: int, seed: int, device: torch.device,
+                classes: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latents and labels of a grid, row-major.
+
+    With ``classes``, one row per class and ``columns`` latents shared by all rows, so a row differs
+    from the next only by the label. Without, ``GRID_ROWS`` rows of distinct latents, every label 0.
+    """
     gen = torch.Generator("cpu").manual_seed(derive_seed(seed, 0xC0FFEE))
-    z = torch.randn(columns, z_dim, generator=gen).repeat(NUM_CLASSES, 1)
-    labels = torch.arange(NUM_CLASSES).repeat_interleave(columns)
+    if classes:
+        z = torch.randn(columns, z_dim, generator=gen).repeat(len(classes), 1)
+        labels = torch.tensor(list(classes), dtype=torch.int64).repeat_interleave(columns)
+    else:
+        z = torch.randn(GRID_ROWS * columns, z_dim, generator=gen)
+        labels = torch.zeros(GRID_ROWS * columns, dtype=torch.int64)
     return z.to(device), labels.to(device)
+
+
+def row_names(info: DatasetInfo, classes: Sequence[int]) -> str:
+    """What the rows of a grid are, for captions and messages: ``0 airplane, 11 ..., 99 truck``."""
+    def name(c: int) -> str:  # "3 cat"; a name that starts with its number ("3", "3 - three") as it is
+        text = info.class_names[c] if c < len(info.class_names) else ""
+        return text if text.split(" ")[0] == str(c) else f"{c} {text}".strip()
+
+    return ", ".join(name(c) for c in classes) if classes else "distinct latents per row"
 
 
 @torch.no_grad()
@@ -179,7 +212,7 @@ def generate(generator: nn.Module, z: torch.Tensor, labels: torch.Tensor, batch:
 
 
 def save_grid(images: torch.Tensor, path: Path, columns: int) -> Path:
-    """A PNG grid of images in [-1, 1]; one class per row when ``images`` come from ``fixed_noise``."""
+    """A PNG grid of images in [-1, 1], gray (1 channel) or RGB (3); rows as ``fixed_noise`` lays them out."""
     path.parent.mkdir(parents=True, exist_ok=True)
     grid = make_grid(images.cpu(), nrow=columns, padding=2, normalize=True, value_range=(-1, 1), pad_value=0.5)
     save_image(grid, path)
@@ -187,15 +220,21 @@ def save_grid(images: torch.Tensor, path: Path, columns: int) -> Path:
 
 
 class SampleWriter:
-    """The 10×10 fixed-noise grid, written by rank 0 as ``samples/step_<N>.png`` and sent to W&B."""
+    """The fixed-noise grid (10 columns, a row per picked class), written by rank 0 as
+    ``samples/step_<N>.png`` and sent to W&B.
+
+    ``num_classes`` is what G is conditioned on (0: unconditional); ``info`` names the classes.
+    """
 
     COLUMNS = 10
 
     def __init__(self, cfg: LogConfig, env: DistEnv, run_dir: Path, z_dim: int, seed: int,
-                 logger: MetricLogger) -> None:
+                 logger: MetricLogger, info: DatasetInfo, num_classes: int) -> None:
         self.every = cfg.samples_every_steps
         self.env, self.folder, self.logger = env, run_dir / "samples", logger
-        self.z, self.labels = fixed_noise(z_dim, self.COLUMNS, seed, env.device)
+        self.classes = grid_classes(num_classes)
+        self.rows = row_names(info, self.classes)
+        self.z, self.labels = fixed_noise(z_dim, self.COLUMNS, seed, env.device, self.classes)
 
     def due(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0
@@ -204,5 +243,6 @@ class SampleWriter:
         if not self.env.is_main:
             return None
         path = save_grid(generate(generator, self.z, self.labels), self.folder / f"step_{step}.png", self.COLUMNS)
-        self.logger.log_image(step, "samples/grid", path, f"step {step}: one class per row, fixed noise")
+        what = f"one class per row ({self.rows}), the same latent down each column" if self.classes else self.rows
+        self.logger.log_image(step, "samples/grid", path, f"step {step}: {what}; fixed noise")
         return path

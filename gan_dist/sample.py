@@ -1,20 +1,27 @@
-"""Sample a trained conditional GAN: a class grid, arrays to score, and latent and label walks.
+"""Sample a trained GAN: a class grid, arrays to score, and latent and label walks.
 
     python -m gan_dist.sample --checkpoint runs/mnist_cgan/checkpoints/step_1500.pt --grid grid.png
     python -m gan_dist.sample --checkpoint CKPT --npz samples.npz --n-per-class 1000 --seed 1
     python -m gan_dist.sample --checkpoint CKPT --interpolate walks.png --steps 12 --no-ema
 
+G is rebuilt from the checkpoint alone (its config and the description of its data). Its classes
+are K; the rows below are the grid's classes: all K up to 10, else 10 picked evenly from the first
+to the last (K = 100: 0, 11, 22, ..., 99). An unconditional G (or K = 1) has 10 rows of distinct
+latents instead. The line printed for each output names its rows.
+
 Outputs (any of them, in one call):
-  --grid         one row per class 0..9 and --n columns. A column holds the same latent in every row,
+  --grid         one row per grid class and --n columns. A column holds the same latent in every row,
                  so rows differ by the label alone; with --n 10 and --seed set to the run's train.seed
                  it is the run's own samples/step_<N>.png again.
-  --npz          ``images``: uint8 [10N, 28, 28], round((x + 1) * 127.5), the data's own encoding
-                 (white digits on black); ``labels``: int64 [10N], class-major. Every image has its
-                 own latent, as scoring wants independent samples.
-  --interpolate  three blocks of --steps columns, split by a gray row:
-                 10 rows, class 0..9: a straight walk from latent z0 to latent z1;
-                 10 rows, class 0..9: the spherical (slerp) walk between the same z0 and z1;
-                 9 rows, latent z0: row k walks the label embedding from class k to class k + 1.
+  --npz          ``images``: uint8, round((x + 1) * 127.5), the data's own encoding: [K·N, H, W] for
+                 one channel, [K·N, H, W, 3] for RGB; ``labels``: int64 [K·N], class-major (all 0 and
+                 N images when unconditional). Every image has its own latent, as scoring wants
+                 independent samples.
+  --interpolate  blocks of --steps columns, split by a gray row:
+                 a row per grid class: a straight walk from latent z0 to latent z1;
+                 a row per grid class: the spherical (slerp) walk between the same z0 and z1;
+                 with K >= 2, latent z0: row k walks the label embedding from the k-th grid class
+                 to the next. Without classes only the two latent walks, each row its own z0 and z1.
 
 The checkpoint's tensors are mapped to --device (default cpu), so one saved on GPUs samples anywhere.
 G's EMA is used when the checkpoint holds one, unless --no-ema. Each output draws from its own seeded
@@ -37,10 +44,11 @@ from torch import nn
 from torch.func import functional_call
 
 from gan_dist.checkpoint import CheckpointError, load_generator
-from gan_dist.data import NUM_CLASSES
+from gan_dist.data import to_pixels
 from gan_dist.engine import derive_seed
 from gan_dist.evaluate import EXIT_USAGE, Parser, integer
-from gan_dist.monitor import SampleWriter, fixed_noise, generate, save_grid
+from gan_dist.models import label_count
+from gan_dist.monitor import GRID_ROWS, SampleWriter, fixed_noise, generate, grid_classes, row_names, save_grid
 
 # Stream ids mixed into --seed: the arrays and the walks never share latents.
 NPZ_STREAM, WALK_STREAM = 1, 2
@@ -53,8 +61,10 @@ def latents(z_dim: int, n: int, seed: int, stream: int) -> torch.Tensor:
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[N, 1, 28, 28] in [-1, 1] to [N, 28, 28] uint8: the inverse of the loader's ``pixel / 127.5 - 1``."""
-    return ((images.squeeze(1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
+    """[N, C, H, W] in [-1, 1] to uint8 [N, H, W] (C = 1) or [N, H, W, 3] (C = 3), the layout image files
+    use: the inverse of the loader's ``pixel / 127.5 - 1``."""
+    pixels = to_pixels(images).cpu()
+    return (pixels[:, 0] if pixels.shape[1] == 1 else pixels.permute(0, 2, 3, 1)).numpy()
 
 
 def slerp(z0: torch.Tensor, z1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -81,17 +91,27 @@ def generate_from_embeddings(generator: nn.Module, z: torch.Tensor, vectors: tor
     return functional_call(generator, {"embed.weight": vectors}, (z, rows)).float()
 
 
-def walks(generator: nn.Module, z_dim: int, steps: int, seed: int, device: torch.device) -> torch.Tensor:
-    """The --interpolate images, row-major, laid out as the module docstring says."""
-    z0, z1 = latents(z_dim, 2, seed, WALK_STREAM)
+def walks(generator: nn.Module, z_dim: int, steps: int, seed: int, device: torch.device,
+          classes: Sequence[int]) -> torch.Tensor:
+    """The --interpolate images, row-major, laid out as the module docstring says; ``classes`` are the
+    grid's (none: unconditional)."""
     t = torch.linspace(0, 1, steps)
-    labels = torch.arange(NUM_CLASSES, device=device).repeat_interleave(steps)
-    line, arc = (generate(generator, path.repeat(NUM_CLASSES, 1).to(device), labels)
-                 for path in (torch.lerp(z0, z1, t[:, None]), slerp(z0, z1, t)))
-    table = generator.embed.weight
-    vectors = torch.lerp(table[:-1, None], table[1:, None], t[:, None].to(device)).flatten(0, 1)
-    labels_walk = generate_from_embeddings(generator, z0.to(device).expand(len(vectors), -1), vectors)
+    if classes:  # one pair of latents, shared by every class row
+        starts, ends = latents(z_dim, 2, seed, WALK_STREAM)[:, None]
+        labels, repeat = torch.tensor(list(classes)).repeat_interleave(steps), len(classes)
+    else:  # a pair per row
+        starts, ends = latents(z_dim, 2 * GRID_ROWS, seed, WALK_STREAM).view(2, GRID_ROWS, z_dim)
+        labels, repeat = torch.zeros(GRID_ROWS * steps, dtype=torch.int64), 1
+    labels = labels.to(device)
+    line = torch.cat([torch.lerp(a, b, t[:, None]) for a, b in zip(starts, ends, strict=True)]).repeat(repeat, 1)
+    arc = torch.cat([slerp(a, b, t) for a, b in zip(starts, ends, strict=True)]).repeat(repeat, 1)
+    line, arc = (generate(generator, path.to(device), labels) for path in (line, arc))
     gap = torch.zeros(steps, *line.shape[1:], device=line.device)  # 0 is drawn as the grid's gray padding
+    if len(classes) < 2:
+        return torch.cat([line, gap, arc])
+    table = generator.embed.weight[torch.tensor(list(classes), device=device)]
+    vectors = torch.lerp(table[:-1, None], table[1:, None], t[:, None].to(device)).flatten(0, 1)
+    labels_walk = generate_from_embeddings(generator, starts[0].to(device).expand(len(vectors), -1), vectors)
     return torch.cat([line, gap, arc, gap, labels_walk])
 
 
@@ -132,8 +152,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="grid columns (default %(default)s)")
     parser.add_argument("--npz", type=Path, metavar="OUT.npz", help="write images and labels for scoring")
     parser.add_argument("--n-per-class", type=integer(1), default=1000, metavar="N",
-                        help="npz images per class (default %(default)s)")
-    parser.add_argument("--interpolate", type=image_path, metavar="OUT.png", help="write latent and label walks")
+                        help="npz images per class; all of them when unconditional (default %(default)s)")
+    parser.add_argument("--interpolate", type=image_path, metavar="OUT.png",
+                        help="write latent walks, and label walks when G has 2 or more classes")
     parser.add_argument("--steps", type=integer(2), default=10, help="images per walk (default %(default)s)")
     parser.add_argument("--seed", type=integer(0), default=0, help="latent seed (default %(default)s)")
     parser.add_argument("--no-ema", action="store_true", help="use the raw G, not its saved EMA")
@@ -148,28 +169,37 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        generator, cfg = load_generator(args.checkpoint, args.device, use_ema=not args.no_ema)
+        generator, cfg, info = load_generator(args.checkpoint, args.device, use_ema=not args.no_ema)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    num_classes = label_count(cfg.model, info)
+    classes = grid_classes(num_classes)
     which = "EMA of G" if cfg.ema.enabled and not args.no_ema else "G"
-    print(f"sampling the {which} ({cfg.model.arch}) of {args.checkpoint} on {args.device}, seed {args.seed}")
+    c, h, w = info.shape
+    what = f"{num_classes} classes" if num_classes else "unconditional"
+    print(f"sampling the {which} ({cfg.model.arch}, {info.name} {c}×{h}×{w}, {what}) of {args.checkpoint} "
+          f"on {args.device}, seed {args.seed}")
     z_dim = cfg.model.z_dim
     try:
         for out in (args.grid, args.npz, args.interpolate):  # fail before the sampling, not after
             if out:
                 out.parent.mkdir(parents=True, exist_ok=True)
         if args.grid:
-            z, labels = fixed_noise(z_dim, args.n, args.seed, args.device)
-            print(f"wrote {save_grid(generate(generator, z, labels), args.grid, args.n)}")
+            z, labels = fixed_noise(z_dim, args.n, args.seed, args.device, classes)
+            print(f"wrote {save_grid(generate(generator, z, labels), args.grid, args.n)}: "
+                  f"rows {row_names(info, classes)}")
         if args.npz:
-            labels = torch.arange(NUM_CLASSES, device=args.device).repeat_interleave(args.n_per_class)
+            labels = torch.arange(max(num_classes, 1), device=args.device).repeat_interleave(args.n_per_class)
             z = latents(z_dim, len(labels), args.seed, NPZ_STREAM).to(args.device)
             write_npz(args.npz, generate(generator, z, labels), labels)
-            print(f"wrote {args.npz}")
+            print(f"wrote {args.npz}: {len(labels)} images, " +
+                  (f"{args.n_per_class} per class of {num_classes}" if num_classes else "unconditional"))
         if args.interpolate:
-            images = walks(generator, z_dim, args.steps, args.seed, args.device)
-            print(f"wrote {save_grid(images, args.interpolate, args.steps)}")
+            images = walks(generator, z_dim, args.steps, args.seed, args.device, classes)
+            walked = "latent and label walks" if len(classes) >= 2 else "latent walks (no classes to walk)"
+            print(f"wrote {save_grid(images, args.interpolate, args.steps)}: {walked}, "
+                  f"rows {row_names(info, classes)}")
     except OSError as e:
         print(f"error: cannot write {e.filename}: {e.strerror}", file=sys.stderr)
         return EXIT_USAGE

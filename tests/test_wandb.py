@@ -48,8 +48,12 @@ def test_two_ranks_make_one_offline_run_with_scalars_and_images(tmp_path, idx_ro
     assert {"train/g_loss", "train/d_real", "train/d_fake", "train/images_per_s", "lr/g", "lr/d"} <= scalars[0].keys()
     images = [r for r in rows if "samples/grid.path" in r]
     assert [r["_step"] for r in images] == [3, 6]
+    digits = ", ".join(f"{c} - {name}" for c, name in enumerate(
+        ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")))
     for r in images:
         assert (files[0].parent / "files" / r["samples/grid.path"]).is_file()
+        assert r["samples/grid.caption"] == (f"step {r['_step']}: one class per row ({digits}), "
+                                             "the same latent down each column; fixed noise")
     logged = next(r["run"]["config"]["update"] for r in records(files[0]) if r.get("type") == "run")
     resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert resolved["train"]["max_steps"] == 6
