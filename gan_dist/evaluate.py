@@ -109,9 +109,9 @@ class Evaluator:
             raise ConfigError(f"eval.n_samples: needs at least {NEIGHBOURS + 1} for the k-NN precision/recall")
         if self.num_classes >= 2:
             counts = np.bincount(reference.labels, minlength=self.num_classes)
-            if counts.min() < 2:
+            if counts.min() < 4:  # 2 per class in each half of the real-vs-real floor
                 raise DataError(f"{self.data.name} test split has {counts.min()} image(s) of class "
-                                f"{counts.argmin()}; intra-class FID needs 2 or more of every class")
+                                f"{counts.argmin()}; intra-class FID and its floor need 4 or more of every class")
         self.cfg, self.env = cfg.eval, env
         self.judge = load_or_train(cfg.data, cfg.eval.judge_dir, env, spec)
         mine = shard(len(reference.labels), env)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, base_overrides, complete_records, run, torchrun_cmd, workers
+from conftest import REPO, base_overrides, complete_records, run, torchrun_cmd, workers, write_folder
 
 STEPS = 60
 STOP_LATENCY_STEPS = 2
@@ -65,18 +65,29 @@ def params(path: Path) -> dict[str, torch.Tensor]:
     return {f"{net}.{k}": v for net in ("generator", "discriminator") for k, v in state[net].items()}
 
 
-def test_sigkill_mid_epoch_then_resume_is_bit_exact(tmp_path, idx_root, start):
-    straight = run(torchrun_cmd(2, overrides(tmp_path / "straight", idx_root)))
+STREAMED_FOLDER = {"data.name": "folder", "data.split": "train", "data.resolution": 16, "data.resident": "off",
+                   "data.workers": 1, "data.flip": True, "model.arch": "dcgan", "model.width": 8}
+"""An RGB image folder fed by a DataLoader worker from the memory-mapped cache, with flips."""
+
+
+@pytest.mark.parametrize("source", ["idx_resident", "folder_streamed"])
+def test_sigkill_mid_epoch_then_resume_is_bit_exact(tmp_path, idx_root, start, source):
+    root, data = idx_root, {}
+    if source == "folder_streamed":  # 231 training images: 7 steps per epoch
+        root, data = tmp_path / "images", STREAMED_FOLDER
+        write_folder(root, {"a": 86, "b": 85, "c": 85}, size=16)
+    straight = run(torchrun_cmd(2, overrides(tmp_path / "straight", root, **data)))
     assert straight.returncode == 0, straight.stdout[-3000:]
+    assert f"; {source.split('_')[1]}" in straight.stdout
 
     killed = tmp_path / "killed"
     endless = {"train.max_steps": 10**6, "train.epochs": 10**6}  # it cannot finish before the kill lands
-    proc = start(torchrun_cmd(2, overrides(killed, idx_root, **endless)))
-    wait_for(killed / "checkpoints" / "step_10.pt", proc)  # 8 steps per epoch: step 10 is mid-epoch 1
+    proc = start(torchrun_cmd(2, overrides(killed, root, **data | endless)))
+    wait_for(killed / "checkpoints" / "step_10.pt", proc)  # 7 or 8 steps per epoch: step 10 is mid-epoch 1
     assert proc.poll() is None
     kill_all(proc)
 
-    resumed = run(torchrun_cmd(2, overrides(killed, idx_root)))
+    resumed = run(torchrun_cmd(2, overrides(killed, root, **data)))
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert "resuming from" in resumed.stdout
     a, b = params(tmp_path / "straight" / "checkpoints" / f"step_{STEPS}.pt"), params(
