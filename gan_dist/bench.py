@@ -270,6 +270,11 @@ def _forever(epochs: Callable[[int], Iterable]) -> Iterator:
         yield from epochs(epoch)
 
 
+def fits_tutorial(info: DatasetInfo) -> bool:
+    """Whether (a) can run: the tutorial's networks are fixed to 28×28 grayscale images of 10 classes."""
+    return info.shape == (1, 28, 28) and info.num_classes == 10
+
+
 class TutorialWorkload(Workload):
     """(a): the tutorial's models, optimizers and DataLoader, stepped by its two train-step functions."""
 
@@ -280,7 +285,7 @@ class TutorialWorkload(Workload):
         torch.manual_seed(cfg.train.seed)
         np.random.seed(cfg.train.seed)
         split = load_split(cfg.data, ALONE_ON_CPU)
-        if split.info.shape != (1, 28, 28) or split.info.num_classes != 10:
+        if not fits_tutorial(split.info):
             raise DataError(f"the tutorial's networks need 28×28 grayscale images of 10 classes; "
                             f"{split.info.name} has {split.info.shape}, {split.info.num_classes} classes")
         images, labels = (torch.from_numpy(np.asarray(a)) for a in (split.images, split.labels))
@@ -472,13 +477,19 @@ def worker_config(args: argparse.Namespace) -> Config:
     return load_config(args.config, [*args.overrides, f"train.batch_size={args.batch}", f"dist.device={args.device}"])
 
 
-def plan(args: argparse.Namespace) -> list[Case]:
-    cases = [Case("a", "(a) reference: tutorial loop", "ref", 1),
-             Case("b", "(b) gan_dist, 1 process", "gan", 1)]
+def compare_tag(args: argparse.Namespace) -> str:
+    """What sets the twins apart, as their labels show it."""
+    return " ".join([*args.compare_env, *args.compare])
+
+
+def plan(args: argparse.Namespace, info: DatasetInfo) -> list[Case]:
+    """(a) when the data fits the tutorial's networks, (b), (c) with --nproc > 1, then the twins."""
+    cases = [Case("a", "(a) reference: tutorial loop", "ref", 1)] if fits_tutorial(info) else []
+    cases.append(Case("b", "(b) gan_dist, 1 process", "gan", 1))
     if args.nproc > 1:
         cases.append(Case("c", f"(c) gan_dist, {args.nproc} ranks", "gan", args.nproc))
     if args.compare or args.compare_env:
-        tag = " ".join([*args.compare_env, *args.compare])
+        tag = compare_tag(args)
         cases += [Case(f"{c.key}'", f"{c.label} [{tag}]", "gan", c.nproc, tuple(args.compare),
                        tuple(args.compare_env)) for c in cases if c.kind == "gan"]
     return cases
@@ -534,10 +545,11 @@ def _median(values: Iterable[float | None]) -> float | None:
     return statistics.median(kept) if kept else None
 
 
-def summarise(case: Case, rounds: list[list[dict[str, Any]]], ref: list[list[dict[str, Any]]]) -> dict[str, Any]:
-    """Medians over rounds of the per-round, all-rank figures; ratio to (a) taken within each round."""
+def summarise(case: Case, rounds: list[list[dict[str, Any]]],
+              ref: list[list[dict[str, Any]]] | None) -> dict[str, Any]:
+    """Medians over rounds of the per-round, all-rank figures; ratio to (a), when it ran, within each round."""
     global_ips = global_images_per_s(rounds)
-    ratios = [g / a for g, a in zip(global_ips, global_images_per_s(ref), strict=True)]
+    ratios = [g / a for g, a in zip(global_ips, global_images_per_s(ref), strict=True)] if ref else []
     first = rounds[0][0]
     ips = statistics.median(global_ips)
     achieved = first["flops_per_image"] * ips
@@ -553,7 +565,7 @@ def summarise(case: Case, rounds: list[list[dict[str, Any]]], ref: list[list[dic
         "images_per_s": ips,
         "images_per_s_per_rank": ips / case.nproc,
         "images_per_s_rounds": global_ips,
-        "x_ref": statistics.median(ratios),
+        "x_ref": _median(ratios),
         "x_ref_rounds": ratios,
         "step_ms": statistics.median(max(r["step_ms"] for r in ranks) for ranks in rounds),
         "phases_ms": {p: _median(statistics.fmean(r["phases_ms"][p] for r in ranks)
@@ -568,15 +580,23 @@ def summarise(case: Case, rounds: list[list[dict[str, Any]]], ref: list[list[dic
     }
 
 
+def ratio(results: dict[str, list[list[dict[str, Any]]]], num: str, den: str) -> float:
+    """The median over rounds of (num)'s global images/s over (den)'s, both taken in the same round."""
+    pairs = zip(global_images_per_s(results[num]), global_images_per_s(results[den]), strict=True)
+    return statistics.median(n / d for n, d in pairs)
+
+
 def check_targets(device: str, results: dict[str, list[list[dict[str, Any]]]]) -> list[dict[str, Any]]:
-    """The issue's bars, as medians of per-round ratios between the two cases."""
-    checks = []
-    for num, den, bar in TARGETS[device]:
-        if num in results and den in results:
-            pairs = zip(global_images_per_s(results[num]), global_images_per_s(results[den]), strict=True)
-            value = statistics.median(n / d for n, d in pairs)
-            checks.append({"ratio": f"({num}) / ({den})", "value": value, "target": bar, "met": value >= bar})
-    return checks
+    """The bars of TARGETS between the cases that ran."""
+    return [{"ratio": f"({num}) / ({den})", "value": value, "target": bar, "met": value >= bar}
+            for num, den, bar in TARGETS[device] if num in results and den in results
+            for value in [ratio(results, num, den)]]
+
+
+def twin_ratios(cases: Sequence[Case], results: dict[str, list[list[dict[str, Any]]]]) -> list[dict[str, Any]]:
+    """Each --compare twin against its own case: what the override is worth, side by side."""
+    return [{"ratio": f"({c.key}) / ({c.key[:-1]})", "value": ratio(results, c.key, c.key[:-1])}
+            for c in cases if c.key.endswith("'")]
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -603,7 +623,8 @@ def render(report: dict[str, Any]) -> str:
         layout = f"{r['ranks']}×{'gpu' if r['threads_per_rank'] is None else r['threads_per_rank']}"
         lines.append(
             f"{case['label']:<46} {layout:>9} {r['precision']:>8} {r['images_per_s']:>8.0f} "
-            f"{r['images_per_s_per_rank']:>8.0f} {r['x_ref']:>6.2f} {r['first_step_s']:>6.1f} {r['step_ms']:>8.2f} "
+            f"{r['images_per_s_per_rank']:>8.0f} {_fmt(r['x_ref'], '6.2f'):>6} {r['first_step_s']:>6.1f} "
+            f"{r['step_ms']:>8.2f} "
             f"{_fmt(ph['data'], '6.2f'):>6} {_fmt(ph['fwd_bwd'], '7.2f'):>7} {_fmt(ph['optim'], '6.2f'):>6} "
             f"{_fmt(ph['comm'], '6.2f'):>6} "
             f"{r['gflop_per_s']:>8.1f} {r['pct_of_ceiling']:>6.1f} {r['peak_rss_mb_per_rank']:>7.0f} "
@@ -620,6 +641,7 @@ def render(report: dict[str, Any]) -> str:
         "1st s: the first step (lazy init; under train.compile, compiling); step ms split per rank: data | "
         "fwd/bwd (the rest) | optim (Adam.step) | comm (all-reduce in flight + step agreement; gloo only)",
     ]
+    lines += [f"twin {t['ratio']} = {t['value']:.2f} ({report['settings']['compare_tag']})" for t in report["twins"]]
     lines += [f"target {t['ratio']} = {t['value']:.2f} (bar ≥ {t['target']}): "
               f"{'met' if t['met'] else 'NOT met'}" for t in report["targets"]]
     return "\n".join(lines)
@@ -662,7 +684,10 @@ def busy_processes(n: int) -> Iterator[None]:
 def run_parent(args: argparse.Namespace) -> int:
     cfg = worker_config(args)
     info = load_split(cfg.data, ALONE_ON_CPU).info  # fail fast here, and download and convert only once
-    cases = plan(args)
+    cases = plan(args, info)
+    if cases[0].key != "a":
+        print(f"(a) skipped: the tutorial's networks need 28×28 grayscale images of 10 classes; {info.name} "
+              f"is {'×'.join(map(str, info.shape))} with {info.num_classes} classes", file=sys.stderr)
     load_before = os.getloadavg()
     results: dict[str, list[list[dict[str, Any]]]] = defaultdict(list)
     with busy_processes(args.load):
@@ -681,13 +706,15 @@ def run_parent(args: argparse.Namespace) -> int:
                      "nproc": args.nproc, "device": args.device, "config": str(args.config),
                      "matmul_size": MATMUL_SIZE[args.device],
                      "overrides": args.overrides, "compare": args.compare, "compare_env": args.compare_env,
+                     "compare_tag": compare_tag(args),
                      "background_load": args.load,
                      "data": f"{cfg.data.name} {cfg.data.split} ({cfg.data.root})"},
         "model_flops_per_image": model_flops(cfg, info),
         "cases": [{"key": c.key, "label": c.label, "overrides": list(c.overrides),
-                   "summary": summarise(c, results[c.key], results["a"]), "rounds": results[c.key]}
+                   "summary": summarise(c, results[c.key], results.get("a")), "rounds": results[c.key]}
                   for c in cases],
         "targets": check_targets(args.device, results),
+        "twins": twin_ratios(cases, results),
     }
     table = render(report)
     print(table)

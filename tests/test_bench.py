@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run
+from conftest import run, write_folder
+from shapes import DIGITS
 
 from gan_dist import bench
 from gan_dist.engine import native_bf16
@@ -42,7 +43,7 @@ def test_bench_runs_every_case_and_writes_json(idx_root: Path, tmp_path: Path) -
 
 def test_compare_adds_twins_that_carry_the_override(tmp_path: Path) -> None:
     args = bench.parse_args([*TINY, "--compare", "amp.enabled=false", "data.split=test"])
-    cases = bench.plan(args)
+    cases = bench.plan(args, DIGITS)
     assert [c.key for c in cases] == ["a", "b", "c", "b'", "c'"]
     twin = bench.worker_argv(args, cases[-1], tmp_path)
     assert "torch.distributed.run" in twin and "--nproc_per_node=2" in twin
@@ -50,9 +51,24 @@ def test_compare_adds_twins_that_carry_the_override(tmp_path: Path) -> None:
     assert "amp.enabled=false" not in bench.worker_argv(args, cases[1], tmp_path)
 
 
+def test_an_rgb_folder_skips_the_reference_and_compares_streamed_with_resident(tmp_path: Path) -> None:
+    write_folder(tmp_path / "images", {"a": 12, "b": 12}, size=16)
+    report_path = tmp_path / "bench.json"
+    proc = run([sys.executable, "-m", "gan_dist.bench", *TINY[:-2], "--nproc", "1", "--json", report_path,
+                "--compare", "data.resident=off", "data.name=folder", f"data.root={tmp_path / 'images'}",
+                "data.resolution=16", f"data.cache_dir={tmp_path / 'cache'}", "data.workers=0",
+                "model.arch=dcgan", "model.width=8"], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "(a) skipped: the tutorial's networks need 28×28 grayscale images of 10 classes" in proc.stderr
+    report = json.loads(report_path.read_text())
+    assert [c["key"] for c in report["cases"]] == ["b", "b'"] and report["cases"][0]["summary"]["x_ref"] is None
+    assert [t["ratio"] for t in report["twins"]] == ["(b') / (b)"] and report["twins"][0]["value"] > 0
+    assert "twin (b') / (b) = " in proc.stdout and "(data.resident=off)" in proc.stdout
+
+
 def test_compare_env_gives_the_twins_its_variables_only(tmp_path: Path) -> None:
     args = bench.parse_args([*TINY, "--compare-env", "OMP_WAIT_POLICY=PASSIVE", "--load", "1"])
-    cases = bench.plan(args)
+    cases = bench.plan(args, DIGITS)
     assert [c.key for c in cases] == ["a", "b", "c", "b'", "c'"] and args.load == 1
     assert [c.env for c in cases] == [(), (), (), ("OMP_WAIT_POLICY=PASSIVE",), ("OMP_WAIT_POLICY=PASSIVE",)]
     with pytest.raises(SystemExit):
