@@ -606,6 +606,7 @@ def _fmt(value: float | None, spec: str) -> str:
 def render(report: dict[str, Any]) -> str:
     """The table and the lines around it, as printed and as pasted into docs/BENCHMARKS.md."""
     m, s = report["machine"], report["settings"]
+    label = max(46, *(len(c["label"]) for c in report["cases"]))
     lines = [
         f"$ {report['command']}",
         f"{m['device_name']} ({m['capability']}), {m['cores']} cores, torch {m['torch']}; "
@@ -614,7 +615,7 @@ def render(report: dict[str, Any]) -> str:
         f"{s['rounds']} rounds (A B C ...); data {s['data']}"
         + (f"; beside {s['background_load']} busy processes" if s["background_load"] else ""),
         "",
-        f"{'case':<46} {'ranks×thr':>9} {'dtype':>8} {'img/s':>8} {'/rank':>8} {'×(a)':>6} {'1st s':>6} "
+        f"{'case':<{label}} {'ranks×thr':>9} {'dtype':>8} {'img/s':>8} {'/rank':>8} {'×(a)':>6} {'1st s':>6} "
         f"{'step ms':>8} {'data':>6} {'fwd/bwd':>7} {'optim':>6} {'comm':>6} {'GFLOP/s':>8} {'%ceil':>6} "
         f"{'RSS MB':>7} {'CUDA MB':>8}",
     ]
@@ -622,7 +623,7 @@ def render(report: dict[str, Any]) -> str:
         r, ph = case["summary"], case["summary"]["phases_ms"]
         layout = f"{r['ranks']}×{'gpu' if r['threads_per_rank'] is None else r['threads_per_rank']}"
         lines.append(
-            f"{case['label']:<46} {layout:>9} {r['precision']:>8} {r['images_per_s']:>8.0f} "
+            f"{case['label']:<{label}} {layout:>9} {r['precision']:>8} {r['images_per_s']:>8.0f} "
             f"{r['images_per_s_per_rank']:>8.0f} {_fmt(r['x_ref'], '6.2f'):>6} {r['first_step_s']:>6.1f} "
             f"{r['step_ms']:>8.2f} "
             f"{_fmt(ph['data'], '6.2f'):>6} {_fmt(ph['fwd_bwd'], '7.2f'):>7} {_fmt(ph['optim'], '6.2f'):>6} "

@@ -53,7 +53,10 @@ class DataConfig:
         "cache by DataLoader workers; auto: on when it fits data.resident_max_gb"
     )
     resident_max_gb: float = opt(4.0, "data.resident=auto: largest split (uint8) kept on the device", ge=0)
-    workers: int = opt(2, "streamed: DataLoader worker processes per rank (0: in the training process)", ge=0)
+    workers: int | None = opt(
+        None, "streamed: DataLoader worker processes per rank (0: read in the training process); null: 0 when "
+        "training on CPU, where workers would take cores from the training threads and handing a batch between "
+        "processes costs more than gathering it from the memory map, else 2", ge=0)
     prefetch: int = opt(4, "streamed: batches each worker prepares ahead", ge=1)
 
 

@@ -260,7 +260,10 @@ class ShardedBatches:
     """
 
     mode = "indices"
-    """What feeds the batches, for a start-up line: the feeders say "resident" or "streamed"."""
+    """What feeds the batches: the feeders say "resident" or "streamed"; ``str()`` says it for a start-up line."""
+
+    def __str__(self) -> str:
+        return self.mode
 
     def __init__(self, size: int, batch_size: int, rank: int, world_size: int, seed: int, flip: bool = False) -> None:
         self.size, self.batch_size, self.seed, self.flip = size, batch_size, seed, flip
@@ -360,6 +363,9 @@ class StreamedBatches(ShardedBatches):
         self.plan = _Plan()
         self.loader = self._loader()
 
+    def __str__(self) -> str:
+        return f"streamed by {self.workers} workers" if self.workers else "streamed in the training process"
+
     def _loader(self) -> DataLoader:
         return DataLoader(self.dataset, batch_size=None, sampler=self.plan, num_workers=self.workers,
                           pin_memory=self.device.type == "cuda", persistent_workers=self.workers > 0,
@@ -386,6 +392,13 @@ class StreamedBatches(ShardedBatches):
         self.loader = self._loader()
 
 
+def loader_workers(cfg: DataConfig, device: torch.device) -> int:
+    """``data.workers``, or when unset what suits the device (see its help)."""
+    if cfg.workers is not None:
+        return cfg.workers
+    return 0 if device.type == "cpu" else 2
+
+
 def make_batches(split: Split, cfg: DataConfig, env: DistEnv, batch_size: int, seed: int) -> ShardedBatches:
     """Resident batches when ``data.resident`` says so (auto: the split fits ``resident_max_gb``),
     else streamed ones; this rank's share, per ``env``."""
@@ -394,4 +407,4 @@ def make_batches(split: Split, cfg: DataConfig, env: DistEnv, batch_size: int, s
         images, labels = split.tensors(env.device)
         return ResidentBatches(images, labels, batch_size, env.rank, env.world_size, seed, cfg.flip)
     return StreamedBatches(split, batch_size, env.rank, env.world_size, seed, cfg.flip, device=env.device,
-                           workers=cfg.workers, prefetch=cfg.prefetch)
+                           workers=loader_workers(cfg, env.device), prefetch=cfg.prefetch)

@@ -102,7 +102,7 @@ class Trainer:
         self.eval_seconds = 0.0
         self.last_saved: Path | None = None
         run_id = self._restore(self.checkpointer.resume_state(cfg.train.resume))
-        self._say(f"data: {describe_data(self.info, split.name, self.engine.num_classes)}; {self.data.mode}")
+        self._say(f"data: {describe_data(self.info, split.name, self.engine.num_classes)}; {self.data}")
         self._say(f"precision: {cfg.amp.dtype} ({self.engine.precision.reason})")
         if env.is_main:  # only once the resume check has passed: a refused start changes nothing
             (self.run_dir / "config.yaml").write_text(

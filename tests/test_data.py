@@ -30,6 +30,7 @@ from gan_dist.data import (
     StreamedBatches,
     has_split,
     load_split,
+    loader_workers,
     make_batches,
     to_pixels,
     to_unit,
@@ -524,6 +525,14 @@ def test_flips_follow_the_sample_not_the_rank(digits):
 def test_auto_keeps_what_fits_resident(digits):
     assert make_batches(digits, DataConfig(), CPU, 8, 0).mode == "resident"
     assert make_batches(digits, DataConfig(resident_max_gb=0.0), CPU, 8, 0).mode == "streamed"
+
+
+def test_unset_workers_suit_the_device(digits):
+    assert loader_workers(DataConfig(), torch.device("cpu")) == 0  # the workers would share the training cores
+    assert loader_workers(DataConfig(), torch.device("cuda", 0)) == 2
+    assert loader_workers(DataConfig(workers=3), torch.device("cpu")) == 3
+    streamed = make_batches(digits, DataConfig(resident="off"), CPU, 8, 0)
+    assert streamed.workers == 0 and str(streamed) == "streamed in the training process"
 
 
 def test_abandoned_streamed_epoch_stops_its_workers(digits):
