@@ -60,8 +60,13 @@ def _equivalence_run(env: DistEnv, out: Path) -> None:
         torch.save({"G": eng.generator.state_dict(), "D": eng.discriminator.state_dict()}, out / f"equiv_{world}.pt")
 
 
+def _join(rank: int, world: int, store: Path) -> DistEnv:
+    """A gloo group of ``world`` spawned ranks, or the plain single-process environment."""
+    return file_group(rank, world, store) if world > 1 else setup(load_config(None, []).dist)
+
+
 def _worker(rank: int, world: int, out: Path) -> None:
-    env = file_group(rank, world, out / f"store_{world}") if world > 1 else setup(load_config(None, []).dist)
+    env = _join(rank, world, out / f"store_{world}")
     if world > 1:
         _check_options(env, out)
     _equivalence_run(env, out)
@@ -155,7 +160,7 @@ def _folder_config(out: Path) -> list[str]:
 def _folder_worker(rank: int, world: int, out: Path) -> None:
     """STEPS iterations on the folder's batches with fixed latents; saves this rank's batches, and
     rank 0 the parameters."""
-    env = file_group(rank, world, out / f"folder_store_{world}") if world > 1 else setup(load_config(None, []).dist)
+    env = _join(rank, world, out / f"folder_store_{world}")
     cfg = load_config(None, _folder_config(out))
     split = load_split(cfg.data, env)
     batches = make_batches(split, cfg.data, env, GLOBAL_BATCH // world, cfg.train.seed)
