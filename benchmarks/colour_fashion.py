@@ -24,8 +24,7 @@ import numpy as np
 from PIL import Image
 
 from gan_dist.config import DataConfig
-from gan_dist.data import DataError
-from gan_dist.sources import IdxSource
+from gan_dist.sources import DataError, IdxSource
 
 SATURATION = 0.85
 

@@ -36,23 +36,38 @@ import torch
 import torch.distributed as tdist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-from gan_dist import bench, evaluate
+from benchmarks import bench
 from gan_dist import dist as gan_dist_dist
-from gan_dist.config import Config, DataConfig, load_config
-from gan_dist.data import DataError, DatasetInfo, Split, load_split, make_batches
+from gan_dist import evaluate
+from gan_dist.config import Config, load_config
 from gan_dist.dist import DistEnv, setup, teardown, usable_cores
-from gan_dist.engine import GANEngine
 from gan_dist.judge import DEFAULT_SPEC, JudgeSpec
+from gan_dist.losses import Metrics
+from gan_dist.sources import DataError, DatasetInfo
+from gan_dist.train import build
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
-# Recipe name -> (config file, overrides). The BatchNorm DCGAN is the tutorial's recipe with conv nets:
-# concat conditioning, BCE, and BatchNorm in D (spectral norm off).
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A config file (None: the defaults) and overrides on top; ``arch`` is the model.arch they give."""
+
+    config: str | None
+    arch: str
+    overrides: tuple[str, ...] = ()
+
+
+# The defaults are the tutorial's recipe (configs/mnist_cgan.yaml's values), so the BatchNorm DCGAN is that
+# recipe with conv nets: concat conditioning, BCE, and BatchNorm in D (spectral norm off). It starts from
+# the defaults, not from the file: the file's model.mlp section does not apply to model.arch=dcgan.
 RECIPES = {
-    "mlp": ("configs/mnist_cgan.yaml", ()),
-    "dcgan": ("configs/mnist_dcgan.yaml", ()),
-    "dcgan_bn": ("configs/mnist_cgan.yaml", ("model.arch=dcgan",)),
+    "mlp": Recipe("configs/mnist_cgan.yaml", "mlp"),
+    "dcgan": Recipe("configs/mnist_dcgan.yaml", "dcgan"),
+    "dcgan_bn": Recipe(None, "dcgan", ("model.arch=dcgan",)),
 }
+DROPOUT_OFF = {"mlp": ("model.mlp.d_dropout=0",), "dcgan": ()}  # the DCGAN's D has no dropout
 DTYPES = {"cuda": ("bfloat16", "float16", "float32"), "cpu": ("bfloat16", "float32")}
 SCALED_DTYPE = {"cuda": "float16", "cpu": "bfloat16"}  # float16 autocast is CUDA only
 DDP_OPTIONS = {"mlp": ("mlp", ()), "dcgan": ("dcgan", ()), "dcgan_bn": ("dcgan_bn", ()),
@@ -68,7 +83,7 @@ class Sizes:
     """How much each stage runs: the full check on a GPU, or a smoke of the same code on a CPU."""
 
     batch: int
-    model: tuple[str, ...]  # overrides that shrink the networks
+    model: dict[str, tuple[str, ...]]  # per model.arch, the overrides that shrink its networks
     warmup: int  # steps before the checked ones (lazy initialisation may sync once)
     steps: int  # checked steps per combination, per rank configuration, per sweep point
     resumed: tuple[str, ...]  # recipes of the SIGTERM -> resume comparison; the last one is evaluated
@@ -77,19 +92,20 @@ class Sizes:
     log_every: int
     worlds: tuple[int, ...]  # ranks sharing the device over gloo
     agreement_calls: int
-    bench: tuple[str, ...]  # gan_dist.bench's --steps and --warmup
+    bench: tuple[str, ...]  # benchmarks/bench.py's --steps and --warmup
     sweep: tuple[int, ...]  # batch sizes
     n_per_class: int  # evaluated samples per class
     judge: JudgeSpec
 
 
 SIZES = {
-    "cuda": Sizes(batch=64, model=(), warmup=3, steps=20, resumed=("mlp", "dcgan"), run_steps=300, signal_after=20,
+    "cuda": Sizes(batch=64, model={}, warmup=3, steps=20, resumed=("mlp", "dcgan"), run_steps=300, signal_after=20,
                   log_every=10, worlds=(2, 4), agreement_calls=300, bench=("--steps", "200", "--warmup", "30"),
                   sweep=tuple(64 * 2**i for i in range(9)), n_per_class=200, judge=DEFAULT_SPEC),
-    "cpu": Sizes(batch=16, model=("model.width=8", "model.g_hidden=[32]", "model.d_hidden=[32]"), warmup=1, steps=2,
-                 resumed=("mlp",), run_steps=24, signal_after=8, log_every=2, worlds=(2,), agreement_calls=50,
-                 bench=("--steps", "1", "--warmup", "0"), sweep=(8, 16), n_per_class=10,
+    "cpu": Sizes(batch=16, model={"mlp": ("model.mlp.g_hidden=[32]", "model.mlp.d_hidden=[32]"),
+                                  "dcgan": ("model.dcgan.width=8",)},
+                 warmup=1, steps=2, resumed=("mlp",), run_steps=24, signal_after=8, log_every=2, worlds=(2,),
+                 agreement_calls=50, bench=("--steps", "1", "--warmup", "0"), sweep=(8, 16), n_per_class=10,
                  judge=JudgeSpec(width=4, features=16, samples=2000, batch_size=32, lr=1e-2)),
 }
 
@@ -119,14 +135,24 @@ class Mode:
         """The command-line form of this mode, for the stage's own subprocesses."""
         return ["--device", self.device, "--work", str(self.work), "--out", str(self.out), *self.data]
 
+    def model(self, arch: str) -> tuple[str, ...]:
+        """The overrides that size networks of ``arch`` for this mode."""
+        return self.sizes.model.get(arch, ())
+
     def overrides(self, recipe: str, *extra: str) -> list[str]:
         """A recipe's overrides, then the mode's data, device, batch and model size, then ``extra``."""
-        sizes = self.sizes
-        return [*RECIPES[recipe][1], *self.data, f"dist.device={self.device}", f"train.batch_size={sizes.batch}",
-                *sizes.model, *extra]
+        r = RECIPES[recipe]
+        return [*r.overrides, *self.data, f"dist.device={self.device}", f"train.batch_size={self.sizes.batch}",
+                *self.model(r.arch), *extra]
+
+    def config_args(self, recipe: str) -> list[str]:
+        """``--config FILE`` of the recipe for a command line; none when it starts from the defaults."""
+        file = RECIPES[recipe].config
+        return ["--config", str(REPO / file)] if file else []
 
     def config(self, recipe: str, *extra: str) -> Config:
-        return load_config(REPO / RECIPES[recipe][0], self.overrides(recipe, *extra))
+        file = RECIPES[recipe].config
+        return load_config(REPO / file if file else None, self.overrides(recipe, *extra))
 
 
 class Report:
@@ -190,7 +216,8 @@ def outcome(proc: subprocess.CompletedProcess, ok: bool, needle: str) -> str:
 
 def raised(e: BaseException) -> str:
     """The exception and the innermost frame of gan_dist (or of this file) that it passed through."""
-    frames = [f for f in traceback.extract_tb(e.__traceback__) if "gan_dist" in f.filename or f.filename == __file__]
+    frames = [f for f in traceback.extract_tb(e.__traceback__)
+              if Path(f.filename).parent.name in ("gan_dist", "benchmarks")]
     where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno} in {frames[-1].name}" if frames else ""
     return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}{where}"
 
@@ -214,31 +241,31 @@ def torchrun(nproc: int) -> list[str]:
     return [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
 
 
-@functools.cache
-def _split(data: DataConfig, device: torch.device) -> Split:
-    """The cached split, once per stage process: every combination of a stage trains on it."""
-    return load_split(data, DistEnv(0, 0, 1, 1, device))
-
-
 class Run:
-    """An engine on the mode's device with its real data, stepped as ``Trainer.fit`` steps it."""
+    """A run built as the trainer builds it (``gan_dist.train.build``) on the mode's device with its real
+    data, stepped as ``Trainer.fit`` steps it."""
 
     def __init__(self, cfg: Config, env: DistEnv) -> None:
-        self.cfg, self.env = cfg, env
-        split = _split(cfg.data, env.device)
-        self.shards = make_batches(split, cfg.data, env, cfg.train.batch_size, cfg.train.seed)
+        self.env = env
+        built = build(cfg, env)
+        self.cfg, self.info, self.shards, self.engine = built.cfg, built.info, built.data, built.engine
         self.batches = self.shards.epoch(0)
-        self.engine = GANEngine(cfg, env, split.info)
         self.step = 0
 
-    def train(self, steps: int) -> list[torch.Tensor]:
-        """``steps`` iterations; their stacked metrics, left on the device (reading them would sync)."""
-        values = []
+    def train(self, steps: int) -> list[Metrics]:
+        """``steps`` iterations; their metrics, left on the device (reading them would sync)."""
+        metrics = []
         for _ in range(steps):
             reals = [next(self.batches) for _ in range(self.cfg.train.n_critic)]
-            values.append(self.engine.iteration(self.step, reals).stacked())
+            metrics.append(self.engine.iteration(self.step, reals))
             self.step += 1
-        return values
+        return metrics
+
+    def read(self, metrics: list[Metrics]) -> dict[str, torch.Tensor]:
+        """Each metric the loss names (``engine.loss.names``), over the steps that reported it, on the host;
+        one that no step reported (a lazy regularizer between its steps) is left out."""
+        return {name: torch.stack([m[name] for m in metrics if name in m]).float().cpu()
+                for name in self.engine.loss.names if any(name in m for m in metrics)}
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Every parameter, buffer and optimizer state tensor the run keeps."""
@@ -353,13 +380,15 @@ def preflight(mode: Mode, report: Report) -> None:
         report.measure("fp32 matmul ceiling, GFLOP/s", round(bench.matmul_ceiling(device, torch.float32) / 1e9, 1))
     cfg = mode.config("mlp")
     try:
-        split = _split(cfg.data, device)
+        built = build(cfg, setup(cfg.dist))
     except DataError as e:
         report.check("data present", False, f"{e} (see the header of benchmarks/gpu_check.sh)")
         return
-    report.check("data present", True, f"{cfg.data.name} {cfg.data.split}: {len(split)} images, {split.info.shape}")
-    precision = GANEngine(cfg, setup(cfg.dist), split.info).precision
-    report.measure("amp.dtype=auto resolves to", f"{precision.dtype} ({precision.reason})")
+    info = built.info
+    report.check("data present", True, f"{info.name} {built.split}: {info.sizes.get(built.split, '?')} images, "
+                                       f"{info.shape}; {len(built.data)} batches of {cfg.train.batch_size}")
+    amp = built.engine.amp
+    report.measure("amp.dtype=auto resolves to", f"{amp.dtype} ({amp.reason})")
 
 
 # ------------------------------------------------------------------------------------------------ correctness
@@ -388,25 +417,26 @@ def matrix_case(mode: Mode, report: Report, recipe: str, dtype: str, extra: tupl
     sizes, name = mode.sizes, case_name(recipe, dtype, extra)
     cfg = mode.config(recipe, f"amp.dtype={dtype}", *extra)
     run = Run(cfg, setup(cfg.dist))
-    precision = run.engine.precision
-    scaled = precision.scaler.is_enabled()
-    report.check(f"{name}: precision", precision.dtype == getattr(torch, dtype) and scaled == (dtype == "float16"),
-                 f"{precision.dtype}, GradScaler {'on' if scaled else 'off'} ({precision.reason})")
+    amp = run.engine.amp
+    scaled = amp.scaler.is_enabled()
+    report.check(f"{name}: precision", amp.dtype == getattr(torch, dtype) and scaled == (dtype == "float16"),
+                 f"{amp.dtype}, GradScaler {'on' if scaled else 'off'} ({amp.reason})")
     run.train(sizes.warmup)  # cuBLAS handles, the allocator and the epoch's index upload may sync once
     start = time.perf_counter()
     try:
         with no_host_sync(run.env.device):
-            values = run.train(sizes.steps)
+            metrics = run.train(sizes.steps)
     except RuntimeError as e:
         report.check(f"{name}: {sizes.steps} steps without a host sync", False, raised(e))
         return
-    values = torch.stack(values).cpu()  # the one read, after the loop
+    values = run.read(metrics)  # the reads, after the loop
     ms = 1e3 * (time.perf_counter() - start) / sizes.steps
     report.check(f"{name}: {sizes.steps} steps" + (" without a host sync" if mode.cuda else ""), True,
                  f"{ms:.2f} ms/step")
-    finite = bool(torch.isfinite(values).all()) and all(bool(torch.isfinite(t).all()) for _, t in run.tensors())
+    finite = all(bool(torch.isfinite(v).all()) for v in values.values()) and \
+        all(bool(torch.isfinite(t).all()) for _, t in run.tensors())
     report.check(f"{name}: losses and weights finite",
-                 finite, f"last d_loss {values[-1, 0]:.4f}, g_loss {values[-1, 1]:.4f}")
+                 finite, "last " + ", ".join(f"{k} {v[-1]:.4f}" for k, v in values.items()))
     misplaced = off_device(run)
     report.check(f"{name}: everything on {mode.device}", not misplaced, ", ".join(misplaced[:5]))
 
@@ -447,19 +477,20 @@ def fixed_inputs(n: int, z_dim: int, info: DatasetInfo) -> list[torch.Tensor]:
 
 def fixed_step(mode: Mode, recipe: str, device: str) -> dict[str, Any]:
     """One D step and one G step in float32 on fixed inputs, dropout off; losses, gradients and weights."""
-    cfg = mode.config(recipe, "amp.dtype=float32", "model.d_dropout=0", f"dist.device={device}")
+    cfg = mode.config(recipe, "amp.dtype=float32", *DROPOUT_OFF[RECIPES[recipe].arch], f"dist.device={device}")
     env = setup(cfg.dist)
-    info = _split(cfg.data, env.device).info
-    engine = GANEngine(cfg, env, info)
+    built = build(cfg, env)
+    engine = built.engine
     if env.device.type == "cuda":  # after the engine, whatever it sets: this compares true float32
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    inputs = fixed_inputs(cfg.train.batch_size, cfg.model.z_dim, info)
+    inputs = fixed_inputs(cfg.train.batch_size, cfg.model.z_dim, built.info)
     real, labels, z_d, y_d, z_g, y_g = (t.to(env.device) for t in inputs)
-    d_loss, _, _ = engine.d_step(real, labels, z_d, y_d)
-    g_loss = engine.g_step(z_g, y_g)  # D is frozen here: its .grad stays the D step's
+    metrics = engine.d_step(real, labels, z_d, y_d, 0)
+    metrics |= engine.g_step(z_g, y_g)  # D is frozen here: its .grad stays the D step's
+    names = [n for n in engine.loss.names if n in metrics]
     named = [*(("G." + k, p) for k, p in engine.generator.named_parameters()),
              *(("D." + k, p) for k, p in engine.discriminator.named_parameters())]
-    return {"losses": torch.stack([d_loss, g_loss]).cpu(), "lr": cfg.optim.d_lr,
+    return {"names": names, "losses": torch.stack([metrics[n].float() for n in names]).cpu(), "lr": cfg.optim.d_lr,
             "grads": {k: p.grad.cpu() for k, p in named if p.grad is not None},
             "params": {k: p.detach().cpu() for k, p in named}}
 
@@ -467,9 +498,14 @@ def fixed_step(mode: Mode, recipe: str, device: str) -> dict[str, Any]:
 def compare_step(mode: Mode, report: Report, recipe: str) -> None:
     """``fixed_step`` on the CPU (a) against the device (b), from the same seeded initial state."""
     a, b = fixed_step(mode, recipe, "cpu"), fixed_step(mode, recipe, mode.device)
-    loss_err = float(((a["losses"] - b["losses"]).abs() / a["losses"].abs().clamp_min(1)).max())
+    if not report.check(f"{recipe}: the same metrics reported", a["names"] == b["names"],
+                        f"{', '.join(a['names'])} on cpu; {', '.join(b['names'])} on {mode.device}"):
+        return
+    errors = (a["losses"] - b["losses"]).abs() / a["losses"].abs().clamp_min(1)
+    worst = int(errors.argmax())
     report.check(f"{recipe}: losses agree (rtol {CPU_VS_DEVICE['loss_rtol']:g})",
-                 loss_err <= CPU_VS_DEVICE["loss_rtol"], f"largest relative difference {loss_err:.2e}")
+                 float(errors[worst]) <= CPU_VS_DEVICE["loss_rtol"],
+                 f"largest relative difference {float(errors[worst]):.2e} in {a['names'][worst]}")
     if not report.check(f"{recipe}: the same gradients exist", a["grads"].keys() == b["grads"].keys(),
                         f"{len(a['grads'])} on cpu, {len(b['grads'])} on {mode.device}"):
         return
@@ -498,7 +534,7 @@ def cpu_vs_device(mode: Mode, report: Report) -> None:
 def train_args(mode: Mode, recipe: str, run_dir: Path) -> list[str]:
     """gan_dist.train's arguments for a short run with the process group and DDP at world size 1."""
     sizes = mode.sizes
-    return ["--config", str(REPO / RECIPES[recipe][0]), *mode.overrides(recipe), f"run_dir={run_dir}",
+    return [*mode.config_args(recipe), *mode.overrides(recipe), f"run_dir={run_dir}",
             f"train.max_steps={sizes.run_steps}", "checkpoint.every_steps=0", f"log.every_steps={sizes.log_every}",
             "log.wandb.mode=disabled", "log.progress=false", "dist.force_ddp=true", f"dist.backend={mode.backend}"]
 
@@ -552,8 +588,8 @@ def resume_case(mode: Mode, report: Report, recipe: str) -> None:
     ok = proc.returncode == 0 and "resuming from" in proc.stdout
     if not report.check(f"{recipe}: resumed to the end", ok, outcome(proc, ok, "resuming from")):
         return
-    diffs = differences(*(flat_tensors(torch.load(final_checkpoint(mode, d), weights_only=True))
-                          for d in (straight, broken)))
+    diffs = differences(*(flat_tensors(torch.load(final_checkpoint(mode, d), weights_only=True)["engine"], "engine")
+                          for d in (straight, broken)))  # format 3: every tensor of a run is its engine's
     unequal = sorted(k for k, v in diffs.items() if v != 0.0)
     worst = max(diffs, key=diffs.get)
     summary = (f"{len(unequal)} of {len(diffs)} tensors differ; largest {diffs[worst]:.3g} in {worst}" if unequal
@@ -709,9 +745,9 @@ def throughput(mode: Mode, report: Report, compile_mode: str | None = None) -> N
     """(a) against (b) at the tutorial's batch, eager, and against its twin with ``train.compile``."""
     path = mode.work / f"bench_{compile_mode or 'eager'}.json"
     compare = ["--compare", f"train.compile={compile_mode}"] if compile_mode else []
-    proc = run_cmd([PY, "-m", "gan_dist.bench", "--device", mode.device, "--nproc", "1", "--batch",
+    proc = run_cmd([PY, REPO / "benchmarks" / "bench.py", "--device", mode.device, "--nproc", "1", "--batch",
                     mode.sizes.batch, *mode.sizes.bench, "--rounds", "1", "--json", path, *compare,
-                    *mode.data, *mode.sizes.model])
+                    *mode.data, *mode.model("mlp")])  # the bench's default config: the MLP recipe
     ok = proc.returncode == 0 and path.exists()
     if not report.check("bench ran", ok, outcome(proc, ok, "target")):
         return

@@ -3,11 +3,12 @@
 # the GPU, and throughput. The stages live in benchmarks/gpu_check.py; this script runs each in its own
 # process under its own timeout, so a crash or a hang costs one stage, and then summarises.
 #
-# Prepare here, once (the data must travel with the working tree; ../shared and /usr/share do not;
-# .gitignore keeps .bench_data out of git):
+# Data: the stages read DATA_ROOT (default .bench_data, inside the working tree, so a copy of the tree
+# carries it to the GPU machine; .gitignore keeps it out of git). Fill it once, e.g. from Debian's
+# dataset-fashion-mnist package:
 #   mkdir -p .bench_data && cp /usr/share/datasets/fashion-mnist/*-ubyte.gz .bench_data/
-# (train-* for training and the judge, t10k-* as the evaluation reference.) Then, with the device tool:
-#   run(command="bash benchmarks/gpu_check.sh", carry=[".bench_data"], timeout_s=420)
+# (train-* for training and the judge, t10k-* as the evaluation reference.) Then, on the GPU machine:
+#   bash benchmarks/gpu_check.sh      # under an outer timeout a little above the budget below
 # The stages share a time budget (GPU_CHECK_BUDGET_S, default 390 s on CUDA): a stage starts with the
 # smaller of its own timeout and what is left, and is skipped when under 15 s are left. Correctness
 # stages come first, the throughput stages after them; `python -m benchmarks.gpu_check plan --work W --out O`

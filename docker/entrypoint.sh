@@ -5,7 +5,7 @@
 #   a program as first argument (python, bash, ...): that command, run as given.
 set -euo pipefail
 # Waiting OpenMP threads sleep rather than spin, unless the caller chose: containers share their
-# host's cores, and spinning threads take cores from the work (docs/BENCHMARKS.md).
+# host's cores, and spinning threads take cores from the work.
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 
 # `docker run IMAGE python -m gan_dist.train --help` or `... bash` must reach the program itself,

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Smoke test of docker/Dockerfile on a machine with no Docker daemon and no reachable image registry.
+# Smoke test of docker/Dockerfile that needs no Docker daemon and pulls nothing from an image registry.
 # It builds the image with podman, then runs three containers:
 #   1. `id -u` and `python -m gan_dist.train --help`;
 #   2. the default entry point with NPROC=1: 20 training steps on the CPU;
 #   3. 20 DDP steps over 2 CPU ranks (gloo), started by hand with env:// variables.
 # The training data is a tiny made-up MNIST, mounted read-only; nothing in the runs uses the network.
 #
-# The pinned CUDA base cannot be pulled here, so BASE_IMAGE is a local stand-in with the same contract
+# Nothing is pulled, so BASE_IMAGE is a local stand-in for the pinned CUDA base, with the same contract
 # (Python >= 3.11, pip, torch, torchvision): Debian trixie made with debootstrap, with Debian's CPU
 # builds of torch 2.6 and torchvision 0.21. The alternatives fail: bookworm's torch (1.13) is older than
 # pyproject's torch>=2.4; PyPI's x86_64 torch is a CUDA build of several GB, and PyPI's torchvision does
@@ -15,8 +15,8 @@
 # libuv, and torchrun's rendezvous store insists on it, so run 3 starts its ranks without torchrun.
 #
 # Run as root: bash docker/smoke.sh. Root because debootstrap, podman's vfs storage and its chroot
-# isolation need it; they are what works without a daemon here (podman's overlay storage and crun do
-# not). The first run needs Debian's mirror and PyPI, and installs podman, runc and debootstrap when
+# isolation need it; vfs and chroot are used because they need neither a daemon nor an overlay file
+# system. The first run needs Debian's mirror and PyPI, and installs podman, runc and debootstrap when
 # missing. The base image is kept in $GAN_DIST_SMOKE_DIR (default /var/tmp/gan_dist-smoke) for later
 # runs; delete that folder to rebuild it.
 set -euo pipefail
@@ -43,12 +43,12 @@ for tool in podman runc debootstrap; do
 done
 if ((${#missing[@]})); then
     say "installing ${missing[*]}"
-    # The lock timeout: other jobs on the machine may be running apt-get too.
+    # The lock timeout: wait for another apt-get or dpkg holding the lock instead of failing at once.
     DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends \
         "${missing[@]}" uidmap >/dev/null
 fi
 
-# A store of our own keeps these multi-GB vfs images apart from any other podman user on the machine,
+# A store of our own keeps these multi-GB vfs images apart from any other podman storage on the host,
 # and goes away with $state.
 mkdir -p "$state"
 pm() { podman --root "$state/storage" --runroot "$state/run" --storage-driver vfs "$@"; }
@@ -69,12 +69,13 @@ else
 fi
 
 say "building $image from docker/Dockerfile with BASE_IMAGE=$base"
-# --pull=never: the base is local, and no registry is reachable anyway.
+# --pull=never: the base is local; the build never asks a registry.
 # --layers=false: with vfs every intermediate image is a full copy of the root file system, so one
-#   commit at the end saves minutes (and the layer cache is Docker's business, not this test's).
+#   commit at the end copies it once rather than once per step (and the layer cache is Docker's
+#   business, not this test's).
 # --force-rm: a failed build leaves no multi-GB container behind.
-# The volume: this machine reaches PyPI through a TLS proxy whose CA only the host trusts; the RUN steps
-#   borrow the host's CA bundle, and it stays out of the image.
+# The volume: the RUN steps trust the CAs the host trusts (a TLS-intercepting proxy's, say) by
+#   borrowing the host's CA bundle, mounted rather than copied, so it stays out of the image.
 pm build --isolation chroot --pull=never --layers=false --force-rm \
     --volume /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt:ro \
     --build-arg BASE_IMAGE="$base" -f "$repo/docker/Dockerfile" -t "$image" "$repo" >"$state/build.log" 2>&1 \
@@ -105,8 +106,9 @@ EOF
 # The image runs as uid 1000, not as the root who made this folder.
 chmod 0777 "$tmp/runs"
 
-# runc and the ulimits: crun fails on these machines' rlimits and cgroups. --network none: training
-# needs no network, and the DDP rendezvous stays on the container's loopback.
+# --runtime runc and fixed ulimits: the containers depend neither on the host's default OCI runtime
+# nor on the host's own rlimits. --network none: training needs no network, and the DDP rendezvous
+# stays on the container's loopback.
 run=(pm run --rm --runtime runc --ulimit nofile=4096:4096 --ulimit nproc=4096:4096 --network none
     -v "$tmp/data:/workspace/data:ro" -v "$tmp/runs:/workspace/runs")
 train=(data.root=/workspace/data data.name=mnist data.split=test data.download=false

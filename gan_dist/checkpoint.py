@@ -1,40 +1,51 @@
-"""Atomic rank-0 checkpoints, rolling retention, and resume with fallback past broken files.
+"""Atomic rank-0 checkpoints of a run's components, rolling retention, and resume past broken files.
 
-A checkpoint is a plain dict of tensors and builtins, so ``torch.load(weights_only=True)`` reads
-it without running pickled code. It is written to a temporary file in the same folder, fsynced,
-renamed over ``step_<N>.pt`` and the folder fsynced: a crash at any instant leaves either the old
-set or the new file, never a half-file under a valid name.
+The checkpointer is given the run's parts by name (engine, position, best score, run record); each
+saves and loads its own state, and a checkpoint is ``{"format_version", "step", <name>: <state>}``.
+It is a plain dict of tensors and builtins, so ``torch.load(weights_only=True)`` reads it without
+running pickled code. It is written to a temporary file in the same folder, fsynced, renamed over
+``step_<N>.pt`` and the folder fsynced: a crash at any instant leaves either the old set or the new
+file, never a half-file under a valid name.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import time
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-from gan_dist.config import CheckpointConfig, Config, ConfigError, from_dict
-from gan_dist.data import DatasetInfo, idx_description
+from gan_dist.config import CheckpointConfig, UsageError
 from gan_dist.dist import DistEnv
-from gan_dist.models import build_generator
+from gan_dist.sources import idx_description
 
-FORMAT_VERSION = 2
-"""2 adds ``data``, the dataset's description; a version 1 checkpoint was always MNIST-format data."""
-REQUIRED = ("format_version", "generator", "discriminator", "opt_g", "opt_d", "scaler", "step", "epoch", "batch",
-            "world_size", "config", "data")
+FORMAT_VERSION = 3
+"""3: one entry per component. 2 kept them all at the top level; 1 also lacked ``data``."""
+REQUIRED = ("format_version", "step", "run", "engine")
+"""What every reader needs: the step, the run record (config, data) and the engine (the weights)."""
 _NAME = re.compile(r"step_(\d+)\.pt")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be written or does not fit this run; entry points exit with status 2."""
+class Stateful(Protocol):
+    """A part of a run that saves and restores itself: plain tensors and builtins only."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class CheckpointError(UsageError, RuntimeError):
+    """A checkpoint that cannot be written or does not fit this run."""
 
 
 class IncompatibleCheckpoint(CheckpointError):
-    """Readable but not for this run (format or model shape): never silently skipped."""
+    """Readable but not for this run (format, data or model shape): never silently skipped."""
 
 
 def fsync_dir(path: Path) -> None:
@@ -75,17 +86,18 @@ def _reason(e: Exception) -> str:
 
 
 def load_file(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Read and sanity-check one checkpoint; raise ``CheckpointError`` if it is not usable at all."""
+    """Read and sanity-check one checkpoint, an older format migrated; ``CheckpointError`` if it is not
+    usable at all."""
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist") from None
     except Exception as e:  # truncated zip, bad pickle opcode, non-allowlisted global, ...
         raise CheckpointError(f"checkpoint {path} is unreadable ({_reason(e)})") from None
-    if isinstance(state, dict) and state.get("format_version") == 1:
-        state = _from_version_1(path, state)
-    if not isinstance(state, dict) or any(k not in state for k in REQUIRED):
-        missing = [k for k in REQUIRED if not isinstance(state, dict) or k not in state]
+    if isinstance(state, dict) and state.get("format_version") in (1, 2):
+        state = _from_flat(path, state)
+    missing = [k for k in REQUIRED if not isinstance(state, dict) or k not in state]
+    if missing:
         raise CheckpointError(f"checkpoint {path} is not a gan_dist checkpoint (missing {', '.join(missing)})")
     if state["format_version"] != FORMAT_VERSION:
         raise IncompatibleCheckpoint(
@@ -94,59 +106,92 @@ def load_file(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
     return state
 
 
-def _from_version_1(path: Path, state: dict[str, Any]) -> dict[str, Any]:
-    """Version 1 knew only mnist and fashion_mnist, whose description follows from the name."""
-    name = state.get("config", {}).get("data", {}).get("name", "mnist")
-    try:
-        info = idx_description(name, source=f"{name} (from a version 1 checkpoint)")
-    except KeyError:
-        raise IncompatibleCheckpoint(f"checkpoint {path} has format version 1 and data.name={name!r}, "
-                                     "which version 1 never wrote") from None
-    return state | {"format_version": FORMAT_VERSION, "data": info.to_dict()}
+FLAT_ENGINE = ("generator", "discriminator", "opt_g", "opt_d", "scaler")
+FLAT_REQUIRED = (*FLAT_ENGINE, "step", "epoch", "batch", "world_size", "config")
+ARCH_KEYS = {"mlp": ("g_hidden", "d_hidden", "d_dropout"), "dcgan": ("width", "d_depth")}
+"""Version 2's flat ``model.*`` keys of each architecture, now ``model.<arch>.*``."""
 
 
-def check_data(path: Path, saved: DatasetInfo, current: DatasetInfo) -> None:
-    """A run resumes on the data it was trained on: another dataset or shape is refused, not mixed in."""
-    fields = ("name", "shape", "num_classes")
-    if any(getattr(saved, f) != getattr(current, f) for f in fields):
-        def show(i: DatasetInfo) -> str:
-            return f"{i.name}, {i.channels}×{i.resolution}×{i.resolution}, {i.num_classes} classes"
-        raise IncompatibleCheckpoint(f"checkpoint {path} was trained on {show(saved)}; this run's data is "
-                                     f"{show(current)}; use another run_dir, or the data it was trained on")
+def _from_flat(path: Path, state: dict[str, Any]) -> dict[str, Any]:
+    """A version 1 or 2 checkpoint in version 3's layout: its flat keys split by component, and its
+    config's architecture and loss options moved into their sections (those of other choices dropped).
+
+    Version 1 knew only mnist and fashion_mnist, whose description follows from the name.
+    """
+    version = state["format_version"]
+    missing = [k for k in (*FLAT_REQUIRED, *(("data",) if version == 2 else ())) if k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is not a gan_dist checkpoint (missing {', '.join(missing)})")
+    config = {k: dict(v) if isinstance(v, dict) else v for k, v in state["config"].items()}
+    data = state.get("data")
+    if version == 1:
+        name = config.get("data", {}).get("name", "mnist")
+        try:
+            data = idx_description(name, source=f"{name} (from a version 1 checkpoint)").to_dict()
+        except KeyError:
+            raise IncompatibleCheckpoint(f"checkpoint {path} has format version 1 and data.name={name!r}, "
+                                         "which version 1 never wrote") from None
+    model, loss = config.setdefault("model", {}), config.setdefault("loss", {})
+    for arch, keys in ARCH_KEYS.items():
+        options = {k: model.pop(k) for k in keys if k in model}
+        if arch == model.get("arch", "mlp"):
+            model[arch] = options
+    smoothing = loss.pop("label_smoothing", 0.0)
+    if loss.get("kind", "bce") == "bce":
+        loss["bce"] = {"label_smoothing": smoothing}
+    return {
+        "format_version": FORMAT_VERSION,
+        "step": state["step"],
+        "run": {"config": config, "data": data, "wandb_run_id": state.get("wandb_run_id")},
+        "position": {k: state[k] for k in ("step", "epoch", "batch", "world_size")}
+        | {"batch_size": config.get("train", {}).get("batch_size", 64)},
+        "engine": {k: state[k] for k in (*FLAT_ENGINE, "generator_ema") if k in state},
+        "best": {"fid": state.get("best_fid", math.inf)},
+    }
 
 
-def check_finite(path: Path, name: str, tensors: dict[str, torch.Tensor]) -> None:
+def check_finite(name: str, tensors: dict[str, torch.Tensor]) -> None:
     """Refuse weights that hold NaN or infinity: a diverged run's G draws nothing but blank images."""
     bad = [key for key, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
-        raise CheckpointError(f"checkpoint {path}: {name} has non-finite values in {len(bad)} tensor(s) "
-                              f"({', '.join(bad[:3])}); the run diverged before this save, use an earlier checkpoint")
+        raise IncompatibleCheckpoint(f"{name} has non-finite values in {len(bad)} tensor(s) ({', '.join(bad[:3])}); "
+                                     "the run diverged before this save, use an earlier checkpoint")
 
 
-def check_shapes(path: Path, name: str, saved: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
+def check_shapes(name: str, saved: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
     """Compare a saved state dict with the model this config builds; say what differs."""
     own = model.state_dict()
     if saved.keys() != own.keys():
         extra, missing = sorted(saved.keys() - own.keys()), sorted(own.keys() - saved.keys())
-        raise IncompatibleCheckpoint(
-            f"checkpoint {path}: {name} has other layers than this config builds "
-            f"(only in checkpoint: {extra[:3]}, only in config: {missing[:3]}); check model.*"
-        )
+        raise IncompatibleCheckpoint(f"{name} has other layers than this config builds (only in checkpoint: "
+                                     f"{extra[:3]}, only in config: {missing[:3]}); check model.*")
     for key, tensor in own.items():
         if saved[key].shape != tensor.shape:
-            raise IncompatibleCheckpoint(
-                f"checkpoint {path}: {name}.{key} has shape {tuple(saved[key].shape)}, "
-                f"this config builds {tuple(tensor.shape)}; check model.*"
-            )
+            raise IncompatibleCheckpoint(f"{name}.{key} has shape {tuple(saved[key].shape)}, this config builds "
+                                         f"{tuple(tensor.shape)}; check model.*")
+
+
+def load_components(path: Path, state: dict[str, Any], components: Mapping[str, Stateful]) -> None:
+    """Each component loads its own entry, in the mapping's order; a refusal names the file."""
+    missing = [name for name in components if name not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is not a gan_dist checkpoint (missing {', '.join(missing)})")
+    for name, component in components.items():
+        try:
+            component.load_state_dict(state[name])
+        except IncompatibleCheckpoint as e:
+            raise IncompatibleCheckpoint(f"checkpoint {path}: {e}") from None
 
 
 class Checkpointer:
-    """Decides when to save, writes on rank 0 only, and finds what to resume from."""
+    """Decides when to save, writes the components' states on rank 0 only, and restores them on resume."""
 
-    def __init__(self, cfg: CheckpointConfig, run_dir: Path, env: DistEnv) -> None:
-        self.cfg, self.env = cfg, env
+    def __init__(self, cfg: CheckpointConfig, run_dir: Path, env: DistEnv, components: Mapping[str, Stateful]) -> None:
+        self.cfg, self.env, self.components = cfg, env, components
         self.folder = run_dir / "checkpoints"
         self.last_save = time.monotonic()
+        self.last_saved: Path | None = None
+        """The newest rolling checkpoint this run wrote or resumed from."""
         if env.is_main:
             self.folder.mkdir(parents=True, exist_ok=True)
             for stale in self.folder.glob(".step_*.pt.tmp*"):  # left by a crash mid-write
@@ -168,25 +213,29 @@ class Checkpointer:
         """A save by this rank's clock. Clocks differ, so only rank 0's answer may decide (``StepAgreement``)."""
         return self.cfg.every_minutes > 0 and time.monotonic() - self.last_save >= 60 * self.cfg.every_minutes
 
-    def save(self, state: dict[str, Any], name: str | None = None) -> Path:
+    def state(self, step: int) -> dict[str, Any]:
+        return {"format_version": FORMAT_VERSION, "step": step} | {
+            name: component.state_dict() for name, component in self.components.items()}
+
+    def save(self, step: int, name: str | None = None) -> Path:
         """Every rank calls this. Rank 0 writes; all ranks then agree that it worked, or all raise.
 
         By default the file is the rolling ``step_<N>.pt``; ``name`` writes another (``best.pt``).
         """
-        path = self.folder / (name or f"step_{state['step']}.pt")
+        path = self.folder / (name or f"step_{step}.pt")
         error: CheckpointError | None = None
         if self.env.is_main:
             try:
-                atomic_save(state, path)
+                atomic_save(self.state(step), path)
                 if name is None:
-                    self._prune(state["step"])
+                    self._prune(step)
             except CheckpointError as e:
                 error = e
         # The agreement is the barrier: no rank runs ahead into steps that a failed save would lose.
         if self.env.any(error is not None):
             raise error or CheckpointError(f"saving {path} failed on rank 0")
         if name is None:
-            self.last_save = time.monotonic()
+            self.last_save, self.last_saved = time.monotonic(), path
         return path
 
     def _prune(self, step: int) -> None:
@@ -199,20 +248,21 @@ class Checkpointer:
         for old in ours[self.cfg.keep_last:]:
             old.unlink(missing_ok=True)
 
-    def resume_state(self, resume: str) -> dict[str, Any] | None:
-        """The state to start from, the same on every rank. Every rank calls this.
+    def restore(self, resume: str) -> Path | None:
+        """Load the components from the checkpoint ``resume`` picks; returns its path (None: a fresh start).
 
-        Rank 0 alone lists the folder, checks readability and chooses (``auto``: the newest readable
-        checkpoint; ``never``: none; else a path); the other ranks load the file it names, so a stale
-        directory listing on one node cannot start ranks from different steps. Each rank checks that
-        it read the step rank 0 read, and if one did not, all ranks raise together.
+        Every rank calls this. Rank 0 alone lists the folder, checks readability and chooses (``auto``:
+        the newest readable checkpoint; ``never``: none; else a path); the other ranks load the file it
+        names, so a stale directory listing on one node cannot start ranks from different steps. Each
+        rank checks that it read the step rank 0 read, and if one did not, all ranks raise together.
         """
         state: dict[str, Any] | None = None
         choice: tuple[str, int] | CheckpointError | None = None
         if self.env.is_main:
             try:
-                state = self._choose(resume)
-                choice = None if state is None else (state["path"], state["step"])
+                found = self._choose(resume)
+                if found is not None:
+                    choice, state = (str(found[0]), found[1]["step"]), found[1]
             except CheckpointError as e:
                 choice = e
         choice = self.env.broadcast_object(choice)
@@ -220,23 +270,24 @@ class Checkpointer:
             raise choice
         if choice is None:
             return None
-        path, step = choice
+        path, step = Path(choice[0]), choice[1]
         error: CheckpointError | None = None
-        if not self.env.is_main:
-            try:
-                state = load_file(Path(path), self.env.device) | {"path": path}
+        try:
+            if not self.env.is_main:
+                state = load_file(path, self.env.device)
                 if state["step"] != step:
-                    error = CheckpointError(
+                    raise CheckpointError(
                         f"rank {self.env.rank} read step {state['step']} from {path}, rank 0 read step {step}; "
-                        "all ranks must see the same run_dir (a shared file system with stale caches?)"
-                    )
-            except CheckpointError as e:
-                error = e
+                        "all ranks must see the same run_dir (a shared file system with stale caches?)")
+            load_components(path, state, self.components)
+        except CheckpointError as e:
+            error = e
         if self.env.any(error is not None):
             raise error or CheckpointError(f"another rank could not resume from {path} at step {step}; see its error")
-        return state
+        self.last_saved = path
+        return path
 
-    def _choose(self, resume: str) -> dict[str, Any] | None:
+    def _choose(self, resume: str) -> tuple[Path, dict[str, Any]] | None:
         """Rank 0's pick, loaded; unreadable files newer than it are moved aside, so no later save sees them."""
         if resume == "never":
             if self.existing():
@@ -245,12 +296,13 @@ class Checkpointer:
                 )
             return None
         if resume != "auto":
-            return load_file(Path(resume).expanduser(), self.env.device) | {"path": resume}
+            path = Path(resume).expanduser()
+            return path, load_file(path, self.env.device)
         found = self.existing()
         unreadable: list[tuple[Path, CheckpointError]] = []
         for path in found:
             try:
-                state = load_file(path, self.env.device) | {"path": str(path)}
+                state = load_file(path, self.env.device)
             except IncompatibleCheckpoint:
                 raise
             except CheckpointError as e:
@@ -258,7 +310,7 @@ class Checkpointer:
                 continue
             for bad, why in unreadable:
                 _move_aside(bad, why)
-            return state
+            return path, state
         if found:
             names = ", ".join(p.name for p in found)
             raise CheckpointError(
@@ -276,26 +328,3 @@ def _move_aside(path: Path, why: CheckpointError) -> None:
     except OSError as e:
         raise CheckpointError(f"{why}; moving it aside to {target.name} failed: {e.strerror}") from None
     warnings.warn(f"{why}; moved it aside to {target.name}, resuming from an older checkpoint", stacklevel=1)
-
-
-def load_generator(path: str | Path, device: torch.device | str = "cpu",
-                   use_ema: bool = True) -> tuple[torch.nn.Module, Config, DatasetInfo]:
-    """G (its EMA when saved and ``use_ema``) in eval mode, rebuilt from the config and data description
-    the checkpoint carries, so no data is needed.
-
-    Tensors are mapped to ``device``, so a checkpoint trained on GPUs samples on a laptop.
-    """
-    path = Path(path)
-    state = load_file(path, device)
-    try:
-        cfg = from_dict(Config, state["config"])
-    except ConfigError as e:
-        raise IncompatibleCheckpoint(f"checkpoint {path}: its config does not fit this gan_dist ({e})") from None
-    info = DatasetInfo.from_dict(state["data"])
-    generator = build_generator(cfg.model, info).to(device)
-    name = "generator_ema" if use_ema and "generator_ema" in state else "generator"
-    weights = state[name]
-    check_finite(path, name, weights)
-    check_shapes(path, "generator", weights, generator)
-    generator.load_state_dict(weights)
-    return generator.eval().requires_grad_(False), cfg, info

@@ -3,6 +3,10 @@
 Defaults live in the dataclasses below. A YAML file (``--config``) and dotted command-line
 overrides (``train.batch_size=128``) are layered on top, then checked field by field, so a typo
 or a bad value stops the run before any process group exists, with a message that names the key.
+
+Architectures, losses and datasets are named in the config and registered by the modules that
+build them (``Registry``). An architecture or a loss may bring its own options, a section named
+after it (``model.dcgan.width``): a section of one that is not chosen is an error, not ignored.
 """
 
 from __future__ import annotations
@@ -12,30 +16,96 @@ import math
 import operator
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A bad key or value. The message names the key; entry points turn it into exit status 2."""
+T = TypeVar("T")
 
 
-def opt(default: Any, help: str, *, ge: float | None = None, gt: float | None = None, le: float | None = None):
-    """A config field with its documentation and an optional numeric range."""
-    meta = {"help": help, "ge": ge, "gt": gt, "le": le}
-    if dataclasses.is_dataclass(default):
-        return field(default_factory=lambda: default, metadata=meta)
+class UsageError(Exception):
+    """A user's mistake (config, data, checkpoint, arguments): every command line prints its message
+    as one line and exits with status 2."""
+
+
+class ConfigError(UsageError, ValueError):
+    """A bad key or value; the message names the key."""
+
+
+class Registry:
+    """The names a config key may take, each with its builder and the dataclass of its own options
+    (None: it has none). The modules that define the builders register them when imported, and
+    importing ``gan_dist`` imports them all."""
+
+    def __init__(self, key: str, what: str) -> None:
+        self.key, self.what = key, what
+        self._entries: dict[str, tuple[Any, type | None]] = {}
+
+    def register(self, name: str, options: type | None = None) -> Callable[[T], T]:
+        def add(builder: T) -> T:
+            if name in self._entries:
+                raise ValueError(f"{self.key}: {name!r} is registered twice")
+            self._entries[name] = (builder, options)
+            return builder
+        return add
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._entries)
+
+    def check(self, name: str) -> None:
+        if name not in self._entries:
+            raise ConfigError(f"{self.key}: unknown {self.what} {name!r}; known: {', '.join(self._entries)}")
+
+    def __getitem__(self, name: str) -> Any:
+        self.check(name)
+        return self._entries[name][0]
+
+    def options(self, name: str) -> type | None:
+        self.check(name)
+        return self._entries[name][1]
+
+
+ARCHITECTURES = Registry("model.arch", "architecture")
+LOSSES = Registry("loss.kind", "loss")
+DATASETS = Registry("data.name", "dataset")
+
+
+def opt(default: Any, help: str, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+        registry: Registry | None = None, options_of: str | None = None):
+    """A config field with its documentation and an optional numeric range.
+
+    A section's default is given as its dataclass, built anew for each config. ``registry``: the
+    field names an entry of it. ``options_of``: the field holds the options of the entry that the
+    field named here chooses; its YAML key is that entry's name.
+    """
+    meta = {"help": help, "ge": ge, "gt": gt, "le": le, "registry": registry, "options_of": options_of}
+    if isinstance(default, type) and dataclasses.is_dataclass(default):
+        return field(default_factory=default, metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def _fill_options(section: Any, selector: str, options: str) -> None:
+    """``section.<options>`` defaults to the options of the entry that ``section.<selector>`` names,
+    and must be of that entry's kind (``dataclasses.replace`` of the selector alone would not be)."""
+    registry: Registry = next(f for f in dataclasses.fields(section) if f.name == selector).metadata["registry"]
+    name = getattr(section, selector)
+    kind = registry.options(name)
+    value = getattr(section, options)
+    if value is None and kind is not None:
+        object.__setattr__(section, options, kind())
+    elif (value is None) != (kind is None) or (kind is not None and not isinstance(value, kind)):
+        raise ConfigError(f"{registry.key}={name}: its options must be {kind.__name__ if kind else 'absent'}, "
+                          f"got {type(value).__name__}")
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: Literal["mnist", "fashion_mnist", "idx", "cifar10", "cifar100", "folder"] = opt(
+    name: str = opt(
         "mnist", "mnist, fashion_mnist, idx (any MNIST-format pair), cifar10, cifar100 (torchvision's readers), "
-        "or folder (<root>/<class>/<image>; a flat folder is unconditional)"
+        "or folder (<root>/<class>/<image>; a flat folder is unconditional)", registry=DATASETS
     )
     root: str = opt("data", "where the source lives: IDX files (flat or <root>/<MNIST|FashionMNIST>/raw/), "
                             "CIFAR's batches, or the image folder")
@@ -62,25 +132,36 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: Literal["mlp", "dcgan"] = opt("mlp", "mlp: the tutorial's networks; dcgan: conditional conv nets")
+    arch: str = opt("mlp", "mlp: the tutorial's networks; dcgan: conditional conv nets; options: model.<arch>.*",
+                    registry=ARCHITECTURES)
     z_dim: int = opt(100, "latent size", ge=1)
     embed_dim: int = opt(10, "size of the label embedding fed to G (and to D with concat conditioning)", ge=1)
-    g_hidden: tuple[int, ...] = opt((256, 512, 1024), "mlp: hidden widths of G", ge=1)
-    d_hidden: tuple[int, ...] = opt((1024, 512, 256), "mlp: hidden widths of D", ge=1)
-    d_dropout: float = opt(0.3, "dropout after each hidden layer of D", ge=0.0, le=0.95)
-    width: int = opt(64, "dcgan: base channel count", ge=8)
     conditioning: Literal["concat", "projection", "none"] = opt(
         "concat", "how D sees the label: concatenated embedding, a projection head (Miyato 2018), or none "
         "(unconditional: neither G nor D takes a label)"
     )
     spectral_norm: bool = opt(False, "spectral normalisation on every weight layer of D")
-    d_depth: int = opt(1, "dcgan: conv layers of D per resolution stage; the extra ones are 3x3", ge=1, le=4)
+    options: Any = opt(None, "the chosen architecture's own section", options_of="arch")
+
+    def __post_init__(self) -> None:
+        _fill_options(self, "arch", "options")
+
+
+@dataclass(frozen=True)
+class R1Config:
+    gamma: float = opt(0.0, "weight γ of the R1 penalty γ/2·E‖∇ₓD(x)‖² on real images (0: off)", ge=0)
+    every: int = opt(16, "lazy regularization: the penalty, times this, on every this many D steps", ge=1)
 
 
 @dataclass(frozen=True)
 class LossConfig:
-    kind: Literal["bce", "hinge"] = opt("bce", "bce: the tutorial's loss on logits; hinge: the SNGAN loss")
-    label_smoothing: float = opt(0.0, "bce only: one-sided smoothing, real targets become 1 - this", ge=0, le=0.5)
+    kind: str = opt("bce", "bce: the tutorial's loss on logits; hinge: the SNGAN loss; options: loss.<kind>.*",
+                    registry=LOSSES)
+    options: Any = opt(None, "the chosen loss's own section", options_of="kind")
+    r1: R1Config = opt(R1Config, "R1 gradient penalty on D (Mescheder et al. 2018), with any loss.kind")
+
+    def __post_init__(self) -> None:
+        _fill_options(self, "kind", "options")
 
 
 @dataclass(frozen=True)
@@ -156,8 +237,11 @@ class WandbConfig:
 class LogConfig:
     every_steps: int = opt(50, "all-reduce and log metrics every this many steps", ge=1)
     samples_every_steps: int = opt(0, "also write a sample grid every this many steps (0: once per epoch)", ge=0)
-    progress: bool = opt(True, "progress bar on rank 0 when stderr is a terminal")
-    wandb: WandbConfig = opt(WandbConfig(), "Weights & Biases")
+    progress: bool = opt(True, "progress on rank 0: a bar when stderr is a terminal, else a line every "
+                               "log.progress_seconds (Slurm logs)")
+    progress_seconds: float = opt(60.0, "seconds between the progress lines written where stderr is no terminal",
+                                  gt=0)
+    wandb: WandbConfig = opt(WandbConfig, "Weights & Biases")
 
 
 @dataclass(frozen=True)
@@ -172,21 +256,22 @@ class EvalConfig:
 @dataclass(frozen=True)
 class Config:
     run_dir: str = opt("runs/default", "where everything a run writes goes")
-    data: DataConfig = opt(DataConfig(), "dataset")
-    model: ModelConfig = opt(ModelConfig(), "networks")
-    loss: LossConfig = opt(LossConfig(), "GAN loss")
-    optim: OptimConfig = opt(OptimConfig(), "optimizers")
-    ema: EMAConfig = opt(EMAConfig(), "generator EMA")
-    train: TrainConfig = opt(TrainConfig(), "training loop")
-    amp: AmpConfig = opt(AmpConfig(), "mixed precision")
-    dist: DistConfig = opt(DistConfig(), "devices and DDP")
-    checkpoint: CheckpointConfig = opt(CheckpointConfig(), "checkpoints")
-    log: LogConfig = opt(LogConfig(), "metrics, samples, W&B")
-    eval: EvalConfig = opt(EvalConfig(), "quality metrics")
+    data: DataConfig = opt(DataConfig, "dataset")
+    model: ModelConfig = opt(ModelConfig, "networks")
+    loss: LossConfig = opt(LossConfig, "GAN loss")
+    optim: OptimConfig = opt(OptimConfig, "optimizers")
+    ema: EMAConfig = opt(EMAConfig, "generator EMA")
+    train: TrainConfig = opt(TrainConfig, "training loop")
+    amp: AmpConfig = opt(AmpConfig, "mixed precision")
+    dist: DistConfig = opt(DistConfig, "devices and DDP")
+    checkpoint: CheckpointConfig = opt(CheckpointConfig, "checkpoints")
+    log: LogConfig = opt(LogConfig, "metrics, samples, W&B")
+    eval: EvalConfig = opt(EvalConfig, "quality metrics")
 
     def __post_init__(self) -> None:
-        if self.loss.kind == "hinge" and self.loss.label_smoothing > 0:
-            raise ConfigError("loss.label_smoothing: only applies to loss.kind=bce")
+        if self.loss.r1.gamma > 0 and self.train.compile != "off":
+            raise ConfigError("loss.r1.gamma: R1 differentiates D's gradient, and torch.compile has no double "
+                              "backward; set train.compile=off or loss.r1.gamma=0")
 
 
 # ---------------------------------------------------------------------------------------------- parsing
@@ -270,19 +355,45 @@ def from_dict(cls: type, data: typing.Mapping[str, Any], prefix: str = "") -> An
     if not isinstance(data, typing.Mapping):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for name, value in data.items():
-        key = f"{prefix}{name}"
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    variants = {f.metadata["options_of"]: f.name for f in fields.values() if f.metadata["options_of"]}
+    known = {name: f for name, f in fields.items() if not f.metadata["options_of"]}
+    kwargs: dict[str, Any] = {}
+    for name in sorted(data, key=lambda n: n not in variants):  # the choosers first: they decide the sections
+        value, key = data[name], f"{prefix}{name}"
         if name not in known:
-            raise ConfigError(f"unknown config key '{key}'; known here: {', '.join(known)}")
+            kwargs.update(_variant_section(cls, known, variants, kwargs, name, value, prefix))
+            continue
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
             kwargs[name] = from_dict(tp, value if value is not None else {}, f"{key}.")
         else:
             kwargs[name] = _coerce(value, tp, key)
             _check_range(kwargs[name], known[name].metadata, key)
+            if known[name].metadata["registry"] is not None:
+                known[name].metadata["registry"].check(kwargs[name])
     return cls(**kwargs)
+
+
+def _variant_section(cls: type, known: dict[str, dataclasses.Field], variants: dict[str, str],
+                     chosen: dict[str, Any], name: str, value: Any, prefix: str) -> dict[str, Any]:
+    """The options of the entry ``name``, when a chooser field of ``cls`` chose it; else a ConfigError."""
+    for selector, options in variants.items():
+        registry: Registry = known[selector].metadata["registry"]
+        if name not in registry.names():
+            continue
+        picked = chosen.get(selector, known[selector].default)
+        if name != picked:
+            inner = next(iter(value), None) if isinstance(value, typing.Mapping) else None
+            key = f"{prefix}{name}" + (f".{inner}" if inner is not None else "")
+            raise ConfigError(f"{key}: applies with {prefix}{selector}={name}, and this config has "
+                              f"{prefix}{selector}={picked}")
+        kind = registry.options(name)
+        if kind is None:
+            raise ConfigError(f"{prefix}{name}: {prefix}{selector}={name} takes no options")
+        return {options: from_dict(kind, value if value is not None else {}, f"{prefix}{name}.")}
+    sections = [n for s in variants for n in known[s].metadata["registry"].names()]
+    raise ConfigError(f"unknown config key '{prefix}{name}'; known here: {', '.join([*known, *sections])}")
 
 
 def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -331,34 +442,56 @@ def resolve(tree: dict[str, Any], overrides: typing.Sequence[str] = ()) -> Confi
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain nested dict of builtins (tuples become lists): safe for YAML, JSON and ``weights_only``."""
+    """Plain nested dict of builtins (tuples become lists): safe for YAML, JSON and ``weights_only``.
+
+    A chosen entry's options appear under its name (``model: {arch: dcgan, dcgan: {...}}``).
+    """
 
     def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            out = {}
+            for f in dataclasses.fields(v):
+                value = getattr(v, f.name)
+                if f.metadata.get("options_of"):
+                    if value is not None:
+                        out[getattr(v, f.metadata["options_of"])] = plain(value)
+                else:
+                    out[f.name] = plain(value)
+            return out
         if isinstance(v, (tuple, list)):
             return [plain(x) for x in v]
         if isinstance(v, dict):
             return {k: plain(x) for k, x in v.items()}
         return v
 
-    return plain(dataclasses.asdict(cfg))
+    return plain(cfg)
 
 
 def to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def describe(cls: type = Config, prefix: str = "") -> list[str]:
-    """One line per leaf key: name, type, default and meaning (for ``--help``)."""
+def describe(cls: type = Config, prefix: str = "", when: str = "") -> list[str]:
+    """One line per leaf key: name, type, default and meaning (for ``--help``); every registered
+    entry's options, with the choice they apply to."""
     lines = []
     hints = typing.get_type_hints(cls)
-    defaults = cls()
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            lines += describe(tp, f"{prefix}{f.name}.")
+        if f.metadata["options_of"]:
+            selector = next(g for g in dataclasses.fields(cls) if g.name == f.metadata["options_of"])
+            registry: Registry = selector.metadata["registry"]
+            for name in registry.names():
+                if registry.options(name) is not None:
+                    lines += describe(registry.options(name), f"{prefix}{name}.", f" (with {registry.key}={name})")
             continue
-        default = getattr(defaults, f.name)
+        if dataclasses.is_dataclass(tp):
+            lines += describe(tp, f"{prefix}{f.name}.", when)
+            continue
+        default = f.default
+        registry = f.metadata["registry"]
+        kind = " | ".join(map(repr, registry.names())) if registry else _type_name(tp)
         shown = yaml.safe_dump(list(default) if isinstance(default, tuple) else default,
                                default_flow_style=True).strip().removesuffix("...").strip()
-        lines.append(f"  {prefix}{f.name} ({_type_name(tp)}) = {shown}\n      {f.metadata['help']}")
+        lines.append(f"  {prefix}{f.name} ({kind}) = {shown}\n      {f.metadata['help']}{when}")
     return lines

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -30,58 +29,12 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from gan_dist.config import DataConfig
 from gan_dist.dist import DistEnv
-from gan_dist.sources import IDX_DATASETS, DataError, Decoded, Source, open_source
-
-__all__ = ["DataError", "DatasetInfo", "ResidentBatches", "ShardedBatches", "Split", "StreamedBatches",
-           "has_split", "idx_description", "load_split", "make_batches", "to_pixels", "to_unit"]
+from gan_dist.sources import DataError, DatasetInfo, Decoded, Source, open_source
 
 CACHE_FORMAT = 1
 """Bumped whenever the conversion or the cache layout changes: older caches are then other keys."""
 FLIP_STREAM = 0xF11B
 """Tags the flip decisions' random stream, apart from any other stream seeded by (seed, epoch)."""
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """What the data is, measured from the data itself: every network, metric and grid is built from it.
-
-    It travels in every checkpoint, so sampling and evaluation rebuild G without the data.
-    """
-
-    name: str
-    """``data.name`` of the source."""
-    channels: int
-    resolution: int
-    num_classes: int
-    """0: unconditional (a flat folder: every label is 0)."""
-    class_names: tuple[str, ...]
-    sizes: dict[str, int]
-    """Images per split, e.g. ``{"train": 60000, "test": 10000}``."""
-    source: str
-    """Where it came from: a folder, a file, or a download."""
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return self.channels, self.resolution, self.resolution
-
-    @property
-    def conditional(self) -> bool:
-        return self.num_classes > 0
-
-    def to_dict(self) -> dict:
-        """Builtins only: safe for YAML, JSON, W&B and ``torch.load(weights_only=True)``."""
-        return dataclasses.asdict(self) | {"class_names": list(self.class_names)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> DatasetInfo:
-        return cls(**(dict(d) | {"class_names": tuple(d["class_names"]), "sizes": dict(d["sizes"])}))
-
-
-def idx_description(name: str, source: str) -> DatasetInfo:
-    """mnist's or fashion_mnist's description at its own shape and official sizes, without reading it
-    (KeyError for any other name): what records written before descriptions existed were made from."""
-    classes = tuple(IDX_DATASETS[name].classes)
-    return DatasetInfo(name, 1, 28, len(classes), classes, {"train": 60000, "test": 10000}, source)
 
 
 def to_unit(pixels: torch.Tensor) -> torch.Tensor:
@@ -109,13 +62,18 @@ class Split:
         return len(self.labels)
 
     def tensors(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 images and int64 labels in memory on ``device``, copied a chunk at a time, so a large
-        split never needs a second full copy on the host."""
-        images = torch.empty(self.images.shape, dtype=torch.uint8, device=device)
-        step = max(1, 2**28 // max(1, math.prod(self.images.shape[1:])))  # about 256 MiB a chunk
-        for i in range(0, len(self), step):
-            images[i:i + step] = torch.from_numpy(np.array(self.images[i:i + step]))
-        return images, torch.from_numpy(np.array(self.labels, dtype=np.int64)).to(device)
+        """uint8 images and int64 labels in memory on ``device``."""
+        return to_device(self.images, device), to_device(self.labels.astype(np.int64, copy=False), device)
+
+
+def to_device(array: np.ndarray, device: torch.device | str) -> torch.Tensor:
+    """A copy of ``array`` (a read-only memory map, say) on ``device``, made a chunk at a time, so a large
+    split never needs a second full copy on the host."""
+    out = torch.empty(array.shape, dtype=torch.from_numpy(np.empty(0, array.dtype)).dtype, device=device)
+    step = max(1, 2**28 // max(1, array[:1].nbytes))  # about 256 MiB a chunk
+    for i in range(0, len(array), step):
+        out[i:i + step] = torch.from_numpy(np.array(array[i:i + step]))
+    return out
 
 
 # ---- the cache ---------------------------------------------------------------------------------

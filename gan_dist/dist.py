@@ -48,6 +48,10 @@ class DistEnv:
         """A process group exists (world size > 1, or ``dist.force_ddp``): collectives and DDP are live."""
         return self.control is not None
 
+    def shard(self, n: int) -> slice:
+        """This rank's contiguous share of ``n`` items: gathering in rank order restores the full order."""
+        return slice(n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size)
+
     def raise_together(self, error: Exception | None) -> None:
         """Every rank calls this; if any rank has an error, every rank raises ``PeerFailed``."""
         if self.any(error is not None):

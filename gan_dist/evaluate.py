@@ -23,30 +23,28 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from gan_dist import metrics
-from gan_dist.checkpoint import CheckpointError, load_generator
-from gan_dist.config import Config, ConfigError, load_config, resolve, to_dict
-from gan_dist.data import DataError, DatasetInfo, Split, load_split
+from gan_dist import cli, metrics
+from gan_dist.config import Config, ConfigError, UsageError, load_config, resolve, to_dict
+from gan_dist.data import DataError, Split, load_split, to_device
 from gan_dist.dist import DistEnv, setup, teardown
-from gan_dist.engine import derive_seed
-from gan_dist.judge import DEFAULT_SPEC, JudgeSpec, load_or_train, shard, to_device
+from gan_dist.judge import DEFAULT_SPEC, JudgeSpec, load_or_train
 from gan_dist.models import label_count
-from gan_dist.monitor import generate
+from gan_dist.sampling import class_rows, generate, load_generator
+from gan_dist.seeds import derive_seed
+from gan_dist.sources import DatasetInfo
 
 NEIGHBOURS = 3  # k of the precision/recall manifolds, as in Kynkäänniemi et al. 2019
-EXIT_USAGE = 2
 METRICS = ("cond_acc", "fid", "intra_fid", "precision", "recall")
 """Every metric, as a conditional G gets them."""
 CLASS_METRICS = ("cond_acc", "intra_fid")
@@ -100,7 +98,7 @@ class Evaluator:
         self.data: DatasetInfo = reference.info
         self.num_classes = label_count(cfg.model, self.data)
         self.metrics = metric_names(self.num_classes)
-        rows = max(self.num_classes, 1)  # unconditional: one "class", label 0
+        rows = class_rows(self.num_classes)
         n_per_class = cfg.eval.n_samples // rows
         if self.num_classes >= 2 and n_per_class < 2:
             raise ConfigError(f"eval.n_samples: needs at least {2 * self.num_classes} "
@@ -114,7 +112,7 @@ class Evaluator:
                                 f"{counts.argmin()}; intra-class FID and its floor need 4 or more of every class")
         self.cfg, self.env = cfg.eval, env
         self.judge = load_or_train(cfg.data, cfg.eval.judge_dir, env, spec)
-        mine = shard(len(reference.labels), env)
+        mine = env.shard(len(reference.labels))
         self.real = self._embed(to_device(reference.images[mine], env.device),
                                 to_device(reference.labels[mine], env.device))
         self.real_radii = metrics.knn_radii(self.real.features, NEIGHBOURS)
@@ -168,7 +166,7 @@ class Evaluator:
         same dict on every rank: ``self.metrics``, ``n_samples`` and ``seconds`` (rank 0's wall time).
         """
         start = time.perf_counter()
-        mine, b, device = shard(self.labels.shape[0], self.env), self.cfg.batch_size, self.env.device
+        mine, b, device = self.env.shard(self.labels.shape[0]), self.cfg.batch_size, self.env.device
         z, labels = self.z[mine].to(device), self.labels[mine].to(device)
         parts = [self.judge(generate(generator, z[i:i + b], labels[i:i + b], b), b) for i in range(0, len(z), b)]
         if not parts:  # a rank with no samples still enters the gathers
@@ -179,7 +177,7 @@ class Evaluator:
     def score_images(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         """Scores of given samples (uint8 [N, C, H, W], or float in [-1, 1]; every rank holds all of them)."""
         start = time.perf_counter()
-        mine = shard(labels.shape[0], self.env)
+        mine = self.env.shard(labels.shape[0])
         return self._scores(self._embed(images[mine], labels[mine]), start)
 
     def floors(self) -> dict[str, float]:
@@ -194,7 +192,7 @@ class Evaluator:
         first, second = order[0::2].to(self.env.device), order[1::2].to(self.env.device)
         real = score(self.real[first], self.real[second], self.num_classes)
         pixels = torch.Generator().manual_seed(derive_seed(self.cfg.seed, 0x401CE))
-        mine = shard(self.labels.shape[0], self.env)
+        mine = self.env.shard(self.labels.shape[0])
         noise_images = torch.randint(0, 256, (self.labels.shape[0], *self.data.shape), generator=pixels,
                                      dtype=torch.uint8)
         noise = score(self.real, self._embed(noise_images[mine], self.labels[mine]), self.num_classes,
@@ -206,37 +204,7 @@ class Evaluator:
 # ---------------------------------------------------------------------------------------------- the CLI
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line on stderr (it prints the whole usage before them)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def integer(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an integer no smaller than ``minimum``."""
-
-    def parse(text: str) -> int:
-        if not (text.removeprefix("-").isdecimal() and int(text) >= minimum):
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
-        return int(text)
-
-    return parse
-
-
-def writable_file(text: str) -> Path:
-    """An argparse type: a file whose folder exists and is writable, checked before any work."""
-    path = Path(text)
-    if path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is a folder; name a file in it")
-    if not path.parent.is_dir():
-        raise argparse.ArgumentTypeError(f"{text}: the folder {path.parent} does not exist")
-    if not os.access(path.parent, os.W_OK):
-        raise argparse.ArgumentTypeError(f"{text}: the folder {path.parent} is not writable")
-    return path
-
-
-class NpzError(ValueError):
+class NpzError(UsageError, ValueError):
     """An .npz that does not fit the dataset: ``images`` uint8 [N, H, W] (1 channel) or [N, H, W, 3] at
     its resolution, and (for a conditional model) ``labels`` int [N] in its classes."""
 
@@ -286,7 +254,7 @@ def read_npz(path: str | Path, info: DatasetInfo, num_classes: int) -> tuple[tor
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = Parser(
+    parser = cli.Parser(
         prog="python -m gan_dist.evaluate",
         description="Score a generator: FID and precision/recall, and for a conditional one intra-class FID "
                     "and conditional accuracy, in the judge's feature space (see the module docstring).",
@@ -296,12 +264,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     source.add_argument("--npz", help="samples of any generator: images uint8 [N, H, W] (1 channel) or "
                                       "[N, H, W, 3], labels int64 [N] (not needed with model.conditioning=none)")
     parser.add_argument("--config", help="with --npz: YAML naming the dataset (else the defaults and overrides)")
-    parser.add_argument("--n-per-class", type=integer(2), metavar="N",
+    parser.add_argument("--n-per-class", type=cli.integer(2), metavar="N",
                         help="samples per class, 2 or more; all samples of an unconditional G "
                              "(default: eval.n_samples / classes)")
     parser.add_argument("--no-ema", action="store_true", help="score the raw generator, not its EMA")
     parser.add_argument("--no-floors", action="store_true", help="skip the real-vs-real and noise floors")
-    parser.add_argument("--out", type=writable_file, help="also write the JSON line to this file")
+    parser.add_argument("--out", type=cli.writable_file, help="also write the JSON line to this file")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     args = parser.parse_args(argv)
     if args.npz and args.n_per_class is not None:
@@ -329,7 +297,7 @@ def evaluate(args: argparse.Namespace, spec: JudgeSpec) -> dict[str, Any] | None
     if args.checkpoint:
         generator, cfg, trained_on = load_generator(args.checkpoint, "cpu", use_ema=not args.no_ema)
         cfg = resolve(to_dict(cfg), args.overrides)
-        rows = max(label_count(cfg.model, trained_on), 1)
+        rows = class_rows(label_count(cfg.model, trained_on))
         n_samples = rows * args.n_per_class if args.n_per_class is not None else cfg.eval.n_samples
         cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, n_samples=n_samples))
     else:
@@ -361,17 +329,17 @@ def evaluate(args: argparse.Namespace, spec: JudgeSpec) -> dict[str, Any] | None
 def main(argv: Sequence[str] | None = None, spec: JudgeSpec = DEFAULT_SPEC) -> int:
     """The CLI. ``spec`` is for callers that need another judge recipe (tests use a tiny one)."""
     args = parse_args(argv)
-    try:
+
+    def body() -> int:
         record = evaluate(args, spec)
-    except (ConfigError, DataError, CheckpointError, NpzError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return EXIT_USAGE
-    if record is not None:
-        line = json.dumps(record)
-        print(line, flush=True)
-        if args.out:
-            args.out.write_text(line + "\n")
-    return 0
+        if record is not None:
+            line = json.dumps(record)
+            print(line, flush=True)
+            if args.out:
+                args.out.write_text(line + "\n")
+        return 0
+
+    return cli.run(body)
 
 
 if __name__ == "__main__":

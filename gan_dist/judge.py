@@ -39,10 +39,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gan_dist.checkpoint import CheckpointError, atomic_save
 from gan_dist.config import DataConfig
-from gan_dist.data import DatasetInfo, ResidentBatches, has_split, load_split, to_unit
+from gan_dist.data import ResidentBatches, has_split, load_split, to_device, to_unit
 from gan_dist.dist import DistEnv
-from gan_dist.engine import derive_seed
-from gan_dist.sources import open_source
+from gan_dist.seeds import derive_seed
+from gan_dist.sources import DatasetInfo, open_source
 
 JUDGE_VERSION = 2  # bump when JudgeNet or the training loop changes: old caches then stop matching
 ROTATIONS = 4  # the proxy task's classes: 0, 90, 180 and 270 degrees
@@ -188,11 +188,6 @@ def turned(images: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A copy on ``device`` (the split's arrays may be read-only memory maps)."""
-    return torch.from_numpy(np.array(array)).to(device)
-
-
 def _train(spec: JudgeSpec, data: JudgeData, env: DistEnv) -> tuple[JudgeNet, float]:
     """Adam, one-cycle schedule, random shifts; the global batch is ``spec.batch_size`` at any world size.
 
@@ -230,18 +225,13 @@ def _train(spec: JudgeSpec, data: JudgeData, env: DistEnv) -> tuple[JudgeNet, fl
     return net.eval().requires_grad_(False), time.perf_counter() - start
 
 
-def shard(n: int, env: DistEnv) -> slice:
-    """This rank's contiguous share of ``n`` items: gathering in rank order restores the full order."""
-    return slice(n * env.rank // env.world_size, n * (env.rank + 1) // env.world_size)
-
-
 def _accuracy(net: JudgeNet, data: JudgeData, env: DistEnv, batch: int) -> float:
     """Held-out accuracy, each rank scoring its slice; one all-reduce of the counts.
 
     The rotation task turns held-out image i by i mod 4 quarter turns: the same test on every run.
     """
     images, labels = data.heldout
-    mine = shard(len(labels), env)
+    mine = env.shard(len(labels))
     images, targets = to_device(images[mine], env.device), to_device(labels[mine], env.device)
     if judge_task(data.info) == "rotation":
         targets = torch.arange(len(labels), device=env.device)[mine] % ROTATIONS

@@ -4,6 +4,9 @@
 up- and down-sampling stages follows the resolution (4→8→16→32→64, or 7→14→28). With no classes
 (``model.conditioning: none``, or a flat image folder) neither network takes a label. Every
 discriminator returns raw logits: the sigmoid lives inside the loss, where autocast keeps it in float32.
+
+An architecture is registered under its ``model.arch`` name with its options (``model.<arch>.*``):
+a generator, and the feature trunk that ``Discriminator`` puts its label conditioning around.
 """
 
 from __future__ import annotations
@@ -11,15 +14,30 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from gan_dist.config import ConfigError, ModelConfig
-from gan_dist.data import DatasetInfo
+from gan_dist.config import ARCHITECTURES, ConfigError, ModelConfig, opt
+from gan_dist.sources import DatasetInfo
 
-MAX_WIDTH_MULTIPLE = 8  # the widest DCGAN stage has 8 × model.width channels
+MAX_WIDTH_MULTIPLE = 8  # the widest DCGAN stage has 8 × model.dcgan.width channels
+
+
+@dataclass(frozen=True)
+class MLPOptions:
+    g_hidden: tuple[int, ...] = opt((256, 512, 1024), "hidden widths of G", ge=1)
+    d_hidden: tuple[int, ...] = opt((1024, 512, 256), "hidden widths of D", ge=1)
+    d_dropout: float = opt(0.3, "dropout after each hidden layer of D", ge=0.0, le=0.95)
+
+
+@dataclass(frozen=True)
+class DCGANOptions:
+    width: int = opt(64, "base channel count", ge=8)
+    d_depth: int = opt(1, "conv layers of D per resolution stage; the extra ones are 3x3", ge=1, le=4)
 
 
 def _leaky() -> nn.Module:
@@ -62,7 +80,7 @@ class MLPGenerator(nn.Module):
         self.embed = nn.Embedding(classes, cfg.embed_dim) if classes else None
         layers: list[nn.Module] = []
         width = cfg.z_dim + (cfg.embed_dim if classes else 0)
-        for hidden in cfg.g_hidden:
+        for hidden in cfg.options.g_hidden:
             layers += [nn.Linear(width, hidden), _leaky()]
             width = hidden
         self.net = nn.Sequential(*layers, nn.Linear(width, math.prod(self.shape)), nn.Tanh())
@@ -78,7 +96,7 @@ class DCGANGenerator(nn.Module):
         super().__init__()
         classes = label_count(cfg, info)
         size, stages = dcgan_stages(info.resolution)
-        widths = _stage_widths(cfg.width, stages)[::-1]  # coarsest first
+        widths = _stage_widths(cfg.options.width, stages)[::-1]  # coarsest first
         self.embed = nn.Embedding(classes, cfg.embed_dim) if classes else None
         self.project = nn.Sequential(
             nn.Linear(cfg.z_dim + (cfg.embed_dim if classes else 0), widths[0] * size * size, bias=False),
@@ -109,9 +127,10 @@ class Discriminator(nn.Module):
     def __init__(self, cfg: ModelConfig, info: DatasetInfo) -> None:
         super().__init__()
         classes = label_count(cfg, info)
-        self.flat = cfg.arch == "mlp"
+        arch: Architecture = ARCHITECTURES[cfg.arch]
+        self.flat = arch.flat
         label_in = cfg.embed_dim if classes and cfg.conditioning == "concat" else 0
-        self.trunk, features = (_mlp_trunk if self.flat else _conv_trunk)(cfg, info, label_in)
+        self.trunk, features = arch.trunk(cfg, info, label_in)
         self.head = nn.Linear(features, 1)
         self.embed = nn.Embedding(classes, cfg.embed_dim) if label_in else None
         self.proj = nn.Embedding(classes, features) if classes and cfg.conditioning == "projection" else None
@@ -139,8 +158,8 @@ class Discriminator(nn.Module):
 def _mlp_trunk(cfg: ModelConfig, info: DatasetInfo, label_in: int) -> tuple[nn.Module, int]:
     layers: list[nn.Module] = []
     width = math.prod(info.shape) + label_in
-    for hidden in cfg.d_hidden:
-        layers += [nn.Linear(width, hidden), _leaky(), nn.Dropout(cfg.d_dropout)]
+    for hidden in cfg.options.d_hidden:
+        layers += [nn.Linear(width, hidden), _leaky(), nn.Dropout(cfg.options.d_dropout)]
         width = hidden
     return nn.Sequential(*layers), width
 
@@ -153,8 +172,8 @@ def _conv_trunk(cfg: ModelConfig, info: DatasetInfo, label_in: int) -> tuple[nn.
     size, stages = dcgan_stages(info.resolution)
     layers: list[nn.Module] = []
     channels = info.channels + label_in
-    for stage, width in enumerate(_stage_widths(cfg.width, stages)[:-1]):
-        for _ in range(cfg.d_depth - 1):
+    for stage, width in enumerate(_stage_widths(cfg.options.width, stages)[:-1]):
+        for _ in range(cfg.options.d_depth - 1):
             layers += [nn.Conv2d(channels, width, 3, 1, 1), _leaky()]
             channels = width
         layers.append(nn.Conv2d(channels, width, 4, 2, 1))
@@ -165,8 +184,23 @@ def _conv_trunk(cfg: ModelConfig, info: DatasetInfo, label_in: int) -> tuple[nn.
     return nn.Sequential(*layers, nn.Flatten()), channels * size * size
 
 
+@dataclass(frozen=True)
+class Architecture:
+    """What ``model.arch`` names: G's class, and D's trunk (with the features it ends in)."""
+
+    generator: Callable[[ModelConfig, DatasetInfo], nn.Module]
+    trunk: Callable[[ModelConfig, DatasetInfo, int], tuple[nn.Module, int]]
+    """(config, data, label channels joined at the input) -> (trunk, feature size)."""
+    flat: bool
+    """D's input is flattened to C·H·W before the label joins it."""
+
+
+ARCHITECTURES.register("mlp", MLPOptions)(Architecture(MLPGenerator, _mlp_trunk, flat=True))
+ARCHITECTURES.register("dcgan", DCGANOptions)(Architecture(DCGANGenerator, _conv_trunk, flat=False))
+
+
 def build_generator(cfg: ModelConfig, info: DatasetInfo) -> nn.Module:
-    return MLPGenerator(cfg, info) if cfg.arch == "mlp" else DCGANGenerator(cfg, info)
+    return ARCHITECTURES[cfg.arch].generator(cfg, info)
 
 
 def build_models(cfg: ModelConfig, info: DatasetInfo) -> tuple[nn.Module, nn.Module]:
@@ -176,11 +210,11 @@ def build_models(cfg: ModelConfig, info: DatasetInfo) -> tuple[nn.Module, nn.Mod
 class EMA:
     """An exponential moving average of G's parameters, with BatchNorm statistics measured for it.
 
-    The live G's running statistics follow its last few batches, not the averaged weights, and using
-    them with the average visibly blurs samples. So before the average is
-    used or saved, its statistics are measured afresh on fixed latents and balanced labels, the
-    "standing statistics" of BigGAN. Fixed inputs make them the same on every rank with no collective;
-    built from G before any SyncBatchNorm conversion, the copy never needs the other ranks either.
+    The live G's running statistics follow its last few batches, not the averaged weights, so they
+    do not fit the average. Before the average is used or saved, its statistics are measured afresh
+    on fixed latents and balanced labels, the "standing statistics" of BigGAN. Fixed inputs make them
+    the same on every rank with no collective; built from G before any SyncBatchNorm conversion, the
+    copy never needs the other ranks either.
     """
 
     CALIBRATION_SEED = 0x57A7

@@ -1,11 +1,13 @@
-"""What a run shows: metrics on the console, in ``metrics.jsonl`` and W&B, and fixed-noise sample grids.
+"""What a run shows: metrics on the console, in ``metrics.jsonl`` and W&B, and its progress.
 
-All ranks call in at the same steps (the metric all-reduce is a collective); only global rank 0
-touches files or W&B. W&B is optional at run time: if it cannot start, training goes on.
+The metrics are whatever the loss names (``GANLoss.names``). All ranks call in at the same steps
+(the metric all-reduce is a collective); only global rank 0 touches files, the terminal or W&B.
+W&B is optional at run time: if it cannot start, training goes on.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import sys
@@ -15,13 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
-from torchvision.utils import make_grid, save_image
+from tqdm import tqdm
 
 from gan_dist.config import LogConfig, WandbConfig
-from gan_dist.data import DatasetInfo
 from gan_dist.dist import DistEnv
-from gan_dist.engine import NAMES, StepMetrics, derive_seed
 
 NEVER = 2**62  # "no non-finite value yet", as a first-bad step
 
@@ -70,54 +69,70 @@ def last_logged_step(path: Path) -> int:
 
 
 class MetricLogger:
-    """Accumulates step metrics on the device and reduces them over ranks every ``log.every_steps``.
+    """Accumulates the named step metrics on the device and reduces them over ranks every ``log.every_steps``.
 
+    A metric that a step does not report (a lazy regularizer's) is averaged over the steps that do.
     After a resume, steps up to the last one already logged are written again to ``metrics.jsonl``
     with ``"replayed": true`` (the newest record of a step wins) and are not sent to W&B, whose
     step axis must only rise.
     """
 
-    def __init__(self, cfg: LogConfig, env: DistEnv, run_dir: Path, wandb_run, batch_per_rank: int) -> None:
-        self.cfg, self.env, self.wandb = cfg, env, wandb_run
+    def __init__(self, cfg: LogConfig, env: DistEnv, run_dir: Path, wandb_run, batch_per_rank: int,
+                 names: Sequence[str]) -> None:
+        self.cfg, self.env, self.wandb, self.names = cfg, env, wandb_run, tuple(names)
         self.path = run_dir / "metrics.jsonl"
         self.replay_until = last_logged_step(self.path) if env.is_main else 0
         self.batch = batch_per_rank
-        self.sums = torch.zeros(len(NAMES), device=env.device)
-        self.bad = torch.zeros(len(NAMES), device=env.device)
-        self.first_bad = torch.full((len(NAMES),), NEVER, dtype=torch.int64, device=env.device)
-        self.count = 0
+        n, device = len(self.names), env.device
+        self.sums, self.counts, self.bad = (torch.zeros(n, device=device) for _ in range(3))
+        self.first_bad = torch.full((n,), NEVER, dtype=torch.int64, device=device)
+        self.masks: dict[frozenset[str], torch.Tensor] = {}
+        self.steps = 0
         self.window_start = time.perf_counter()
 
-    def update(self, step: int, metrics: StepMetrics) -> None:
+    def _mask(self, reported: frozenset[str]) -> torch.Tensor:
+        """Which of ``names`` a step reported, made once per pattern and kept on the device."""
+        if reported not in self.masks:
+            if not reported <= set(self.names):
+                raise KeyError(f"metrics {sorted(reported - set(self.names))} are not among {self.names}")
+            self.masks[reported] = torch.tensor([n in reported for n in self.names], device=self.sums.device)
+        return self.masks[reported]
+
+    def update(self, step: int, metrics: dict[str, torch.Tensor]) -> None:
         """Accumulate on the device: non-finite values are counted (and their first step kept), not summed."""
-        values = metrics.stacked()
-        bad = ~torch.isfinite(values)
-        self.sums += values.masked_fill(bad, 0.0)
+        present = self._mask(frozenset(metrics))
+        zero = self.sums.new_zeros(())
+        values = torch.stack([metrics.get(n, zero).float() for n in self.names])
+        bad = ~torch.isfinite(values) & present
+        self.sums += values.masked_fill(bad | ~present, 0.0)
+        self.counts += present
         self.bad += bad
         self.first_bad.masked_fill_(bad & (self.first_bad == NEVER), step)
-        self.count += 1
+        self.steps += 1
 
     def due(self, step: int) -> bool:
         return step % self.cfg.every_steps == 0
 
     def flush(self, step: int, epoch: int, lrs: dict[str, float]) -> dict[str, float] | None:
-        """Every rank calls this at the same step: one all-reduce of the means and the images/s."""
-        if self.count == 0:
+        """Every rank calls this at the same step: one all-reduce of the sums, counts and the images/s."""
+        if self.steps == 0:
             return None
+        n = len(self.names)
         elapsed = time.perf_counter() - self.window_start
-        rate = torch.tensor([self.count * self.batch / elapsed], device=self.sums.device)
-        total = self.env.all_reduce_sum(torch.cat([self.sums / self.count, rate, self.bad])).tolist()
-        *means, images_per_s = total[:len(NAMES) + 1]  # the one host sync of the window
-        if any(total[len(NAMES) + 1:]):  # the same sum on every rank, so all ranks stop here together
+        rate = torch.tensor([self.steps * self.batch / elapsed], device=self.sums.device)
+        total = self.env.all_reduce_sum(torch.cat([self.sums, self.counts, rate, self.bad])).tolist()
+        sums, counts, images_per_s = total[:n], total[n:2 * n], total[2 * n]  # the one host sync of the window
+        if any(total[2 * n + 1:]):  # the same sum on every rank, so all ranks stop here together
             first = self.env.all_reduce_min(self.first_bad.clone()).tolist()
-            bad = {name: at for name, at in zip(NAMES, first, strict=True) if at != NEVER}
+            bad = {name: at for name, at in zip(self.names, first, strict=True) if at != NEVER}
             raise Diverged(f"non-finite {', '.join(bad)} from step {min(bad.values())} "
                            f"(found at the log step {step})")
         record: dict[str, Any] = {"step": step, "epoch": epoch}
-        record |= {k: v / self.env.world_size for k, v in zip(NAMES, means, strict=True)}
+        record |= {k: total_k / count for k, total_k, count in zip(self.names, sums, counts, strict=True) if count}
         record["images_per_s"] = images_per_s
-        self.sums.zero_()
-        self.count = 0
+        for t in (self.sums, self.counts):
+            t.zero_()
+        self.steps = 0
         self.window_start = time.perf_counter()
         if self.env.is_main:
             self._write(record, lrs)
@@ -142,8 +157,8 @@ class MetricLogger:
 
     def _write(self, record: dict[str, Any], lrs: dict[str, float]) -> None:
         replayed = self._append(record)
-        print(f"step {record['step']:>7} epoch {record['epoch']:>3} | d_loss {record['d_loss']:.4f} "
-              f"g_loss {record['g_loss']:.4f} D(x) {record['d_real']:.3f} D(G(z)) {record['d_fake']:.3f} | "
+        shown = " ".join(f"{k} {record[k]:.4f}" for k in self.names if k in record)
+        print(f"step {record['step']:>7} epoch {record['epoch']:>3} | {shown} | "
               f"{record['images_per_s']:.0f} img/s" + (" (replayed)" if replayed else ""), flush=True)
         if self.wandb is not None and not replayed:
             extra = {f"lr/{k}": v for k, v in lrs.items()}
@@ -159,90 +174,41 @@ class MetricLogger:
             self.wandb.log({key: wandb.Image(str(path), caption=caption)}, step=step)
 
 
-GRID_ROWS = 10  # rows of a sample grid: every class up to this many, else an even pick of them
+class Progress:
+    """Rank 0's progress: a tqdm bar (steps, images/s, ETA) on a terminal; where stderr is not one
+    (a Slurm log), a plain line every ``log.progress_seconds``, so a user tailing the log sees the ETA."""
 
+    def __init__(self, cfg: LogConfig, env: DistEnv, total: int, done: int, images_per_step: int) -> None:
+        self.enabled = cfg.progress and env.is_main
+        self.total, self.images_per_step, self.every = total, images_per_step, cfg.progress_seconds
+        self.start_step, self.start = done, time.monotonic()
+        self.last_line = self.start
+        self.bar = tqdm(total=total, initial=done, unit="step", dynamic_ncols=True, smoothing=0.05,
+                        file=sys.stderr) if self.enabled and sys.stderr.isatty() else None
 
-def grid_classes(num_classes: int, rows: int = GRID_ROWS) -> list[int]:
-    """The classes a grid shows, one per row: all of them up to ``rows``, else ``rows`` spread evenly
-    from the first to the last (100 classes: 0, 11, 22, ..., 99). Below 2 classes none: one label
-    tells no rows apart, so the rows hold distinct latents instead."""
-    if num_classes < 2:
-        return []
-    if num_classes <= rows:
-        return list(range(num_classes))
-    return [round(i * (num_classes - 1) / (rows - 1)) for i in range(rows)]
+    def update(self, step: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix_str(f"{self._rate(step) * self.images_per_step:.0f} img/s", refresh=False)
+            return
+        now = time.monotonic()
+        if now - self.last_line >= self.every:
+            self.last_line = now
+            print(self.line(step), file=sys.stderr, flush=True)
 
+    def _rate(self, step: int) -> float:
+        """Steps per second since this process started training."""
+        return (step - self.start_step) / max(time.monotonic() - self.start, 1e-9)
 
-def fixed_noise(z_dim: int, columns: int, seed: int, device: torch.device,
-                classes: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Latents and labels of a grid, row-major.
+    def line(self, step: int) -> str:
+        """``progress: step 1200/4680 (25.6%), 512 img/s, ETA 0:06:12``."""
+        rate = self._rate(step)
+        eta = datetime.timedelta(seconds=round((self.total - step) / rate)) if rate > 0 else "?"
+        return (f"progress: step {step}/{self.total} ({100 * step / self.total:.1f}%), "
+                f"{rate * self.images_per_step:.0f} img/s, ETA {eta}")
 
-    With ``classes``, one row per class and ``columns`` latents shared by all rows, so a row differs
-    from the next only by the label. Without, ``GRID_ROWS`` rows of distinct latents, every label 0.
-    """
-    gen = torch.Generator("cpu").manual_seed(derive_seed(seed, 0xC0FFEE))
-    if classes:
-        z = torch.randn(columns, z_dim, generator=gen).repeat(len(classes), 1)
-        labels = torch.tensor(list(classes), dtype=torch.int64).repeat_interleave(columns)
-    else:
-        z = torch.randn(GRID_ROWS * columns, z_dim, generator=gen)
-        labels = torch.zeros(GRID_ROWS * columns, dtype=torch.int64)
-    return z.to(device), labels.to(device)
-
-
-def row_names(info: DatasetInfo, classes: Sequence[int]) -> str:
-    """What the rows of a grid are, for captions and messages: ``0 airplane, 11 ..., 99 truck``."""
-    def name(c: int) -> str:  # "3 cat"; a name that starts with its number ("3", "3 - three") as it is
-        text = info.class_names[c] if c < len(info.class_names) else ""
-        return text if text.split(" ")[0] == str(c) else f"{c} {text}".strip()
-
-    return ", ".join(name(c) for c in classes) if classes else "distinct latents per row"
-
-
-@torch.no_grad()
-def generate(generator: nn.Module, z: torch.Tensor, labels: torch.Tensor, batch: int = 1000) -> torch.Tensor:
-    """Images in [-1, 1], from G in eval mode (BatchNorm uses its running stats), restoring its mode."""
-    was_training = generator.training
-    generator.eval()
-    try:
-        return torch.cat([generator(z[i:i + batch], labels[i:i + batch]).float()
-                          for i in range(0, z.shape[0], batch)])
-    finally:
-        generator.train(was_training)
-
-
-def save_grid(images: torch.Tensor, path: Path, columns: int) -> Path:
-    """A PNG grid of images in [-1, 1], gray (1 channel) or RGB (3); rows as ``fixed_noise`` lays them out."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid = make_grid(images.cpu(), nrow=columns, padding=2, normalize=True, value_range=(-1, 1), pad_value=0.5)
-    save_image(grid, path)
-    return path
-
-
-class SampleWriter:
-    """The fixed-noise grid (10 columns, a row per picked class), written by rank 0 as
-    ``samples/step_<N>.png`` and sent to W&B.
-
-    ``num_classes`` is what G is conditioned on (0: unconditional); ``info`` names the classes.
-    """
-
-    COLUMNS = 10
-
-    def __init__(self, cfg: LogConfig, env: DistEnv, run_dir: Path, z_dim: int, seed: int,
-                 logger: MetricLogger, info: DatasetInfo, num_classes: int) -> None:
-        self.every = cfg.samples_every_steps
-        self.env, self.folder, self.logger = env, run_dir / "samples", logger
-        self.classes = grid_classes(num_classes)
-        self.rows = row_names(info, self.classes)
-        self.z, self.labels = fixed_noise(z_dim, self.COLUMNS, seed, env.device, self.classes)
-
-    def due(self, step: int) -> bool:
-        return self.every > 0 and step % self.every == 0
-
-    def write(self, step: int, generator: nn.Module) -> Path | None:
-        if not self.env.is_main:
-            return None
-        path = save_grid(generate(generator, self.z, self.labels), self.folder / f"step_{step}.png", self.COLUMNS)
-        what = f"one class per row ({self.rows}), the same latent down each column" if self.classes else self.rows
-        self.logger.log_image(step, "samples/grid", path, f"step {step}: {what}; fixed noise")
-        return path
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

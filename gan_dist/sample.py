@@ -43,21 +43,24 @@ from PIL import Image
 from torch import nn
 from torch.func import functional_call
 
-from gan_dist.checkpoint import CheckpointError, load_generator
+from gan_dist import cli
 from gan_dist.data import to_pixels
-from gan_dist.engine import derive_seed
-from gan_dist.evaluate import EXIT_USAGE, Parser, integer
 from gan_dist.models import label_count
-from gan_dist.monitor import GRID_ROWS, SampleWriter, fixed_noise, generate, grid_classes, row_names, save_grid
+from gan_dist.sampling import (
+    GRID_ROWS,
+    SampleWriter,
+    class_rows,
+    fixed_noise,
+    generate,
+    grid_classes,
+    load_generator,
+    row_names,
+    save_grid,
+)
+from gan_dist.seeds import latents
 
 # Stream ids mixed into --seed: the arrays and the walks never share latents.
 NPZ_STREAM, WALK_STREAM = 1, 2
-
-
-def latents(z_dim: int, n: int, seed: int, stream: int) -> torch.Tensor:
-    """``n`` standard normal latents, drawn on the CPU so that a seed means the same images on any device."""
-    gen = torch.Generator("cpu").manual_seed(derive_seed(seed, stream))
-    return torch.randn(n, z_dim, generator=gen)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -143,20 +146,20 @@ def parse_device(text: str) -> torch.device:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = Parser(prog="python -m gan_dist.sample", description=__doc__,
+    parser = cli.Parser(prog="python -m gan_dist.sample", description=__doc__,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, type=Path, metavar="PATH",
                         help="a step_<N>.pt written by gan_dist.train")
     parser.add_argument("--grid", type=image_path, metavar="OUT.png", help="write the class grid")
-    parser.add_argument("--n", type=integer(1), default=SampleWriter.COLUMNS,
+    parser.add_argument("--n", type=cli.integer(1), default=SampleWriter.COLUMNS,
                         help="grid columns (default %(default)s)")
     parser.add_argument("--npz", type=Path, metavar="OUT.npz", help="write images and labels for scoring")
-    parser.add_argument("--n-per-class", type=integer(1), default=1000, metavar="N",
+    parser.add_argument("--n-per-class", type=cli.integer(1), default=1000, metavar="N",
                         help="npz images per class; all of them when unconditional (default %(default)s)")
     parser.add_argument("--interpolate", type=image_path, metavar="OUT.png",
                         help="write latent walks, and label walks when G has 2 or more classes")
-    parser.add_argument("--steps", type=integer(2), default=10, help="images per walk (default %(default)s)")
-    parser.add_argument("--seed", type=integer(0), default=0, help="latent seed (default %(default)s)")
+    parser.add_argument("--steps", type=cli.integer(2), default=10, help="images per walk (default %(default)s)")
+    parser.add_argument("--seed", type=cli.integer(0), default=0, help="latent seed (default %(default)s)")
     parser.add_argument("--no-ema", action="store_true", help="use the raw G, not its saved EMA")
     parser.add_argument("--device", type=parse_device, default=torch.device("cpu"),
                         help="auto, cpu, cuda or cuda:I (default cpu)")
@@ -168,11 +171,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        generator, cfg, info = load_generator(args.checkpoint, args.device, use_ema=not args.no_ema)
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+    return cli.run(lambda: write(args))
+
+
+def write(args: argparse.Namespace) -> int:
+    """Every output asked for, from G rebuilt out of the checkpoint."""
+    generator, cfg, info = load_generator(args.checkpoint, args.device, use_ema=not args.no_ema)
     num_classes = label_count(cfg.model, info)
     classes = grid_classes(num_classes)
     which = "EMA of G" if cfg.ema.enabled and not args.no_ema else "G"
@@ -190,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"wrote {save_grid(generate(generator, z, labels), args.grid, args.n)}: "
                   f"rows {row_names(info, classes)}")
         if args.npz:
-            labels = torch.arange(max(num_classes, 1), device=args.device).repeat_interleave(args.n_per_class)
+            labels = torch.arange(class_rows(num_classes), device=args.device).repeat_interleave(args.n_per_class)
             z = latents(z_dim, len(labels), args.seed, NPZ_STREAM).to(args.device)
             write_npz(args.npz, generate(generator, z, labels), labels)
             print(f"wrote {args.npz}: {len(labels)} images, " +
@@ -202,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"rows {row_names(info, classes)}")
     except OSError as e:
         print(f"error: cannot write {e.filename}: {e.strerror}", file=sys.stderr)
-        return EXIT_USAGE
+        return cli.EXIT_USAGE
     return 0
 
 

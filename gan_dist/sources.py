@@ -8,6 +8,7 @@ Reading converts: every image ends up as uint8 [C, R, R] at ``data.channels`` an
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import math
 import os
@@ -24,7 +25,7 @@ from PIL import Image
 from torchvision.datasets import CIFAR10, CIFAR100, MNIST, FashionMNIST
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
-from gan_dist.config import DataConfig
+from gan_dist.config import DATASETS, DataConfig, UsageError
 
 SPLITS = ("train", "test")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -34,8 +35,44 @@ HOLDOUT_SEED = 0x5EED
 """Seeds the choice of held-out images: the same folder always splits the same way."""
 
 
-class DataError(RuntimeError):
-    """Data that cannot be found or read; entry points turn it into exit status 2."""
+class DataError(UsageError, RuntimeError):
+    """Data that cannot be found or read."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What the data is, measured from the data itself: every network, metric and grid is built from it.
+
+    It travels in every checkpoint, so sampling and evaluation rebuild G without the data.
+    """
+
+    name: str
+    """``data.name`` of the source."""
+    channels: int
+    resolution: int
+    num_classes: int
+    """0: unconditional (a flat folder: every label is 0)."""
+    class_names: tuple[str, ...]
+    sizes: dict[str, int]
+    """Images per split, e.g. ``{"train": 60000, "test": 10000}``."""
+    source: str
+    """Where it came from: a folder, a file, or a download."""
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.channels, self.resolution, self.resolution
+
+    @property
+    def conditional(self) -> bool:
+        return self.num_classes > 0
+
+    def to_dict(self) -> dict:
+        """Builtins only: safe for YAML, JSON, W&B and ``torch.load(weights_only=True)``."""
+        return dataclasses.asdict(self) | {"class_names": list(self.class_names)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DatasetInfo:
+        return cls(**(dict(d) | {"class_names": tuple(d["class_names"]), "sizes": dict(d["sizes"])}))
 
 
 @dataclass
@@ -87,6 +124,13 @@ IDX_DATASETS: dict[str, type[MNIST]] = {"mnist": MNIST, "fashion_mnist": Fashion
 IDX_CLASSES = 10
 IDX_KINDS = {"images": (0x803, read_image_file), "labels": (0x801, read_label_file)}
 """Magic number (unsigned bytes, 3 or 1 dimensions) and torchvision's reader of each IDX file."""
+
+
+def idx_description(name: str, source: str) -> DatasetInfo:
+    """mnist's or fashion_mnist's description at its own shape and official sizes, without reading it
+    (KeyError for any other name): what records written before descriptions existed were made from."""
+    classes = tuple(IDX_DATASETS[name].classes)
+    return DatasetInfo(name, 1, 28, len(classes), classes, {"train": 60000, "test": 10000}, source)
 
 
 def idx_names(split: str) -> tuple[str, str]:
@@ -508,9 +552,10 @@ def _each(fn: Callable[[Path], object], paths: list[Path], chunk: int = 1024) ->
             yield from pool.map(attempt, paths[start:start + chunk])
 
 
-SOURCES: dict[str, type[Source]] = {"mnist": IdxSource, "fashion_mnist": IdxSource, "idx": IdxSource,
-                                    "cifar10": CifarSource, "cifar100": CifarSource, "folder": FolderSource}
+for _name, _source in (("mnist", IdxSource), ("fashion_mnist", IdxSource), ("idx", IdxSource),
+                      ("cifar10", CifarSource), ("cifar100", CifarSource), ("folder", FolderSource)):
+    DATASETS.register(_name)(_source)
 
 
 def open_source(cfg: DataConfig) -> Source:
-    return SOURCES[cfg.name](cfg)
+    return DATASETS[cfg.name](cfg)

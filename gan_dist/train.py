@@ -7,6 +7,7 @@ Several ranks on one machine (NCCL on GPUs, gloo on CPU):
 Offline, on Debian's Fashion-MNIST (apt-get install dataset-fashion-mnist):
     python -m gan_dist.train data.name=fashion_mnist data.root=/usr/share/datasets/fashion-mnist
 Slurm: python -m launch.slurm (it ends up in ``main`` below, with the same arguments).
+In Python: ``Trainer(cfg, env, StopFlag()).fit()``; ``build(cfg, env)`` gives the data and the engine alone.
 
 ``--help`` lists every config key; ``--dry-run`` prints the resolved config and exits.
 Exit status: 0 done; 2 bad config, data, checkpoint or run_dir; 3 diverged (non-finite losses or
@@ -25,20 +26,21 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from gan_dist.checkpoint import FORMAT_VERSION, Checkpointer, CheckpointError, check_data, check_shapes
-from gan_dist.config import Config, ConfigError, describe, load_config, to_dict, to_yaml
-from gan_dist.data import DataError, DatasetInfo, load_split, make_batches
+from gan_dist import cli
+from gan_dist.checkpoint import Checkpointer, IncompatibleCheckpoint
+from gan_dist.config import Config, ConfigError, UsageError, describe, load_config, to_dict, to_yaml
+from gan_dist.data import DataError, ShardedBatches, load_split, make_batches
 from gan_dist.dist import DistEnv, PeerFailed, StepAgreement, setup, teardown
 from gan_dist.engine import GANEngine
 from gan_dist.evaluate import Evaluator
-from gan_dist.monitor import Diverged, MetricLogger, SampleWriter, start_wandb
+from gan_dist.monitor import Diverged, MetricLogger, Progress, start_wandb
+from gan_dist.sampling import SampleWriter
+from gan_dist.sources import DatasetInfo
 
-EXIT_USAGE = 2
-EXIT_DIVERGED = 3
-EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped cleanly on a signal, a checkpoint is on disk
-EXIT_ABORTED = 128 + signal.SIGINT
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
 
 
@@ -65,18 +67,104 @@ class StopFlag:
         return signal.Signals(self.signum).name if self.signum is not None else "on another rank"
 
 
-class Position:
-    """Where a run is: the steps done, the epoch, and the next batch inside that epoch."""
+@dataclass
+class Built:
+    """What a config makes on one rank: its split's batches and the engine, and the config as resolved."""
 
-    def __init__(self, steps_per_epoch: int, n_critic: int) -> None:
+    cfg: Config
+    """``amp`` replaced by what ``auto`` chose: what the run records."""
+    info: DatasetInfo
+    split: str
+    data: ShardedBatches
+    engine: GANEngine
+
+
+def build(cfg: Config, env: DistEnv) -> Built:
+    """config → env → data → engine: the one wiring of the trainer, the benchmark and the GPU check."""
+    split = load_split(cfg.data, env)
+    data = make_batches(split, cfg.data, env, cfg.train.batch_size, cfg.train.seed)
+    engine = GANEngine(cfg, env, split.info)
+    return Built(dataclasses.replace(cfg, amp=engine.amp.config), split.info, split.name, data, engine)
+
+
+class Position:
+    """Where a run is: the steps done, the epoch, and the next batch of this rank inside that epoch."""
+
+    def __init__(self, steps_per_epoch: int, n_critic: int, batch_size: int, world_size: int) -> None:
         self.steps_per_epoch, self.n_critic = steps_per_epoch, n_critic
+        self.batch_size, self.world_size = batch_size, world_size
         self.step = self.epoch = self.batch = 0
+        self.resharded_from: int | None = None
+        """The world size of the checkpoint, when it was another one."""
 
     def advance(self) -> None:
         self.step += 1
         self.batch += self.n_critic
+        self._roll()
+
+    def _roll(self) -> None:
         if self.batch >= self.steps_per_epoch * self.n_critic:
             self.epoch, self.batch = self.epoch + 1, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "epoch": self.epoch, "batch": self.batch, "world_size": self.world_size,
+                "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Another world size re-shards from the same point of the epoch, counted in samples seen, to the
+        step boundary at or before it; the run is then no longer bit-exact."""
+        self.step, self.epoch, self.batch = state["step"], state["epoch"], state["batch"]
+        if state["world_size"] != self.world_size:
+            seen = state["batch"] * state["world_size"] * state["batch_size"]
+            self.batch = seen // (self.world_size * self.batch_size * self.n_critic) * self.n_critic
+            self._roll()
+            self.resharded_from = state["world_size"]
+
+    def __str__(self) -> str:
+        return f"step {self.step} (epoch {self.epoch}, batch {self.batch})"
+
+
+class BestScore:
+    """The best FID so far: ``best.pt`` is rewritten only when an evaluation beats it."""
+
+    def __init__(self) -> None:
+        self.fid = math.inf
+
+    def improves(self, fid: float) -> bool:
+        if fid < self.fid:
+            self.fid = fid
+            return True
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"fid": self.fid}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.fid = state["fid"]
+
+
+class RunRecord:
+    """What a checkpoint says of its run: the resolved config, the data's description and the W&B run id.
+
+    Resuming on other data is refused, not mixed in; the W&B id lets a requeued run log into the same run.
+    """
+
+    def __init__(self, cfg: Config, info: DatasetInfo) -> None:
+        self.cfg, self.info = cfg, info
+        self.wandb_id: str | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"config": to_dict(self.cfg), "data": self.info.to_dict(), "wandb_run_id": self.wandb_id,
+                "rng": {"seed": self.cfg.train.seed, "scheme": "blake2b(seed/rank/step/phase) reseeded every step"}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = DatasetInfo.from_dict(state["data"])
+        if any(getattr(saved, f) != getattr(self.info, f) for f in ("name", "shape", "num_classes")):
+            def show(i: DatasetInfo) -> str:
+                return f"{i.name}, {i.channels}×{i.resolution}×{i.resolution}, {i.num_classes} classes"
+            raise IncompatibleCheckpoint(f"trained on {show(saved)}; this run's data is {show(self.info)}; "
+                                         "use another run_dir, or the data it was trained on")
+        self.wandb_id = state.get("wandb_run_id")
 
 
 class Trainer:
@@ -86,87 +174,48 @@ class Trainer:
         self.env, self.stop = env, stop
         self.run_dir = Path(cfg.run_dir)
         env.raise_together(_prepare_run_dir(self.run_dir) if env.is_main else None)
-        split = load_split(cfg.data, env)
-        self.info = split.info
-        self.data = make_batches(split, cfg.data, env, cfg.train.batch_size, cfg.train.seed)
-        self.engine = GANEngine(cfg, env, self.info)
-        # From here on the config is the resolved one: what ``auto`` chose is what the run records.
-        self.cfg = cfg = dataclasses.replace(cfg, amp=self.engine.precision.config)
-        self.pos = Position(len(self.data) // cfg.train.n_critic, cfg.train.n_critic)
+        built = build(cfg, env)
+        self.cfg, self.info, self.data, self.engine = built.cfg, built.info, built.data, built.engine
+        self.pos = Position(len(self.data) // cfg.train.n_critic, cfg.train.n_critic, cfg.train.batch_size,
+                            env.world_size)
         if self.pos.steps_per_epoch == 0:
             raise DataError(f"{len(self.data)} batches per rank cannot feed train.n_critic={cfg.train.n_critic}")
         total = cfg.train.epochs * self.pos.steps_per_epoch
         self.total_steps = min(total, cfg.train.max_steps or total)
-        self.checkpointer = Checkpointer(cfg.checkpoint, self.run_dir, env)
-        self.best_fid = math.inf
-        self.eval_seconds = 0.0
-        self.last_saved: Path | None = None
-        run_id = self._restore(self.checkpointer.resume_state(cfg.train.resume))
-        self._say(f"data: {describe_data(self.info, split.name, self.engine.num_classes)}; {self.data}")
-        self._say(f"precision: {cfg.amp.dtype} ({self.engine.precision.reason})")
+        self.best, self.record = BestScore(), RunRecord(self.cfg, self.info)
+        self.checkpointer = Checkpointer(cfg.checkpoint, self.run_dir, env, {
+            "run": self.record, "position": self.pos, "engine": self.engine, "best": self.best})
+        resumed = self.checkpointer.restore(cfg.train.resume)
+        if resumed is not None:
+            note = (f"; world size {self.pos.resharded_from} -> {env.world_size}: data re-sharded, the run is no "
+                    "longer bit-exact") if self.pos.resharded_from else ""
+            self._say(f"resuming from {resumed} at {self.pos}{note}")
+        classes = self.engine.num_classes
+        self._say(f"data: {describe_data(self.info, built.split, classes)}; {self.data}")
+        self._say(f"precision: {self.cfg.amp.dtype} ({self.engine.amp.reason})")
         if env.is_main:  # only once the resume check has passed: a refused start changes nothing
-            (self.run_dir / "config.yaml").write_text(
-                f"# amp.dtype: {self.engine.precision.reason}\n" + to_yaml(cfg))
-        self.evaluator = Evaluator(cfg, env) if cfg.eval.every_steps > 0 else None
-        wandb_config = to_dict(cfg) | {"resolved": {"amp": self.engine.precision.reason,
-                                                    "data": self.info.to_dict()}}
-        wandb_run = start_wandb(cfg.log.wandb, self.run_dir, wandb_config, run_id) if env.is_main else None
-        self.wandb_id = wandb_run.id if wandb_run is not None else run_id
-        self.logger = MetricLogger(cfg.log, env, self.run_dir, wandb_run, cfg.train.batch_size)
-        self.samples = SampleWriter(cfg.log, env, self.run_dir, cfg.model.z_dim, cfg.train.seed, self.logger,
-                                    self.info, self.engine.num_classes)
+            (self.run_dir / "config.yaml").write_text(f"# amp.dtype: {self.engine.amp.reason}\n" + to_yaml(self.cfg))
+        self.evaluator = Evaluator(self.cfg, env) if cfg.eval.every_steps > 0 else None
+        self.eval_seconds = 0.0
+        wandb_config = to_dict(self.cfg) | {"resolved": {"amp": self.engine.amp.reason, "data": self.info.to_dict()}}
+        wandb_run = start_wandb(cfg.log.wandb, self.run_dir, wandb_config, self.record.wandb_id) \
+            if env.is_main else None
+        if wandb_run is not None:
+            self.record.wandb_id = wandb_run.id
+        self.logger = MetricLogger(cfg.log, env, self.run_dir, wandb_run, cfg.train.batch_size,
+                                   self.engine.loss.names)
+        self.samples = SampleWriter(cfg.log, env, self.run_dir, cfg.model.z_dim, cfg.train.seed,
+                                    self.logger.log_image, self.info, classes)
 
     def _say(self, message: str) -> None:
         if self.env.is_main:
             print(message, flush=True)
 
-    def _restore(self, state: dict | None) -> str | None:
-        """Load a checkpoint into the engine and the position; returns the saved W&B run id."""
-        if state is None:
-            return None
-        path = Path(state["path"])
-        check_data(path, DatasetInfo.from_dict(state["data"]), self.info)
-        check_shapes(path, "generator", state["generator"], self.engine.generator)
-        check_shapes(path, "discriminator", state["discriminator"], self.engine.discriminator)
-        self.engine.load_state_dict(state)
-        self.pos.step, self.pos.epoch, self.pos.batch = state["step"], state["epoch"], state["batch"]
-        self.best_fid = state.get("best_fid", math.inf)
-        self.last_saved = path
-        note = ""
-        if state["world_size"] != self.env.world_size:
-            # Re-shard from the same point of the epoch, counted in samples seen; exactness is lost.
-            seen = state["batch"] * state["world_size"] * self.cfg.train.batch_size
-            per_step = self.env.world_size * self.cfg.train.batch_size * self.cfg.train.n_critic
-            self.pos.batch = seen // per_step * self.cfg.train.n_critic
-            if self.pos.batch >= self.pos.steps_per_epoch * self.cfg.train.n_critic:
-                self.pos.epoch, self.pos.batch = self.pos.epoch + 1, 0
-            note = (f"; world size {state['world_size']} -> {self.env.world_size}: data re-sharded, "
-                    "the run is no longer bit-exact")
-        where = f"step {self.pos.step} (epoch {self.pos.epoch}, batch {self.pos.batch})"
-        self._say(f"resuming from {path} at {where}{note}")
-        return state.get("wandb_run_id")
-
-    def state(self) -> dict:
-        return self.engine.state_dict() | {
-            "format_version": FORMAT_VERSION,
-            "step": self.pos.step,
-            "epoch": self.pos.epoch,
-            "batch": self.pos.batch,
-            "world_size": self.env.world_size,
-            "rng": {"seed": self.cfg.train.seed, "scheme": "blake2b(seed/rank/step/phase) reseeded every step"},
-            "config": to_dict(self.cfg),
-            "data": self.info.to_dict(),
-            "wandb_run_id": self.wandb_id,
-            "best_fid": self.best_fid,
-        }
-
     def save(self, name: str | None = None) -> Path:
         """Every rank calls this at the same step; weights that are not finite are never written."""
         if self.env.any(not self.engine.finite()):
             raise Diverged(f"non-finite weights at step {self.pos.step}")
-        path = self.checkpointer.save(self.state(), name=name)
-        if name is None:
-            self.last_saved = path
+        path = self.checkpointer.save(self.pos.step, name=name)
         self._say(f"saved {path}")
         return path
 
@@ -176,9 +225,8 @@ class Trainer:
         self.eval_seconds += scores["seconds"]
         scores["share_of_time"] = self.eval_seconds / max(train_seconds, 1e-9)
         self.logger.log_eval(self.pos.step, self.pos.epoch, scores)
-        if scores["fid"] < self.best_fid:
-            self.best_fid = scores["fid"]
-            self._say(f"new best FID {self.best_fid:.3f}")
+        if self.best.improves(scores["fid"]):
+            self._say(f"new best FID {self.best.fid:.3f}")
             self.save(name="best.pt")
 
     def fit(self) -> int:
@@ -190,57 +238,62 @@ class Trainer:
                   f"training to step {self.total_steps}")
         if self.env.any(self.stop.signum is not None):
             self._say(f"stopped by signal ({self.stop.name}) before step {pos.step + 1}: nothing new to save; "
-                      f"exit {EXIT_REQUEUE} to requeue")
-            return EXIT_REQUEUE
+                      f"exit {cli.EXIT_REQUEUE} to requeue")
+            return cli.EXIT_REQUEUE
         agreement = StepAgreement(self.env)
         try:
             code = self._loop(agreement)
         except Diverged as e:
             agreement.drain()
-            kept = f"{self.last_saved} is the newest and last good checkpoint" if self.last_saved else \
-                "no checkpoint was saved"
-            self._say(f"training diverged: {e}; nothing non-finite was saved; {kept}; exit {EXIT_DIVERGED}")
-            return EXIT_DIVERGED
+            last = self.checkpointer.last_saved
+            kept = f"{last} is the newest and last good checkpoint" if last else "no checkpoint was saved"
+            self._say(f"training diverged: {e}; nothing non-finite was saved; {kept}; exit {cli.EXIT_DIVERGED}")
+            return cli.EXIT_DIVERGED
         agreement.drain()
         return code
 
     def _loop(self, agreement: StepAgreement) -> int:
         cfg, pos = self.cfg, self.pos
-        lrs = {"g": cfg.optim.g_lr, "d": cfg.optim.d_lr}
-        progress = Progress(self.total_steps, enabled=self.env.is_main and cfg.log.progress)
+        progress = Progress(cfg.log, self.env, self.total_steps, pos.step, cfg.train.batch_size * self.env.world_size)
         start = time.perf_counter()
-        while pos.step < self.total_steps:
-            epoch = pos.epoch
-            batches = self.data.epoch(epoch, start=pos.batch)
-            while pos.epoch == epoch and pos.step < self.total_steps:
-                reals = [next(batches) for _ in range(cfg.train.n_critic)]
-                metrics = self.engine.iteration(pos.step, reals)
-                pos.advance()
-                self.logger.update(pos.step, metrics)
-                progress.update(pos.step)
-                if self.logger.due(pos.step):
-                    self.logger.flush(pos.step, pos.epoch, lrs)
-                if self.samples.due(pos.step):
+        try:
+            while pos.step < self.total_steps:
+                epoch = pos.epoch
+                batches = self.data.epoch(epoch, start=pos.batch)
+                while pos.epoch == epoch and pos.step < self.total_steps:
+                    if self._step(agreement, batches, start):
+                        return cli.EXIT_REQUEUE
+                    progress.update(pos.step)
+                if pos.epoch != epoch and not self.samples.due(pos.step):
                     self.samples.write(pos.step, self.engine.sampler)
-                if self.evaluator is not None and self.evaluator.due(pos.step):
-                    self.evaluate(time.perf_counter() - start)
-                stopping, timed = agreement.exchange(self.stop.signum is not None, self.checkpointer.time_due())
-                if stopping or ((timed or self.checkpointer.due(pos.step)) and pos.step < self.total_steps):
-                    self.save()
-                if stopping:
-                    self.logger.flush(pos.step, pos.epoch, lrs)
-                    self._say(f"stopped by signal ({self.stop.name}) at step {pos.step}; "
-                              f"exit {EXIT_REQUEUE} to requeue")
-                    return EXIT_REQUEUE
-            if pos.epoch != epoch and not self.samples.due(pos.step):
-                self.samples.write(pos.step, self.engine.sampler)
-        progress.close()
-        self.logger.flush(pos.step, pos.epoch, lrs)
+        finally:
+            progress.close()
+        self.logger.flush(pos.step, pos.epoch, self.engine.learning_rates)
         if not self.samples.due(pos.step) and pos.batch != 0:
             self.samples.write(pos.step, self.engine.sampler)
         self.save()
         self._say(f"done: {pos.step} steps in {self.run_dir}")
         return 0
+
+    def _step(self, agreement: StepAgreement, batches, start: float) -> bool:
+        """One iteration and the callbacks due after it; returns whether the ranks agreed to stop."""
+        pos = self.pos
+        metrics = self.engine.iteration(pos.step, [next(batches) for _ in range(self.cfg.train.n_critic)])
+        pos.advance()
+        self.logger.update(pos.step, metrics)
+        if self.logger.due(pos.step):
+            self.logger.flush(pos.step, pos.epoch, self.engine.learning_rates)
+        if self.samples.due(pos.step):
+            self.samples.write(pos.step, self.engine.sampler)
+        if self.evaluator is not None and self.evaluator.due(pos.step):
+            self.evaluate(time.perf_counter() - start)
+        stopping, timed = agreement.exchange(self.stop.signum is not None, self.checkpointer.time_due())
+        if stopping or ((timed or self.checkpointer.due(pos.step)) and pos.step < self.total_steps):
+            self.save()
+        if stopping:
+            self.logger.flush(pos.step, pos.epoch, self.engine.learning_rates)
+            self._say(f"stopped by signal ({self.stop.name}) at step {pos.step}; exit {cli.EXIT_REQUEUE} to requeue")
+        return stopping
 
     def close(self) -> None:
         if self.logger.wandb is not None:
@@ -267,27 +320,6 @@ def _prepare_run_dir(run_dir: Path) -> ConfigError | None:
     return None
 
 
-class Progress:
-    """A one-line progress bar on a terminal; silent in logs and files."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total, self.enabled = total, enabled and sys.stderr.isatty()
-        self.start, self.first = time.perf_counter(), None
-
-    def update(self, step: int) -> None:
-        if not self.enabled:
-            return
-        self.first = self.first or step
-        rate = (step - self.first + 1) / max(time.perf_counter() - self.start, 1e-9)
-        width = 30
-        done = width * step // self.total
-        sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {step}/{self.total} {rate:.1f} it/s")
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m gan_dist.train",
@@ -301,41 +333,47 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    stop = StopFlag()  # first of all: a signal during start-up is a clean stop, not a silent death
-    args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    if args.dry_run:
-        print(to_yaml(cfg), end="")
-        return 0
+def train(cfg: Config, stop: StopFlag) -> int:
+    """Join the process group, train, leave it. An error names its rank and is printed last, after the
+    group is gone, so it is the line right above a launcher's summary."""
     env = trainer = None
     reason = None
     try:
         env = setup(cfg.dist)
         trainer = Trainer(cfg, env, stop)
         return trainer.fit()
-    except (ConfigError, DataError, CheckpointError) as e:
-        reason = f"error (rank {env.rank if env else os.environ.get('RANK', 0)}): {e}"
-        return EXIT_USAGE
+    except UsageError as e:
+        reason = cli.error_line(e, env.rank if env else int(os.environ.get("RANK", 0)))
+        return cli.EXIT_USAGE
     except PeerFailed as e:  # every rank is here: the ranks that failed say why before any rank exits
         if e.cause is not None:
-            print(f"error (rank {env.rank}): {e.cause}", file=sys.stderr, flush=True)
+            print(cli.error_line(e.cause, env.rank), file=sys.stderr, flush=True)
         env.barrier()
-        return EXIT_USAGE
+        return cli.EXIT_USAGE
     except KeyboardInterrupt:
         reason = "aborted by a second interrupt; every checkpoint on disk is complete"
-        return EXIT_ABORTED
+        return cli.EXIT_ABORTED
     finally:
         if trainer is not None:
             trainer.close()
         if env is not None:
             teardown(env)
-        if reason:  # last, so it is the line right above a launcher's summary
+        if reason:
             print(reason, file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    stop = StopFlag()  # first of all: a signal during start-up is a clean stop, not a silent death
+    args = parse_args(argv)
+
+    def body() -> int:
+        cfg = load_config(args.config, args.overrides)
+        if args.dry_run:
+            print(to_yaml(cfg), end="")
+            return 0
+        return train(cfg, stop)
+
+    return cli.run(body)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import submitit
 import yaml
 from submitit.core.utils import FailedJobError, JobPaths
 from submitit.helpers import DelayedSubmission, TorchDistributedEnvironment
-from submitit.slurm.slurm import _make_sbatch_string
+from submitit.slurm.slurm import _make_sbatch_string  # private: see Submission.sbatch_script
 
 from gan_dist.config import ConfigError, from_dict, load_config, opt
 
@@ -158,7 +158,7 @@ class SlurmTrainTask:
         # The trainer places rank r on cuda:LOCAL_RANK, so every task must keep seeing all the node's GPUs.
         env = TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         # Before torch loads OpenMP, which reads it once: waiting threads sleep rather than spin on
-        # cores that the node's other tasks need, unless the job's environment chose (docs/BENCHMARKS.md).
+        # cores that the node's other tasks need, unless the job's environment chose.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         from gan_dist import train  # torch and friends: seconds that submitting should not pay
 
@@ -257,7 +257,13 @@ class Submission:
 
     def sbatch_script(self) -> str:
         """The script submitit would hand to sbatch: its own template, with the command line that
-        SlurmExecutor writes (tests/test_slurm.py checks the two against a real submission)."""
+        SlurmExecutor writes.
+
+        The template is submitit's private ``_make_sbatch_string``: SlurmExecutor renders the script
+        only inside ``submit()``, so no public call gives it without submitting. pyproject.toml pins
+        submitit to the versions it was checked on, and tests/test_slurm.py fails, naming it, if the
+        function stops taking these parameters or the script differs from what submitit submits.
+        """
         python = self.python() or shlex.quote(sys.executable)
         command = f"{python} -u -m submitit.core._submit {shlex.quote(str(self.folder))}"
         return _make_sbatch_string(command=command, folder=self.folder, **self.parameters())

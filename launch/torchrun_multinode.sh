@@ -21,10 +21,10 @@ set -euo pipefail
 : "${RDZV_ENDPOINT:?set RDZV_ENDPOINT=host:port, reachable from every node}"
 
 # One store per attempt: restart counts are per node, so they cannot scope a shared store's keys
-# across nodes, and a restarted rank could read a dead peer's address (pytorch/pytorch#135712).
+# across nodes, and a restarted rank could read the address a dead peer left in it.
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 # Waiting OpenMP threads sleep rather than spin, unless the caller chose: on a node whose cores the
-# ranks, gloo and other jobs share, spinning threads take cores from the work (docs/BENCHMARKS.md).
+# ranks, gloo and other jobs share, spinning threads take cores from the work.
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 
 exec "${PYTHON:-python}" -m torch.distributed.run \

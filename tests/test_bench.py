@@ -1,6 +1,7 @@
-"""Smoke test of ``python -m gan_dist.bench``: every case, the torchrun one included, runs end to end on
-a tiny setting and lands in the JSON report; a --compare twin gets its override. Timings are never
-asserted: they belong to the machine, not to the code."""
+"""Smoke test of ``python benchmarks/bench.py``: every case, the torchrun one included, runs end to end on
+a tiny setting and lands in the JSON report; a --compare twin gets its override; ``python -m
+benchmarks.bench`` is the same command. Timings are never asserted: they belong to the machine, not to
+the code."""
 
 from __future__ import annotations
 
@@ -10,20 +11,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run, write_folder
+from conftest import REPO, run, write_folder
 from shapes import DIGITS
 
-from gan_dist import bench
-from gan_dist.engine import native_bf16
+from benchmarks import bench
+from gan_dist.amp import native_bf16
 
+BY_PATH = [sys.executable, REPO / "benchmarks" / "bench.py"]
+AS_MODULE = [sys.executable, "-m", "benchmarks.bench"]
 TINY = ["--device", "cpu", "--steps", "2", "--warmup", "1", "--rounds", "1", "--batch", "8", "--nproc", "2"]
 
 
 @pytest.mark.slow
 def test_bench_runs_every_case_and_writes_json(idx_root: Path, tmp_path: Path) -> None:
     report_path = tmp_path / "bench.json"
-    proc = run([sys.executable, "-m", "gan_dist.bench", *TINY, "--json", report_path, f"data.root={idx_root}",
-                "data.split=test", "data.download=false", "model.g_hidden=[32]", "model.d_hidden=[32]"], timeout=300)
+    proc = run([*BY_PATH, *TINY, "--json", report_path, f"data.root={idx_root}", "data.split=test",
+                "data.download=false", "model.mlp.g_hidden=[32]", "model.mlp.d_hidden=[32]"], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(report_path.read_text())
     cases = {c["key"]: c for c in report["cases"]}
@@ -39,6 +42,7 @@ def test_bench_runs_every_case_and_writes_json(idx_root: Path, tmp_path: Path) -
     assert cases["b"]["summary"]["precision"] == chosen and cases["b"]["summary"]["first_step_s"] > 0
     assert [t["ratio"] for t in report["targets"]] == ["(b) / (a)", "(c) / (b)"]
     assert report["table"] in proc.stdout
+    assert f"python benchmarks/bench.py {' '.join(TINY)} --json " in report["command"]
 
 
 def test_compare_adds_twins_that_carry_the_override(tmp_path: Path) -> None:
@@ -47,6 +51,7 @@ def test_compare_adds_twins_that_carry_the_override(tmp_path: Path) -> None:
     assert [c.key for c in cases] == ["a", "b", "c", "b'", "c'"]
     twin = bench.worker_argv(args, cases[-1], tmp_path)
     assert "torch.distributed.run" in twin and "--nproc_per_node=2" in twin
+    assert str(REPO / "benchmarks" / "bench.py") in twin  # by path: it runs however the parent was started
     assert twin[-2:] == ["data.split=test", "amp.enabled=false"]  # the twin's override comes last, so it wins
     assert "amp.enabled=false" not in bench.worker_argv(args, cases[1], tmp_path)
 
@@ -54,10 +59,10 @@ def test_compare_adds_twins_that_carry_the_override(tmp_path: Path) -> None:
 def test_an_rgb_folder_skips_the_reference_and_compares_streamed_with_resident(tmp_path: Path) -> None:
     write_folder(tmp_path / "images", {"a": 12, "b": 12}, size=16)
     report_path = tmp_path / "bench.json"
-    proc = run([sys.executable, "-m", "gan_dist.bench", *TINY[:-2], "--nproc", "1", "--json", report_path,
-                "--compare", "data.resident=off", "data.name=folder", f"data.root={tmp_path / 'images'}",
+    proc = run([*AS_MODULE, *TINY[:-2], "--nproc", "1", "--json", report_path, "--compare", "data.resident=off",
+                "--config", REPO / "configs" / "folder64_dcgan.yaml", f"data.root={tmp_path / 'images'}",
                 "data.resolution=16", f"data.cache_dir={tmp_path / 'cache'}", "data.workers=0",
-                "model.arch=dcgan", "model.width=8"], timeout=300)
+                "model.dcgan.width=8"], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "(a) skipped: the tutorial's networks need 28×28 grayscale images of 10 classes" in proc.stderr
     report = json.loads(report_path.read_text())
@@ -76,6 +81,7 @@ def test_compare_env_gives_the_twins_its_variables_only(tmp_path: Path) -> None:
 
 
 def test_bench_reports_missing_data_with_exit_2(tmp_path: Path) -> None:
-    proc = run([sys.executable, "-m", "gan_dist.bench", "--device", "cpu", "--json", "",
-                f"data.root={tmp_path}", "data.download=false"], timeout=120)
-    assert proc.returncode == 2 and "not found" in proc.stderr
+    """By path from another folder: one line, exit 2."""
+    proc = run([*BY_PATH, "--device", "cpu", "--json", "", f"data.root={tmp_path}", "data.download=false"],
+               timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2 and "not found" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

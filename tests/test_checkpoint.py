@@ -4,6 +4,7 @@ and one resume file for every rank (two real gloo processes)."""
 from __future__ import annotations
 
 import json
+import math
 import resource
 import signal
 import sys
@@ -18,6 +19,7 @@ from gan_dist import checkpoint
 from gan_dist.checkpoint import FORMAT_VERSION, REQUIRED, Checkpointer, CheckpointError, load_file
 from gan_dist.config import CheckpointConfig
 from gan_dist.dist import DistEnv, teardown
+from gan_dist.sampling import load_generator
 from gan_dist.train import main
 
 ONE_RANK = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"))
@@ -42,11 +44,14 @@ def test_keep_last_prunes_and_nothing_temporary_is_left(trained):
 
 def test_contents_load_with_weights_only(trained):
     state = torch.load(trained / "checkpoints" / "step_5.pt", weights_only=True)
-    assert state["format_version"] == FORMAT_VERSION
-    assert (state["step"], state["epoch"], state["batch"], state["world_size"]) == (5, 0, 5, 1)
-    assert {"generator", "discriminator", "opt_g", "opt_d", "scaler", "rng", "config", "wandb_run_id"} <= state.keys()
-    assert state["config"]["train"]["max_steps"] == 5
-    assert state["opt_d"]["state"]  # Adam moments are there
+    assert state["format_version"] == FORMAT_VERSION and state["step"] == 5
+    assert state.keys() == {"format_version", "step", "run", "position", "engine", "best"}  # one entry per part
+    assert state["position"] == {"step": 5, "epoch": 0, "batch": 5, "world_size": 1, "batch_size": 16}
+    assert {"generator", "discriminator", "opt_g", "opt_d", "scaler"} == state["engine"].keys()
+    assert {"config", "data", "wandb_run_id", "rng"} == state["run"].keys()
+    assert state["run"]["config"]["train"]["max_steps"] == 5
+    assert state["engine"]["opt_d"]["state"]  # Adam moments are there
+    assert state["best"] == {"fid": math.inf}
 
 
 def test_auto_resume_says_so_and_continues(trained, idx_root, capsys):
@@ -78,15 +83,28 @@ def test_a_broken_later_checkpoint_never_prunes_fresh_saves(trained, idx_root):
 
 
 def fake_state(step: int) -> dict:
-    """The smallest dict ``load_file`` accepts, at ``step``."""
-    return dict.fromkeys(REQUIRED, 0) | {"format_version": FORMAT_VERSION, "step": step}
+    """The smallest dict ``load_file`` accepts, at ``step``, with a position that says it."""
+    return dict.fromkeys(REQUIRED, 0) | {"format_version": FORMAT_VERSION, "step": step, "position": {"step": step}}
+
+
+class Recorder:
+    """A component that keeps what it last loaded."""
+
+    def __init__(self) -> None:
+        self.state: dict = {}
+
+    def state_dict(self) -> dict:
+        return self.state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = state
 
 
 def test_pruning_keeps_later_steps_and_counts_only_earlier_ones(tmp_path):
-    checkpointer = Checkpointer(CheckpointConfig(keep_last=2), tmp_path, ONE_RANK)
+    checkpointer = Checkpointer(CheckpointConfig(keep_last=2), tmp_path, ONE_RANK, {"run": Recorder()})
     for step in (1, 2, 10):
         torch.save(fake_state(step), tmp_path / "checkpoints" / f"step_{step}.pt")
-    checkpointer.save(fake_state(3))
+    checkpointer.save(3)
     assert [p.name for p in checkpointer.existing()] == ["step_10.pt", "step_3.pt", "step_2.pt"]
 
 
@@ -112,7 +130,7 @@ def test_resume_from_an_explicit_path(trained, idx_root, tmp_path, capsys):
 
 
 def test_other_model_shape_exits_2_saying_what_differs(trained, idx_root, capsys):
-    assert train(trained, idx_root, **{"model.g_hidden": "[128,512,1024]"}) == 2
+    assert train(trained, idx_root, **{"model.mlp.g_hidden": "[128,512,1024]"}) == 2
     err = capsys.readouterr().err
     assert "generator.net.0.weight" in err and "(256, 110)" in err and "(128, 110)" in err
 
@@ -125,18 +143,28 @@ def test_unknown_format_version_exits_2(trained, idx_root, capsys):
     assert "format version 99" in capsys.readouterr().err
 
 
-def as_version_1(path: Path, data_name: str = "mnist") -> None:
-    """Rewrite a checkpoint as format 1 wrote it: no data description, MNIST-format data by name."""
+def as_flat(path: Path, version: int, data_name: str = "mnist") -> None:
+    """Rewrite a checkpoint as format 1 or 2 wrote it: every part at the top level, the architecture's
+    options flat in ``model``, ``label_smoothing`` in ``loss``; format 1 without the data description."""
     state = torch.load(path, weights_only=True)
-    del state["data"]
-    state["config"]["data"] = {"name": data_name, "root": "data", "split": "train", "download": True}
-    torch.save(state | {"format_version": 1}, path)
+    run, position = state["run"], state["position"]
+    config = run["config"]
+    config["model"] |= config["model"].pop(config["model"]["arch"])
+    config["loss"] |= config["loss"].pop("bce")
+    flat = state["engine"] | {k: position[k] for k in ("step", "epoch", "batch", "world_size")} | {
+        "config": config, "data": run["data"], "wandb_run_id": run["wandb_run_id"], "best_fid": state["best"]["fid"],
+        "format_version": version}
+    if version == 1:
+        del flat["data"]
+        config["data"] = {"name": data_name, "root": "data", "split": "train", "download": True}
+    torch.save(flat, path)
 
 
-def test_a_version_1_checkpoint_resumes_and_samples(trained, idx_root, capsys):
+@pytest.mark.parametrize("version", [1, 2])
+def test_an_earlier_format_resumes_and_samples(trained, idx_root, capsys, version):
     path = trained / "checkpoints" / "step_5.pt"
-    as_version_1(path)
-    generator, cfg, info = checkpoint.load_generator(path)
+    as_flat(path, version)
+    generator, cfg, info = load_generator(path)
     assert (info.name, info.shape, info.num_classes) == ("mnist", (1, 28, 28), 10)
     assert generator(torch.randn(2, cfg.model.z_dim), torch.tensor([0, 9])).shape == (2, 1, 28, 28)
     assert train(trained, idx_root, **{"train.max_steps": 6}) == 0
@@ -144,7 +172,7 @@ def test_a_version_1_checkpoint_resumes_and_samples(trained, idx_root, capsys):
 
 
 def test_a_version_1_checkpoint_of_unknown_data_exits_2(trained, idx_root, capsys):
-    as_version_1(trained / "checkpoints" / "step_5.pt", data_name="cifar10")
+    as_flat(trained / "checkpoints" / "step_5.pt", 1, data_name="cifar10")
     assert train(trained, idx_root) == 2
     assert "format version 1 and data.name='cifar10'" in capsys.readouterr().err
 
@@ -155,7 +183,7 @@ def test_resuming_on_other_data_exits_2_saying_what_each_is(trained, tmp_path, c
               "data.cache_dir": tmp_path / "cache"}
     assert main(base_overrides(trained, tmp_path / "faces", **folder)) == 2
     err = capsys.readouterr().err
-    assert "was trained on mnist, 1×28×28, 10 classes" in err
+    assert "trained on mnist, 1×28×28, 10 classes" in err
     assert "this run's data is folder, 3×28×28, 2 classes" in err
 
 
@@ -203,7 +231,8 @@ def test_refused_pickle_shows_the_whole_reason(tmp_path):
 def _resume_worker(rank: int, store: Path, run_dir: Path, fault: str) -> None:
     """Resume on two gloo ranks, rank 1 seeing the folder through ``fault``; each writes what it got."""
     env = file_group(rank, 2, store, timeout_s=30)
-    checkpointer = Checkpointer(CheckpointConfig(), run_dir, env)
+    position = Recorder()
+    checkpointer = Checkpointer(CheckpointConfig(), run_dir, env, {"position": position})
     folder = run_dir / "checkpoints"
     if rank == 1 and fault == "stale listing":  # a directory cache from before step_4.pt was written
         checkpointer.existing = lambda: [folder / "step_2.pt"]
@@ -211,7 +240,8 @@ def _resume_worker(rank: int, store: Path, run_dir: Path, fault: str) -> None:
         read = checkpoint.load_file
         checkpoint.load_file = lambda path, device="cpu": read(path.with_name("step_2.pt"), device)
     try:
-        got: int | str = checkpointer.resume_state("auto")["step"]
+        checkpointer.restore("auto")
+        got: int | str = position.state["step"]
     except CheckpointError as e:
         got = str(e)
     (run_dir / f"rank{rank}.json").write_text(json.dumps(got))

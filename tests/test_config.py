@@ -8,18 +8,18 @@ import pytest
 import yaml
 from conftest import REPO, run
 
-from gan_dist.config import Config, ConfigError, load_config, to_dict
+from gan_dist.config import Config, ConfigError, from_dict, load_config, to_dict
 
 
 def test_yaml_then_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"train": {"batch_size": 32, "epochs": 3}, "optim": {"g_lr": "2e-4"}}))
-    cfg = load_config(path, ["train.batch_size=128", "model.d_hidden=[64, 32]", "log.wandb.tags=[a, b]",
+    cfg = load_config(path, ["train.batch_size=128", "model.mlp.d_hidden=[64, 32]", "log.wandb.tags=[a, b]",
                              "train.max_steps=null"])
     assert cfg.train.batch_size == 128  # the override wins over the file
     assert cfg.train.epochs == 3  # the file wins over the default
     assert cfg.optim.g_lr == pytest.approx(2e-4)  # YAML 1.1 reads 2e-4 as a string; still a float here
-    assert cfg.model.d_hidden == (64, 32)
+    assert cfg.model.options.d_hidden == (64, 32)
     assert cfg.log.wandb.tags == ("a", "b")
     assert cfg.train.max_steps is None
     assert cfg.train.seed == Config().train.seed
@@ -29,13 +29,13 @@ def test_shipped_recipe_is_the_tutorial():
     cfg = load_config(REPO / "configs" / "mnist_cgan.yaml")
     assert (cfg.model.arch, cfg.loss.kind, cfg.train.batch_size, cfg.train.epochs) == ("mlp", "bce", 64, 30)
     assert cfg.optim.g_lr == cfg.optim.d_lr == 1e-4
-    assert cfg.model.g_hidden == (256, 512, 1024) and cfg.model.d_hidden == (1024, 512, 256)
+    assert cfg.model.options.g_hidden == (256, 512, 1024) and cfg.model.options.d_hidden == (1024, 512, 256)
 
 
 def test_round_trip_through_dict():
     cfg = load_config(None, ["model.arch=dcgan", "log.wandb.tags=[x]"])
     assert load_config(None, []) != cfg
-    from gan_dist.config import from_dict
+
 
     assert from_dict(Config, to_dict(cfg)) == cfg
 
@@ -50,15 +50,44 @@ def test_round_trip_through_dict():
         ("train.batch_size=1.5", "train.batch_size"),
         ("amp.dtype=fp8", "amp.dtype"),
         ("amp.enabled=maybe", "amp.enabled"),
-        ("model.g_hidden=[8, -1]", "model.g_hidden"),
+        ("model.mlp.g_hidden=[8, -1]", "model.mlp.g_hidden"),
         ("optim.g_betas=[0.5]", "optim.g_betas"),
         ("train=3", "train"),
-        ("model.d_depth=0", "model.d_depth"),
+        ("loss.r1.every=0", "loss.r1.every"),
+        ("loss.bce.label_smoothing=0.9", "loss.bce.label_smoothing"),
     ],
 )
 def test_bad_key_or_value_names_it(override, named):
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
         load_config(None, [override])
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["model.arch=resnet"], "model.arch: unknown architecture 'resnet'; known: mlp, dcgan"),
+    (["loss.kind=wgan"], "loss.kind: unknown loss 'wgan'; known: bce, hinge"),
+    (["data.name=imagenet"], "data.name: unknown dataset 'imagenet'; known: mnist, fashion_mnist, idx, cifar10"),
+    (["model.dcgan.width=32"], "model.dcgan.width: applies with model.arch=dcgan, and this config has model.arch=mlp"),
+    (["model.arch=dcgan", "model.mlp.d_dropout=0.1"], "model.mlp.d_dropout: applies with model.arch=mlp"),
+    (["loss.kind=hinge", "loss.bce.label_smoothing=0.1"], "loss.bce.label_smoothing: applies with loss.kind=bce"),
+    (["loss.kind=hinge", "loss.hinge.margin=2"], "loss.hinge: loss.kind=hinge takes no options"),
+    (["model.arch=dcgan", "model.dcgan.d_depth=0"], "model.dcgan.d_depth: expected values >= 1"),
+    (["model.width=32"], "unknown config key 'model.width'; known here: arch, z_dim, embed_dim, conditioning, "
+                         "spectral_norm, mlp, dcgan"),
+    (["loss.r1.gamma=10", "train.compile=default"], "loss.r1.gamma: R1 differentiates D's gradient"),
+])
+def test_registered_names_and_their_sections(overrides, message):
+    """A name must be registered; an entry's own section only applies when it is the one chosen."""
+    with pytest.raises(ConfigError) as raised:
+        load_config(None, overrides)
+    assert str(raised.value).startswith(message)
+
+
+def test_chosen_options_round_trip_under_their_name():
+    cfg = load_config(None, ["model.arch=dcgan", "model.dcgan.width=16", "loss.r1.gamma=1"])
+    tree = to_dict(cfg)
+    assert tree["model"]["dcgan"] == {"width": 16, "d_depth": 1} and "mlp" not in tree["model"]
+    assert tree["loss"]["bce"] == {"label_smoothing": 0.0} and tree["loss"]["r1"]["gamma"] == 1.0
+    assert from_dict(Config, tree) == cfg
 
 
 @pytest.mark.parametrize("override", ["train.bogus=1", "train.batch_size=many"])

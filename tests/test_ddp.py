@@ -24,13 +24,15 @@ GLOBAL_BATCH = 16
 # Every option composes with DDP: each must keep parameters bit-identical across ranks.
 OPTIONS = {
     "mlp": [],
-    "dcgan_batchnorm": ["model.arch=dcgan", "model.width=8"],
-    "dcgan_sn_hinge_projection_ema": ["model.arch=dcgan", "model.width=8", "model.d_depth=2",
+    "dcgan_batchnorm": ["model.arch=dcgan", "model.dcgan.width=8"],
+    "dcgan_sn_hinge_projection_ema": ["model.arch=dcgan", "model.dcgan.width=8", "model.dcgan.d_depth=2",
                                       "model.spectral_norm=true", "loss.kind=hinge", "model.conditioning=projection",
                                       "ema.enabled=true"],
-    "n_critic_smoothing_ttur": ["train.n_critic=2", "loss.label_smoothing=0.1", "optim.d_lr=4e-4",
+    "n_critic_smoothing_ttur": ["train.n_critic=2", "loss.bce.label_smoothing=0.1", "optim.d_lr=4e-4",
                                 "optim.g_betas=[0.5, 0.99]"],
     "mlp_bf16": ["amp.enabled=true"],
+    "dcgan_r1_lazy_bf16": ["model.arch=dcgan", "model.dcgan.width=8", "loss.r1.gamma=1", "loss.r1.every=2",
+                           "amp.enabled=true"],
 }
 
 
@@ -47,17 +49,23 @@ def _fixed_inputs(step: int) -> dict[str, torch.Tensor]:
     }
 
 
+EQUIVALENCE = {"plain": [], "r1": ["loss.r1.gamma=2", "loss.r1.every=2"]}
+"""The runs that must give one rank's weights on two: R1's penalty is a mean over the batch, as the loss is."""
+
+
 def _equivalence_run(env: DistEnv, out: Path) -> None:
     """Dropout off, float32, fixed inputs sliced by rank; the parameters after STEPS are saved."""
     rank, world = env.rank, env.world_size
-    eng = GANEngine(load_config(None, ["model.d_dropout=0", "amp.enabled=false"]), env, DIGITS)
-    per = GLOBAL_BATCH // world
-    for step in range(STEPS):
-        t = {k: v[rank * per:(rank + 1) * per] for k, v in _fixed_inputs(step).items()}
-        eng.d_step(t["real"], t["labels"], t["z_d"], t["y_d"])
-        eng.g_step(t["z_g"], t["y_g"])
-    if rank == 0:
-        torch.save({"G": eng.generator.state_dict(), "D": eng.discriminator.state_dict()}, out / f"equiv_{world}.pt")
+    for name, extra in EQUIVALENCE.items():
+        eng = GANEngine(load_config(None, ["model.mlp.d_dropout=0", "amp.enabled=false", *extra]), env, DIGITS)
+        per = GLOBAL_BATCH // world
+        for step in range(STEPS):
+            t = {k: v[rank * per:(rank + 1) * per] for k, v in _fixed_inputs(step).items()}
+            eng.d_step(t["real"], t["labels"], t["z_d"], t["y_d"], step)
+            eng.g_step(t["z_g"], t["y_g"])
+        if rank == 0:
+            torch.save({"G": eng.generator.state_dict(), "D": eng.discriminator.state_dict()},
+                       out / f"equiv_{name}_{world}.pt")
 
 
 def _join(rank: int, world: int, store: Path) -> DistEnv:
@@ -134,8 +142,9 @@ def test_d_gradients_not_all_reduced_in_g_step(two_ranks, option):
     assert r["d_in_g_step"] == 0  # but none of D's in the G step.
 
 
-def test_two_half_batches_equal_one_full_batch(two_ranks):
-    one, two = torch.load(two_ranks / "equiv_1.pt"), torch.load(two_ranks / "equiv_2.pt")
+@pytest.mark.parametrize("run", list(EQUIVALENCE))
+def test_two_half_batches_equal_one_full_batch(two_ranks, run):
+    one, two = (torch.load(two_ranks / f"equiv_{run}_{world}.pt") for world in (1, 2))
     for net in ("G", "D"):
         for key in one[net]:
             torch.testing.assert_close(two[net][key], one[net][key], rtol=1e-5, atol=1e-6, msg=f"{net}.{key}")
@@ -152,7 +161,7 @@ def test_two_half_batches_equal_one_full_batch(two_ranks):
 
 def _folder_config(out: Path) -> list[str]:
     """Streamed (the path that is not a plain index gather) with flips, so both must shard alike."""
-    return ["model.d_dropout=0", "amp.enabled=false", "data.name=folder", f"data.root={out / 'images'}",
+    return ["model.mlp.d_dropout=0", "amp.enabled=false", "data.name=folder", f"data.root={out / 'images'}",
             "data.resolution=16", "data.resident=off", "data.flip=true", "data.workers=0",
             f"data.cache_dir={out / 'cache'}", "data.split=train"]
 
@@ -170,7 +179,7 @@ def _folder_worker(rank: int, world: int, out: Path) -> None:
         g = torch.Generator().manual_seed(100 + step)
         z = torch.randn(2, GLOBAL_BATCH, cfg.model.z_dim, generator=g)[:, rank * per:(rank + 1) * per]
         y = torch.randint(0, split.info.num_classes, (2, GLOBAL_BATCH), generator=g)[:, rank * per:(rank + 1) * per]
-        eng.d_step(real, labels, z[0], y[0])
+        eng.d_step(real, labels, z[0], y[0], step)
         eng.g_step(z[1], y[1])
         seen.append((real.clone(), labels.clone()))
     torch.save(seen, out / f"folder_batches_{world}_{rank}.pt")

@@ -6,13 +6,15 @@ import math
 
 import pytest
 import torch
-from shapes import DIGITS, RGB32, batch, info
+from shapes import DIGITS, RGB32, arch_overrides, batch, info, model_config
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from gan_dist.config import Config, ConfigError, LossConfig, ModelConfig, load_config
+from gan_dist.config import Config, ConfigError, ModelConfig, load_config
 from gan_dist.dist import DistEnv
-from gan_dist.engine import GANEngine, GANLoss, NoiseStream
+from gan_dist.engine import GANEngine
+from gan_dist.losses import BCE, BCEOptions, Hinge
 from gan_dist.models import EMA, Discriminator, build_generator, dcgan_stages, label_count
+from gan_dist.seeds import NoiseStream
 
 CPU = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"))
 
@@ -31,9 +33,9 @@ def changed(before: list[torch.Tensor], module: torch.nn.Module) -> bool:
 
 @pytest.mark.parametrize("arch", ["mlp", "dcgan"])
 def test_each_phase_updates_only_its_network(arch):
-    eng = engine(f"model.arch={arch}", "model.width=8")
+    eng = engine(*arch_overrides(arch))
     g0, d0 = snapshot(eng.generator), snapshot(eng.discriminator)
-    eng.d_step(*batch(8), *eng.noise.draw(0, 0, 8))
+    eng.d_step(*batch(8), *eng.noise.draw(0, 0, 8), 0)
     assert changed(d0, eng.discriminator) and not changed(g0, eng.generator)
     d1 = snapshot(eng.discriminator)
     eng.g_step(*eng.noise.draw(0, 1, 8))
@@ -45,8 +47,9 @@ def test_each_phase_updates_only_its_network(arch):
 def test_losses_finite_under_bf16_autocast(loss):
     eng = engine("amp.enabled=true", "amp.dtype=bfloat16", f"loss.kind={loss}")
     m = eng.iteration(0, [batch(8)])
-    assert all(math.isfinite(v.item()) for v in m.stacked())
-    assert 0 < m.d_real.item() < 1 and 0 < m.d_fake.item() < 1
+    assert set(m) == set(eng.loss.names) and all(math.isfinite(v.item()) for v in m.values())
+    if loss == "bce":  # D's mean probabilities
+        assert 0 < m["d_real"].item() < 1 and 0 < m["d_fake"].item() < 1
 
 
 def test_float16_on_cpu_is_refused():
@@ -66,13 +69,13 @@ def test_noise_is_a_function_of_seed_rank_step():
 
 def test_hinge_and_bce_values_on_known_logits():
     real, fake = torch.tensor([2.0, 0.5, -1.0]), torch.tensor([-2.0, 0.0, 1.5])
-    hinge = GANLoss(LossConfig(kind="hinge"))
-    assert hinge.d(real, fake).item() == pytest.approx((0 + 0.5 + 2) / 3 + (0 + 1 + 2.5) / 3)
+    hinge = Hinge(None)
+    assert hinge.d(real, fake)[0].item() == pytest.approx((0 + 0.5 + 2) / 3 + (0 + 1 + 2.5) / 3)
     assert hinge.g(fake).item() == pytest.approx(-(-2 + 0 + 1.5) / 3)
-    bce = GANLoss(LossConfig(kind="bce", label_smoothing=0.1))
+    bce = BCE(BCEOptions(label_smoothing=0.1))
     sp = torch.nn.functional.softplus
     expected = (0.9 * sp(-real) + 0.1 * sp(real)).mean() + sp(fake).mean()
-    assert bce.d(real, fake).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert bce.d(real, fake)[0].item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_ema_update_is_the_running_average():
@@ -89,7 +92,7 @@ def test_ema_update_is_the_running_average():
 
 
 def test_ema_batchnorm_statistics_are_measured_for_the_averaged_weights():
-    g = build_generator(ModelConfig(arch="dcgan", width=8), DIGITS)
+    g = build_generator(model_config("dcgan"), DIGITS)
     ema = EMA(g, decay=0.5, z_dim=100, num_classes=10, calibration_samples=512)
     with torch.no_grad():
         for p in g.parameters():
@@ -129,7 +132,7 @@ def test_ema_checkpoints_and_old_checkpoints_without_it_load():
 @pytest.mark.parametrize("arch", ["mlp", "dcgan"])
 @pytest.mark.parametrize("conditioning", ["concat", "projection"])
 def test_spectral_norm_keeps_top_singular_value_near_one(arch, conditioning):
-    d = Discriminator(ModelConfig(arch=arch, conditioning=conditioning, spectral_norm=True, width=8, d_depth=2), DIGITS)
+    d = Discriminator(model_config(arch, d_depth=2, conditioning=conditioning, spectral_norm=True), DIGITS)
     d.train()
     x, y = batch(4)
     for _ in range(30):  # power iterations run in training-mode forwards
@@ -143,7 +146,7 @@ def test_spectral_norm_keeps_top_singular_value_near_one(arch, conditioning):
 
 @pytest.mark.parametrize("depth", [1, 2, 3])
 def test_deeper_discriminator_adds_3x3_convs_per_resolution(depth):
-    d = Discriminator(ModelConfig(arch="dcgan", conditioning="projection", width=8, d_depth=depth), DIGITS)
+    d = Discriminator(model_config("dcgan", d_depth=depth, conditioning="projection"), DIGITS)
     convs = [m for m in d.trunk if isinstance(m, torch.nn.Conv2d)]
     assert [m.stride[0] for m in convs] == ([1] * (depth - 1) + [2]) * 2
     x, y = batch(4)
@@ -170,11 +173,11 @@ class HostReads(TorchDispatchMode):
 @pytest.mark.parametrize("arch", ["mlp", "dcgan"])
 def test_iteration_reads_nothing_back_to_the_host(arch):
     """On CUDA a host read waits for the GPU; the step must never do one (checked here on CPU)."""
-    eng = engine(f"model.arch={arch}", "model.width=8", "ema.enabled=true")
+    eng = engine(*arch_overrides(arch), "ema.enabled=true")
     eng.iteration(0, [batch(8)])  # the first step may initialise lazily
     with HostReads() as reads:
         for step in range(1, 3):
-            eng.iteration(step, [batch(8)]).stacked()
+            torch.stack(list(eng.iteration(step, [batch(8)]).values()))
     assert reads.seen == []
 
 
@@ -186,7 +189,7 @@ def test_iteration_reads_nothing_back_to_the_host(arch):
     (info(1, 16, 100), "dcgan", "concat"), (info(3, 48, 2), "dcgan", "projection"),
 ])
 def test_networks_follow_the_description(described, arch, conditioning):
-    cfg = ModelConfig(arch=arch, conditioning=conditioning, width=8)
+    cfg = model_config(arch, conditioning=conditioning)
     g, d = build_generator(cfg, described), Discriminator(cfg, described)
     images, labels = batch(3, described)
     assert g(torch.randn(3, cfg.z_dim), labels).shape == images.shape
@@ -208,9 +211,34 @@ def test_a_conditional_recipe_on_unlabelled_data_names_the_fix():
 
 
 def test_an_unconditional_engine_trains_with_zero_labels():
-    engine = GANEngine(load_config(None, ["model.arch=dcgan", "model.width=8", "model.conditioning=none"]), CPU,
+    engine = GANEngine(load_config(None, ["model.arch=dcgan", "model.dcgan.width=8", "model.conditioning=none"]), CPU,
                        info(3, 16, 0))
     images, _ = batch(4, info(3, 16, 0))
     metrics = engine.iteration(0, [(images, torch.zeros(4, dtype=torch.long))])
-    assert torch.isfinite(metrics.stacked()).all()
+    assert all(torch.isfinite(v) for v in metrics.values())
     assert engine.noise.draw(0, 0, 5)[1].tolist() == [0] * 5
+
+
+@pytest.mark.parametrize("arch", ["mlp", "dcgan"])
+def test_r1_penalty_matches_a_direct_computation(arch):
+    """γ/2·every·E‖∇ₓD(x)‖² added to D's loss on due steps only, and reported as ``r1_penalty``."""
+    eng = engine(*arch_overrides(arch), "loss.r1.gamma=3", "loss.r1.every=4", "amp.enabled=false",
+                 "model.mlp.d_dropout=0" if arch == "mlp" else "model.conditioning=concat")
+    real, labels = batch(6)
+    fake, fake_labels = batch(6)
+    x = real.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(eng.discriminator(x, labels).sum(), x)
+    expected = grad.square().flatten(1).sum(1).mean()
+    loss, metrics = eng.loss.d_terms(eng.discriminator, real, labels, fake, fake_labels, d_step=8)
+    assert metrics["r1_penalty"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(metrics["d_loss"].item() + 3 / 2 * 4 * expected.item(), rel=1e-5)
+    _, skipped = eng.loss.d_terms(eng.discriminator, real, labels, fake, fake_labels, d_step=9)
+    assert "r1_penalty" not in skipped and eng.loss.names[-1] == "r1_penalty"
+    loss.backward()  # the penalty is differentiable with respect to D's weights
+    assert all(p.grad is not None for p in eng.discriminator.parameters())
+
+
+def test_r1_composes_with_autocast():
+    eng = engine("loss.r1.gamma=1", "loss.r1.every=1", "amp.enabled=true", "amp.dtype=bfloat16")
+    metrics = eng.iteration(0, [batch(8)])
+    assert set(metrics) == set(eng.loss.names) and all(torch.isfinite(v) for v in metrics.values())

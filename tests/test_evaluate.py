@@ -20,7 +20,7 @@ import torch
 from conftest import run, write_cifar, write_folder, write_idx
 from torch import nn
 
-from gan_dist import evaluate, judge
+from gan_dist import cli, evaluate, judge
 from gan_dist.config import Config, DataConfig, EvalConfig, ModelConfig
 from gan_dist.data import DatasetInfo, load_split, to_unit
 from gan_dist.dist import DistEnv
@@ -330,8 +330,8 @@ def checkpoint(data_root: Path, tmp_path: Path) -> Path:
     run_dir = tmp_path / "run"
     status = train_main([f"run_dir={run_dir}", f"data.root={data_root}", "data.download=false",
                          f"data.cache_dir={tmp_path / 'cache'}", "log.wandb.mode=disabled", "log.progress=false",
-                         "model.g_hidden=[16]", "model.d_hidden=[16]", "train.batch_size=16", "train.max_steps=2",
-                         "dist.device=cpu"])
+                         "model.mlp.g_hidden=[16]", "model.mlp.d_hidden=[16]", "train.batch_size=16",
+                         "train.max_steps=2", "dist.device=cpu"])
     assert status == 0
     return run_dir / "checkpoints" / "step_2.pt"
 
@@ -411,7 +411,7 @@ def test_cli_scores_unlabelled_samples_of_unlabelled_data(flat_root: Path, tmp_p
 def test_cli_rejects_a_malformed_npz(arrays: dict, message: str, data_root: Path, tmp_path: Path,
                                      capsys: pytest.CaptureFixture[str]) -> None:
     np.savez(tmp_path / "bad.npz", **arrays)
-    assert evaluate.main(npz_args(tmp_path / "bad.npz", tmp_path / "out.json", data_root)) == evaluate.EXIT_USAGE
+    assert evaluate.main(npz_args(tmp_path / "bad.npz", tmp_path / "out.json", data_root)) == cli.EXIT_USAGE
     err = capsys.readouterr().err
     assert message in err and len(err.splitlines()) == 1
 
@@ -421,7 +421,7 @@ def test_cli_refuses_a_reference_of_another_shape(checkpoint: Path, tmp_path: Pa
     write_cifar(tmp_path / "cifar", 40)
     code = evaluate.main(["--checkpoint", str(checkpoint), "data.name=cifar10", f"data.root={tmp_path / 'cifar'}",
                           "data.download=false", f"data.cache_dir={tmp_path / 'cache'}"], SPEC)
-    assert code == evaluate.EXIT_USAGE
+    assert code == cli.EXIT_USAGE
     assert (f"checkpoint {checkpoint}: its G makes mnist's 28×28 with 1 channel and 10 classes; the reference "
             "(cifar10 test split) has 32×32 with 3 channels and 10 classes") in capsys.readouterr().err
 
@@ -440,20 +440,20 @@ def test_cli_refuses_bad_arguments_before_any_work(args: list[str], message: str
     with pytest.raises(SystemExit) as exit:
         evaluate.main(["--checkpoint", "none.pt", *args])
     err = capsys.readouterr().err
-    assert exit.value.code == evaluate.EXIT_USAGE and message in err and len(err.splitlines()) == 1
+    assert exit.value.code == cli.EXIT_USAGE and message in err and len(err.splitlines()) == 1
 
 
 def test_cli_refuses_a_non_finite_checkpoint(checkpoint: Path, tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     state = torch.load(checkpoint, weights_only=True)
-    state["generator"]["net.0.bias"].fill_(float("inf"))
+    state["engine"]["generator"]["net.0.bias"].fill_(float("inf"))
     torch.save(state, tmp_path / "diverged.pt")
-    assert evaluate.main(["--checkpoint", str(tmp_path / "diverged.pt")]) == evaluate.EXIT_USAGE
+    assert evaluate.main(["--checkpoint", str(tmp_path / "diverged.pt")]) == cli.EXIT_USAGE
     assert f"checkpoint {tmp_path / 'diverged.pt'}: generator has non-finite values" in capsys.readouterr().err
 
 
 def test_cli_reports_a_missing_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert evaluate.main(["--checkpoint", str(tmp_path / "none.pt")]) == evaluate.EXIT_USAGE
+    assert evaluate.main(["--checkpoint", str(tmp_path / "none.pt")]) == cli.EXIT_USAGE
     assert "does not exist" in capsys.readouterr().err
 
 

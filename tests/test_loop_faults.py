@@ -66,7 +66,7 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path, idx_root):
     assert f"{run_dir / 'checkpoints' / 'step_2.pt'} is the newest and last good checkpoint" in result.stdout
     assert steps_saved(run_dir) == [2]
     state = torch.load(run_dir / "checkpoints" / "step_2.pt", weights_only=True)
-    assert all(t.isfinite().all() for net in ("generator", "discriminator") for t in state[net].values())
+    assert all(t.isfinite().all() for net in ("generator", "discriminator") for t in state["engine"][net].values())
 
 
 @pytest.mark.parametrize("fast_rank", ["0", "1"])

@@ -10,8 +10,8 @@ import torch
 import yaml
 from conftest import base_overrides, run
 
+from gan_dist.amp import NATIVE_BF16_CPU_FLAGS, Amp, choose_dtype, cpu_flags
 from gan_dist.config import AmpConfig
-from gan_dist.engine import NATIVE_BF16_CPU_FLAGS, MixedPrecision, choose_dtype, cpu_flags
 
 NATIVE, EMULATED = (True, "has it"), (False, "lacks it")
 
@@ -52,9 +52,9 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path, line, native):
 
 
 def test_resolved_section_round_trips():
-    resolved = MixedPrecision(AmpConfig(dtype="auto"), torch.device("cpu")).config
+    resolved = Amp(AmpConfig(dtype="auto"), torch.device("cpu")).config
     assert resolved.dtype in ("bfloat16", "float32") and resolved.enabled == (resolved.dtype == "bfloat16")
-    assert MixedPrecision(resolved, torch.device("cpu")).dtype == getattr(torch, resolved.dtype)
+    assert Amp(resolved, torch.device("cpu")).dtype == getattr(torch, resolved.dtype)
 
 
 def test_run_prints_and_records_the_choice(tmp_path: Path, idx_root: Path):
@@ -67,4 +67,4 @@ def test_run_prints_and_records_the_choice(tmp_path: Path, idx_root: Path):
     assert recorded["dtype"] in ("bfloat16", "float32") and f"precision: {recorded['dtype']} (auto: " in line
     assert written.startswith(f"# amp.dtype: {line.split('(', 1)[1].rstrip(')')}\n")
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "step_2.pt", weights_only=True)
-    assert checkpoint["config"]["amp"] == recorded
+    assert checkpoint["run"]["config"]["amp"] == recorded

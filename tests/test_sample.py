@@ -15,18 +15,17 @@ from conftest import write_cifar, write_folder
 from PIL import Image
 
 from gan_dist import sample, train
-from gan_dist.checkpoint import load_generator
-from gan_dist.engine import derive_seed
 from gan_dist.models import label_count
-from gan_dist.monitor import GRID_ROWS, fixed_noise, generate, grid_classes
+from gan_dist.sampling import GRID_ROWS, fixed_noise, generate, grid_classes, load_generator
+from gan_dist.seeds import derive_seed
 
 TILE = 30  # save_grid: a 28-pixel image plus 2 of padding; the grid has 2 more at its far edges
-MLP = ["model.g_hidden=[32]", "model.d_hidden=[32]"]
+MLP = ["model.mlp.g_hidden=[32]", "model.mlp.d_hidden=[32]"]
 FLAVOURS = {
     "mlp": ("idx", []),
     "ema": ("idx", ["ema.enabled=true", "ema.decay=0.5"]),  # a fast EMA, so that it differs from G after 2 steps
-    "dcgan": ("idx", ["model.arch=dcgan", "model.width=8"]),
-    "rgb": ("cifar10", ["model.arch=dcgan", "model.width=8", "data.split=train"]),
+    "dcgan": ("idx", ["model.arch=dcgan", "model.dcgan.width=8"]),
+    "rgb": ("cifar10", ["model.arch=dcgan", "model.dcgan.width=8", "data.split=train"]),
     "c100": ("cifar100", [*MLP, "data.split=train"]),
     "flat": ("folder", [*MLP, "model.conditioning=none", "data.split=train"]),
 }
@@ -265,11 +264,11 @@ def bad_checkpoint(case: str, run_dir: Path, folder: Path) -> Path:
         torch.save({"weights": torch.zeros(3)}, path)
     elif case == "incompatible":  # its config builds a G with another latent size than its weights
         state = torch.load(checkpoint(run_dir), weights_only=True)
-        state["config"]["model"]["z_dim"] = 7
+        state["run"]["config"]["model"]["z_dim"] = 7
         torch.save(state, path)
     elif case == "non-finite":  # what a diverged run saves
         state = torch.load(checkpoint(run_dir), weights_only=True)
-        state["generator"]["net.0.weight"][0, 0] = float("nan")
+        state["engine"]["generator"]["net.0.weight"][0, 0] = float("nan")
         torch.save(state, path)
     return path
 

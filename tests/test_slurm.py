@@ -1,4 +1,4 @@
-"""The Slurm launcher: its dry run anywhere, real jobs on the cluster of launch/local_slurm.sh.
+"""The Slurm launcher: its dry run anywhere, real jobs on the cluster of .ci/local_slurm.sh.
 
 Cluster tests submit through ``launch.slurm.main``, as a user would, to a real slurmctld/slurmd with
 accounting; they skip, saying why, where no such cluster answers. Every test has a fresh run_dir
@@ -9,6 +9,7 @@ are cancelled. The multi-node torchrun script is tested with two agents on this 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import os
 import re
@@ -25,7 +26,8 @@ import pytest
 import submitit
 import torch
 from conftest import REPO, base_overrides, complete_records, workers, write_idx
-from submitit.core.utils import UncompletedJobError
+from submitit.core.utils import JobPaths, UncompletedJobError
+from submitit.slurm.slurm import _make_sbatch_string
 from torch.distributed import TCPStore
 
 from launch import slurm
@@ -36,6 +38,18 @@ TASKS = (0, 1)
 OVER_WITHIN_S = 60
 """How long Slurm may take to report a job over once its tasks are gone: well under
 ``slurm.STOPPED_WAIT_S``, so a task left waiting out its stop fails the wait."""
+EVERY_KEY = (
+    "--gpus-per-node 2 --tasks-per-node null --account lab --qos high --constraint h100 --sbatch exclusive "
+    "--sbatch reservation=big --setup 'module load cuda' --srun-args=--cpu-bind=none"
+)
+"""Flags that, over the local cluster's settings, give every parameter the launcher can hand submitit."""
+RENDERER_CHANGED = (
+    "launch/slurm.py's --dry-run renders the sbatch script with submitit's private "
+    "submitit.slurm.slurm._make_sbatch_string, as SlurmExecutor does when it submits (there is no public "
+    f"way to render it without submitting); submitit {submitit.__version__} changed that"
+)
+"""What a failure of the renderer checks means: say it first, so that an upgrade of submitit is not
+mistaken for a bug in the launcher. The fix: Submission.sbatch_script, then pyproject.toml's range."""
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +63,7 @@ def train_overrides(run_dir: Path, data: Path, max_steps: int) -> list[str]:
     """A tiny run: small MLPs, batch 8, metrics every 10 steps, saves only at the end or at a stop."""
     return base_overrides(run_dir, data, **{
         "train.batch_size": 8, "train.max_steps": max_steps, "train.epochs": 10**6, "log.every_steps": 10,
-        "model.g_hidden": "[32]", "model.d_hidden": "[32]",
+        "model.mlp.g_hidden": "[32]", "model.mlp.d_hidden": "[32]",
     })  # fmt: skip
 
 
@@ -151,6 +165,53 @@ def test_values_sbatch_takes_as_text_pass_through(tmp_path: Path) -> None:
     assert f"#SBATCH --output={tmp_path}/%j/logs/%j_0_log.out" in script
 
 
+def test_submitits_private_renderer_takes_every_parameter_the_launcher_gives(tmp_path: Path) -> None:
+    sub = slurm.prepare(*slurm.parse_args(["--slurm-config", LOCAL, *shlex.split(EVERY_KEY), f"run_dir={tmp_path}"]))
+    given = sub.parameters()
+    # A key that Submission.parameters gains must be given here too, or this check would not see it.
+    assert set(given) == {
+        "job_name", "nodes", "ntasks_per_node", "cpus_per_task", "time", "signal_delay_s", "gpus_per_node", "mem",
+        "partition", "account", "qos", "constraint", "setup", "srun_args", "additional_parameters",
+    }, "Submission.parameters gives a new key: add a flag that sets it to EVERY_KEY"  # fmt: skip
+    accepted = inspect.signature(_make_sbatch_string).parameters
+    by_name = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    missing = sorted(k for k in ["command", "folder", *given] if k not in accepted or accepted[k].kind not in by_name)
+    assert not missing, f"{RENDERER_CHANGED}: it no longer takes {missing} by name"
+
+
+@pytest.fixture
+def fake_sbatch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """``sbatch`` and ``srun`` stand-ins first on PATH: sbatch takes any script as job 4242 and runs nothing;
+    srun only has to exist (submitit will not make a Slurm executor without it)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in {"sbatch": "echo 'Submitted batch job 4242'", "srun": "exit 1"}.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return "4242"
+
+
+@pytest.mark.parametrize(
+    "flags",
+    ["", EVERY_KEY, "--gpus-per-node 2 --apptainer-image /images/gan_dist.sif --container-mounts /datasets",
+     "--pyxis-image nvcr.io#nvidia/pytorch:24.05-py3"],
+    ids=["local", "every-key", "apptainer", "pyxis"],
+)
+def test_dry_run_is_the_script_submitit_submits(flags: str, tmp_path: Path, fake_sbatch: str) -> None:
+    """Without a cluster: the launcher submits through submitit to a stand-in sbatch, and the script that
+    submitit wrote for it is the one --dry-run prints. On the cluster, the two-task job checks it again."""
+    argv = ["--slurm-config", LOCAL, *shlex.split(flags), f"run_dir={tmp_path / 'run'}"]
+    try:
+        printed = launch([*argv, "--dry-run"])
+        out = launch(argv)
+    except (TypeError, ValueError) as e:  # a parameter that submitit's renderer or executor refuses
+        pytest.fail(f"{RENDERER_CHANGED}: {type(e).__name__}: {e}")
+    assert re.search(rf"^submitted job {fake_sbatch}:", out, re.MULTILINE), out
+    submitted = JobPaths(tmp_path / "run/slurm/%j", job_id=fake_sbatch).submission_file.read_text()
+    assert printed == submitted, f"{RENDERER_CHANGED}: the script it submits is not the one --dry-run prints"
+
+
 @pytest.fixture
 def rendezvous() -> Iterator[str]:
     """A c10d rendezvous endpoint served by this test, on a port the OS chose and this process holds.
@@ -227,7 +288,7 @@ def test_torchrun_multinode_script_restarts_both_nodes_after_a_kill(tmp_path: Pa
 
 def cluster_missing() -> str | None:
     """Why the Slurm tests cannot run here, or None."""
-    start = "`launch/local_slurm.sh start` installs and starts one"
+    start = "`.ci/local_slurm.sh start` installs and starts one"
     if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
         return f"no Slurm client here (sinfo, sbatch); {start}"
     try:
@@ -239,7 +300,7 @@ def cluster_missing() -> str | None:
         return f"no Slurm controller answers ({nodes.stderr.strip()}); {start}"
     states = dict(line.split() for line in nodes.stdout.splitlines())
     if not {"debug", "urgent"} <= states.keys():
-        return f"not the cluster of launch/local_slurm.sh (partitions: {', '.join(states)})"
+        return f"not the cluster of .ci/local_slurm.sh (partitions: {', '.join(states)})"
     if states["debug"] not in ("idle", "mix", "alloc"):
         return f"the Slurm node is {states['debug']}, not in service; {start}"
     if acct.returncode:

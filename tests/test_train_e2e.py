@@ -49,7 +49,7 @@ def test_missing_data_exits_2_with_one_clear_line(tmp_path):
 
 # ------------------------------------------------------------------------------------- any dataset
 
-SMALL_DCGAN = {"model.arch": "dcgan", "model.width": 8, "train.max_steps": 4, "data.split": "train"}
+SMALL_DCGAN = {"model.arch": "dcgan", "model.dcgan.width": 8, "train.max_steps": 4, "data.split": "train"}
 
 
 def folder_run(tmp_path, classes: dict[str, int] | None, **extra: object) -> tuple[list[str], object]:
@@ -124,3 +124,19 @@ def test_a_corrupt_image_exits_2_naming_it_and_keeps_the_run_dir(tmp_path):
     skipped = run([sys.executable, "-m", "gan_dist.train", *overrides, "train.max_steps=6", "data.skip_bad=true"])
     assert skipped.returncode == 0, skipped.stderr[-3000:]
     assert "skipped 1 unreadable" in skipped.stdout and "resuming from" in skipped.stdout
+
+
+def test_progress_without_a_terminal_prints_a_line_with_the_eta(capsys):
+    """A Slurm log is no terminal: the bar gives way to a plain line every log.progress_seconds."""
+    import torch
+
+    from gan_dist.config import LogConfig
+    from gan_dist.dist import DistEnv
+    from gan_dist.monitor import Progress
+
+    env = DistEnv(0, 0, 1, 1, torch.device("cpu"))
+    progress = Progress(LogConfig(progress_seconds=1e-9), env, total=100, done=10, images_per_step=64)
+    progress.update(30)
+    progress.close()
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("progress: step 30/100 (30.0%), ") and " img/s, ETA " in line

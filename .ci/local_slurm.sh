@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # A real single-node Slurm cluster (with accounting) on a Debian machine, for tests and CI.
 #
-#   launch/local_slurm.sh start    install what is missing, configure, start what is not running
-#   launch/local_slurm.sh stop     cancel the jobs, stop only the daemons that `start` started
-#   launch/local_slurm.sh status   daemons, node state, queue
+#   .ci/local_slurm.sh start    install what is missing, configure, start what is not running
+#   .ci/local_slurm.sh stop     cancel the jobs, stop only the daemons that `start` started
+#   .ci/local_slurm.sh status   daemons, node state, queue
 #
 # Root only; works without systemd or cgroups. Partitions: `debug` (default, preemptable by
 # requeue after a 30 s grace time) and `urgent` (preempts `debug`). Accounting (slurmdbd on
@@ -12,7 +12,10 @@
 set -euo pipefail
 
 STATE=/run/gan_dist-slurm/started
-MARK="# written by gan_dist launch/local_slurm.sh"
+MARK="# written by gan_dist .ci/local_slurm.sh"
+# First lines of the files this script wrote when it lived at launch/local_slurm.sh: still its own,
+# so `start` rewrites them (with $MARK) instead of keeping them as someone else's configuration.
+OLD_MARKS=("# written by gan_dist launch/local_slurm.sh")
 DB_PASS=gan_dist_local_slurm  # the database only listens on a root-owned local socket
 PACKAGES=(slurmctld slurmd slurm-client slurmdbd munge mariadb-server)
 DAEMONS=(munged mariadbd slurmdbd slurmctld slurmd)  # start order; stop goes backwards
@@ -36,7 +39,8 @@ wait_for() {
     return 1
 }
 
-# PID 1 here may not reap orphans: a zombie named like the daemon does not count as running.
+# PID 1 may not reap orphans (in a container, say): a zombie named like the daemon does not count
+# as running.
 running() { pgrep -x -r D,I,R,S "$1" >/dev/null; }
 owns_pidfile() { [[ "$(ps -o comm= -p "$(cat "${PIDFILE[$1]}")")" == "$1" ]]; }
 gone() { local s; s=$(ps -o stat= -p "$1") || return 0; [[ $s == Z* ]]; }
@@ -53,11 +57,21 @@ install_packages() {
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
+# Whether file $1 was written by this script: its first line is $MARK or an earlier mark.
+ours() {
+    local first m
+    first=$(head -n1 "$1")
+    for m in "$MARK" "${OLD_MARKS[@]}"; do
+        [[ $first == "$m" ]] && return 0
+    done
+    return 1
+}
+
 # Write $1 from stdin unless it holds someone else's configuration; keep it when unchanged.
 write_config() {
     local path=$1 new
     new=$(cat)
-    if [[ -e $path ]] && ! head -n1 "$path" | grep -qxF "$MARK"; then
+    if [[ -e $path ]] && ! ours "$path"; then
         say "keeping $path: not written by this script"
         return
     fi

@@ -1,19 +1,20 @@
 """Benchmark gan_dist against the tutorial's training loop: images/s, step-time split, memory, FLOP/s.
 
-Usage (from the repository root; trailing key=value are config overrides, as for gan_dist.train):
-    python -m gan_dist.bench data.name=fashion_mnist data.root=/usr/share/datasets/fashion-mnist
-    python -m gan_dist.bench --steps 300 --warmup 30 --rounds 5 --nproc 2 --batch 64 --json runs/bench.json
-    python -m gan_dist.bench --compare amp.enabled=false     # also time (b) and (c) with this override
-    python -m gan_dist.bench --compare-env OMP_WAIT_POLICY=PASSIVE --load 2   # a twin with this variable,
-                                                              # all cases beside 2 busy processes
-    python -m gan_dist.bench --device cuda --nproc 1 --batch 4096     # one GPU: (a) and (b) only
+Usage (from the repository root; trailing key=value are config overrides, as for gan_dist.train;
+``python -m benchmarks.bench`` is the same command):
+    python benchmarks/bench.py data.name=fashion_mnist data.root=/usr/share/datasets/fashion-mnist
+    python benchmarks/bench.py --steps 300 --warmup 30 --rounds 5 --nproc 2 --batch 64 --json runs/bench.json
+    python benchmarks/bench.py --compare amp.enabled=false     # also time (b) and (c) with this override
+    python benchmarks/bench.py --compare-env OMP_WAIT_POLICY=PASSIVE --load 2   # a twin with this variable,
+                                                                # all cases beside 2 busy processes
+    python benchmarks/bench.py --device cuda --nproc 1 --batch 4096     # one GPU: (a) and (b) only
 
 Cases, each in a fresh process (so that peak memory is its own), alternating A B C A B C for --rounds:
-  (a) reference: the tutorial's loop as written (``Tutorial*`` below), fixed only so that G learns. It
-      keeps the tutorial's models, BCELoss and Adam(lr=1e-4) whatever the config says; it shares the
+  (a) reference: the tutorial's loop as written (``benchmarks/tutorial.py``), fixed only so that G learns.
+      It keeps the tutorial's models, BCELoss and Adam(lr=1e-4) whatever the config says; it shares the
       data, the batch and the thread count with (b).
-  (b) gan_dist on one process: dist.setup, load_split, make_batches and GANEngine, wired as train.py does
-      (``--compare data.resident=off`` times streamed batches beside resident ones).
+  (b) gan_dist on one process: dist.setup, then ``gan_dist.train.build`` (config -> env -> data -> engine),
+      the trainer's own wiring (``--compare data.resident=off`` times streamed batches beside resident ones).
   (c) gan_dist on --nproc ranks under torchrun, the same batch per rank (skipped when --nproc is 1).
 Every process runs one step under a FLOP counter, drops --warmup steps, then times --steps. A step is
 split into data, forward/backward (the rest), optimizer (hooks on Adam.step) and communication (a DDP
@@ -23,10 +24,17 @@ Each process also times a large matmul right before its timed steps, with its ow
 its peer ranks: that ceiling shares the case's layout and the machine's load of the moment.
 Ratios are taken per round, between cases run side by side, and their median is reported, so a noisy
 machine moves both sides of a ratio together.
-Exit status: 0 done (targets are reported, not enforced); 1 a case failed; 2 bad config or data.
+Exit status: 0 done (targets are reported, not enforced); 1 a case failed; 2 bad arguments, config or data.
 """
 
 # No ``from __future__ import annotations``: DDP checks a comm hook's annotations as live objects.
+import sys
+from pathlib import Path
+
+# Run by path (python benchmarks/bench.py), Python puts benchmarks/ on sys.path, not the repository root:
+# putting the root first makes ``benchmarks.tutorial`` (and this checkout's gan_dist) import either way.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import argparse
 import contextlib
 import itertools
@@ -37,7 +45,6 @@ import resource
 import shlex
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -45,7 +52,6 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -57,109 +63,36 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms
-from torchvision.datasets import MNIST, VisionDataset
 
-from gan_dist.config import Config, ConfigError, load_config
-from gan_dist.data import DataError, DatasetInfo, load_split, make_batches
+from benchmarks.tutorial import (
+    TutorialDataset,
+    TutorialDiscriminator,
+    TutorialGenerator,
+    tutorial_discriminator_train_step,
+    tutorial_generator_train_step,
+    tutorial_misfit,
+)
+from gan_dist import cli
+from gan_dist.amp import native_bf16
+from gan_dist.config import Config, load_config
+from gan_dist.data import load_split
 from gan_dist.dist import DistEnv, StepAgreement, setup, teardown, usable_cores
-from gan_dist.engine import GANEngine, native_bf16
 from gan_dist.models import build_models
+from gan_dist.sources import DataError, DatasetInfo
+from gan_dist.train import build
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "mnist_cgan.yaml"
-EXIT_FAILED, EXIT_USAGE = 1, 2
+REPO = Path(__file__).resolve().parents[1]
+PROG = "python benchmarks/bench.py"
+SCRIPT = Path(__file__).resolve()
+"""What the workers run: this file by path, whichever way the parent was started and from any folder."""
+DEFAULT_CONFIG = REPO / "configs" / "mnist_cgan.yaml"
+EXIT_FAILED = 1
 PHASES = ("data", "fwd_bwd", "optim", "comm")
-MATMUL_SIZE = {"cpu": 1024, "cuda": 8192}  # compute-bound on each, and quick
+MATMUL_SIZE = {"cpu": 1024, "cuda": 8192}  # side of the square matmul timed as the FLOP/s ceiling, per device
 ALONE_ON_CPU = DistEnv(0, 0, 1, 1, torch.device("cpu"))  # for reading data outside a process group
-# (numerator, denominator, bar) per device: medians of per-round images/s ratios; see docs/BENCHMARKS.md.
+# (numerator, denominator, bar) per device: medians of per-round images/s ratios. The bars are the
+# documented targets; docs/BENCHMARKS.md says what each means. They are reported, never enforced.
 TARGETS = {"cpu": [("b", "a", 1.6), ("c", "b", 0.95)], "cuda": [("b", "a", 30.0)]}
-
-
-# ------------------------------------------------------------------------------------------------
-# (a) THE REFERENCE: the tutorial's conditional GAN and training loop, as written. Its one fix: the
-# G step calls backward(), without which G never learns. Everything else (Sigmoid + BCELoss, fakes
-# not detached in the D step, per-sample PIL transforms, .item() every step) is kept on purpose.
-# ------------------------------------------------------------------------------------------------
-
-
-def _tutorial_mlp(widths: Sequence[int], dropout: float | None) -> list[nn.Module]:
-    """Linear + LeakyReLU(0.2, inplace) (+ Dropout) between consecutive widths."""
-    layers: list[nn.Module] = []
-    for w_in, w_out in itertools.pairwise(widths):
-        layers += [nn.Linear(w_in, w_out), nn.LeakyReLU(0.2, inplace=True)]
-        layers += [nn.Dropout(dropout)] if dropout is not None else []
-    return layers
-
-
-class TutorialGenerator(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.label_emb = nn.Embedding(10, 10)
-        self.model = nn.Sequential(*_tutorial_mlp((110, 256, 512, 1024), None),
-                                   nn.Linear(1024, 784), nn.Tanh())
-
-    def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        z = z.view(z.size(0), 100)
-        c = self.label_emb(labels)
-        x = torch.cat([z, c], 1)
-        out = self.model(x)
-        return out.view(x.size(0), 28, 28)
-
-
-class TutorialDiscriminator(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.label_emb = nn.Embedding(10, 10)
-        self.model = nn.Sequential(*_tutorial_mlp((794, 1024, 512, 256), 0.3),
-                                   nn.Linear(256, 1), nn.Sigmoid())
-
-    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        x = x.view(x.size(0), 784)
-        c = self.label_emb(labels)
-        x = torch.cat([x, c], 1)
-        out = self.model(x)
-        return out.squeeze()
-
-
-class TutorialDataset(MNIST):
-    """torchvision's MNIST dataset, its per-sample ``__getitem__`` (PIL image, then the transform)
-    untouched, over the split gan_dist loaded: (a) trains on exactly the samples (b) and (c) see."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Callable) -> None:
-        VisionDataset.__init__(self, root=None, transform=transform)
-        self.data = images.squeeze(1)  # the raw bytes [N, 28, 28], as torchvision's MNIST holds them
-        self.targets = labels
-
-
-def tutorial_generator_train_step(batch_size: int, discriminator: nn.Module, generator: nn.Module,
-                                  g_optimizer: torch.optim.Optimizer, criterion: nn.Module,
-                                  device: torch.device) -> float:
-    g_optimizer.zero_grad()
-    z = torch.randn(batch_size, 100).to(device)
-    fake_labels = torch.LongTensor(np.random.randint(0, 10, batch_size)).to(device)
-    fake_images = generator(z, fake_labels)
-    validity = discriminator(fake_images, fake_labels)
-    g_loss = criterion(validity, torch.ones(batch_size).to(device))
-    g_loss.backward()  # the fix: missing in the tutorial
-    g_optimizer.step()
-    return g_loss.item()
-
-
-def tutorial_discriminator_train_step(batch_size: int, discriminator: nn.Module, generator: nn.Module,
-                                      d_optimizer: torch.optim.Optimizer, criterion: nn.Module,
-                                      real_images: torch.Tensor, labels: torch.Tensor,
-                                      device: torch.device) -> float:
-    d_optimizer.zero_grad()
-    real_validity = discriminator(real_images, labels)
-    real_loss = criterion(real_validity, torch.ones(batch_size).to(device))
-    z = torch.randn(batch_size, 100).to(device)
-    fake_labels = torch.LongTensor(np.random.randint(0, 10, batch_size)).to(device)
-    fake_images = generator(z, fake_labels)
-    fake_validity = discriminator(fake_images, fake_labels)
-    fake_loss = criterion(fake_validity, torch.zeros(batch_size).to(device))
-    d_loss = real_loss + fake_loss
-    d_loss.backward()
-    d_optimizer.step()
-    return d_loss.item()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -270,15 +203,6 @@ def _forever(epochs: Callable[[int], Iterable]) -> Iterator:
         yield from epochs(epoch)
 
 
-def tutorial_misfit(info: DatasetInfo) -> str | None:
-    """Why (a) cannot run on this data, or None when it can: the tutorial's networks are fixed to 28×28
-    grayscale images of 10 classes."""
-    if info.shape == (1, 28, 28) and info.num_classes == 10:
-        return None
-    return (f"the tutorial's networks need 28×28 grayscale images of 10 classes; {info.name} is "
-            f"{'×'.join(map(str, info.shape))} with {info.num_classes} classes")
-
-
 class TutorialWorkload(Workload):
     """(a): the tutorial's models, optimizers and DataLoader, stepped by its two train-step functions."""
 
@@ -330,12 +254,11 @@ class EngineWorkload(Workload):
         self.device, self.rank, self.world_size = self.env.device, self.env.rank, self.env.world_size
         # gloo only: an NCCL future completes when the work is queued, not when it is done.
         self.times_comm = self.env.distributed and self.device.type == "cpu"
-        split = load_split(cfg.data, self.env)
-        self.shards = make_batches(split, cfg.data, self.env, cfg.train.batch_size, cfg.train.seed)
+        built = build(cfg, self.env)
+        self.shards, self.engine = built.data, built.engine
         self.batches = _forever(self.shards.epoch)
         self.n_critic = cfg.train.n_critic
-        self.engine = GANEngine(cfg, self.env, split.info)
-        self.precision = str(self.engine.precision.dtype).removeprefix("torch.")
+        self.precision = built.cfg.amp.dtype  # what amp.dtype=auto resolved to
         self.agreement = StepAgreement(self.env)
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
@@ -506,12 +429,11 @@ class CaseFailed(RuntimeError):
 def worker_argv(args: argparse.Namespace, case: Case, out: Path) -> list[str]:
     shared = ["--config", str(args.config), "--steps", str(args.steps), "--warmup", str(args.warmup),
               "--batch", str(args.batch), "--device", args.device]
-    module = ["-m", "gan_dist.bench", "--worker", case.kind, "--out", str(out), *shared,
-              *args.overrides, *case.overrides]
+    worker = [str(SCRIPT), "--worker", case.kind, "--out", str(out), *shared, *args.overrides, *case.overrides]
     if case.nproc == 1:
-        return [sys.executable, *module]
+        return [sys.executable, *worker]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={case.nproc}",
-            *module]
+            *worker]
 
 
 def launch(args: argparse.Namespace, case: Case) -> list[dict[str, Any]]:
@@ -702,7 +624,7 @@ def run_parent(args: argparse.Namespace) -> int:
                 print(f"round {round_no + 1}/{args.rounds}: {case.label}", file=sys.stderr, flush=True)
                 results[case.key].append(launch(args, case))
     report = {
-        "command": shlex.join([*_thread_env(), "python", "-m", "gan_dist.bench", *sys.argv[1:]]),
+        "command": shlex.join([*_thread_env(), *shlex.split(PROG), *sys.argv[1:]]),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"device_name": _device_name(args.device), "capability": _capability(args.device),
                     "cores": usable_cores(),
@@ -730,31 +652,26 @@ def run_parent(args: argparse.Namespace) -> int:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m gan_dist.bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config of (b) and (c)")
-    parser.add_argument("--steps", type=int, default=150, help="timed steps per case and round")
-    parser.add_argument("--warmup", type=int, default=20, help="steps dropped before timing")
-    parser.add_argument("--rounds", type=int, default=3, help="A B C rounds")
-    parser.add_argument("--batch", type=int, default=64, help="batch per rank (train.batch_size)")
-    parser.add_argument("--nproc", type=int, default=None, help="ranks of (c); default: GPUs, else cores")
+    parser.add_argument("--steps", type=cli.integer(1), default=150, help="timed steps per case and round")
+    parser.add_argument("--warmup", type=cli.integer(0), default=20, help="steps dropped before timing")
+    parser.add_argument("--rounds", type=cli.integer(1), default=3, help="A B C rounds")
+    parser.add_argument("--batch", type=cli.integer(1), default=64, help="batch per rank (train.batch_size)")
+    parser.add_argument("--nproc", type=cli.integer(1), default=None,
+                        help="ranks of (c); default: GPUs, else cores")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--compare", action="append", default=[], metavar="key=value",
                         help="also run (b) and (c) with this override (repeatable: one twin gets them all)")
     parser.add_argument("--compare-env", action="append", default=[], metavar="NAME=VALUE",
                         help="the twin's processes also get this environment variable (repeatable)")
-    parser.add_argument("--load", type=int, default=0, metavar="N",
+    parser.add_argument("--load", type=cli.integer(0), default=0, metavar="N",
                         help="run every case beside N busy-looping processes: a loaded machine")
     parser.add_argument("--json", default="runs/bench.json", help="report file ('' for none)")
     parser.add_argument("--worker", choices=("ref", "gan"), help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     args = parser.parse_args(argv)
-    for name in ("steps", "rounds", "batch"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1")
-    if args.warmup < 0 or args.load < 0:
-        parser.error("--warmup and --load must be at least 0")
     for item in args.compare_env:
         if not item.partition("=")[0] or "=" not in item:
             parser.error(f"--compare-env {item!r}: expected NAME=VALUE")
@@ -767,14 +684,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        return run_worker(args) if args.worker else run_parent(args)
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except CaseFailed as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_FAILED
+
+    def body() -> int:
+        try:
+            return run_worker(args) if args.worker else run_parent(args)
+        except CaseFailed as e:
+            print(cli.error_line(e), file=sys.stderr)
+            return EXIT_FAILED
+
+    return cli.run(body)  # a bad config or missing data: one line, exit 2
 
 
 if __name__ == "__main__":

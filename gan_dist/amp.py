@@ -1,0 +1,82 @@
+"""Mixed precision: the compute dtype a device does natively, autocast in it, and fp16's GradScaler.
+
+bf16 pays only where the hardware computes it (CUDA with bf16, x86 AVX512-BF16 or AMX, Arm BF16):
+emulated bf16 is slower than float32, so ``amp.dtype=auto`` reads the device's own capability.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from gan_dist.config import AmpConfig, ConfigError
+
+NATIVE_BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})  # x86 AVX512-BF16 / AMX, Arm BF16
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+    """The CPU's feature flags as the kernel reports them (empty where there is no /proc/cpuinfo)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return frozenset()
+    lines = (line.partition(":")[2] for line in text.splitlines() if line.startswith(("flags", "Features")))
+    return frozenset(word for line in lines for word in line.split())
+
+
+def native_bf16(device: torch.device) -> tuple[bool, str]:
+    """Whether ``device`` computes bf16 natively, and the evidence."""
+    if device.type == "cuda":
+        ok = torch.cuda.is_bf16_supported()
+        return ok, f"{torch.cuda.get_device_name(device)} {'supports' if ok else 'lacks'} bf16"
+    found = sorted(cpu_flags() & NATIVE_BF16_CPU_FLAGS)
+    return (True, f"CPU has {', '.join(found)}") if found else (False, "CPU has no native bf16 (AVX512-BF16/AMX)")
+
+
+def choose_dtype(cfg: AmpConfig, device_type: str, bf16: tuple[bool, str]) -> tuple[torch.dtype, str]:
+    """The compute dtype for ``cfg`` on this device, and why; ``bf16`` is ``native_bf16``'s answer."""
+    if not cfg.enabled:
+        return torch.float32, "amp.enabled=false"
+    if cfg.dtype == "float16" and device_type != "cuda":
+        raise ConfigError("amp.dtype: float16 needs CUDA; use auto, bfloat16 or float32 on CPU")
+    if cfg.dtype != "auto":
+        return getattr(torch, cfg.dtype), f"amp.dtype={cfg.dtype}"
+    native, evidence = bf16
+    if native:
+        return torch.bfloat16, f"auto: {evidence}"
+    if device_type == "cuda":
+        return torch.float16, f"auto: {evidence}, so float16 with a GradScaler"
+    return torch.float32, f"auto: {evidence}, so float32"
+
+
+class Amp:
+    """Autocast in the dtype chosen for the device, plus, for float16, the one GradScaler of both optimizers."""
+
+    def __init__(self, cfg: AmpConfig, device: torch.device) -> None:
+        bf16 = native_bf16(device) if cfg.enabled and cfg.dtype == "auto" else (False, "")
+        self.dtype, self.reason = choose_dtype(cfg, device.type, bf16)
+        self.enabled = self.dtype != torch.float32
+        self.device_type = device.type
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+
+    @property
+    def config(self) -> AmpConfig:
+        """The resolved section, as a run's config records it: ``auto`` replaced by what it chose."""
+        return AmpConfig(enabled=self.enabled, dtype=str(self.dtype).removeprefix("torch."))
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
+
+    def input_grad(self, outputs: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """d(sum of ``outputs``)/d``inputs``, differentiable again: scaled like a loss, so float16 keeps
+        its small values, and unscaled by a tensor division that never reads the scale on the host."""
+        one = torch.ones((), device=outputs.device)
+        (grad,) = torch.autograd.grad(self.scaler.scale(outputs.float().sum()), inputs, create_graph=True)
+        return grad / self.scaler.scale(one)
+
+    def step(self, loss: torch.Tensor, opt: torch.optim.Optimizer) -> None:
+        opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(opt)

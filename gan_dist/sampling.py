@@ -1,0 +1,142 @@
+"""Sampling helpers: G rebuilt from a checkpoint, fixed-noise grids, and images from latents.
+
+Shared by the training run's sample grids (``SampleWriter``), ``gan_dist.sample`` and evaluation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.utils import make_grid, save_image
+
+from gan_dist.checkpoint import IncompatibleCheckpoint, check_finite, check_shapes, load_file
+from gan_dist.config import Config, ConfigError, LogConfig, from_dict
+from gan_dist.dist import DistEnv
+from gan_dist.models import build_generator
+from gan_dist.seeds import derive_seed
+from gan_dist.sources import DatasetInfo
+
+
+def load_generator(path: str | Path, device: torch.device | str = "cpu",
+                   use_ema: bool = True) -> tuple[nn.Module, Config, DatasetInfo]:
+    """G (its EMA when saved and ``use_ema``) in eval mode, rebuilt from the config and data description
+    the checkpoint carries, so no data is needed.
+
+    Tensors are mapped to ``device``, so a checkpoint trained on GPUs samples on a laptop.
+    """
+    path = Path(path)
+    state = load_file(path, device)
+    run, engine = state["run"], state["engine"]
+    try:
+        cfg = from_dict(Config, run["config"])
+    except ConfigError as e:
+        raise IncompatibleCheckpoint(f"checkpoint {path}: its config does not fit this gan_dist ({e})") from None
+    info = DatasetInfo.from_dict(run["data"])
+    generator = build_generator(cfg.model, info).to(device)
+    name = "generator_ema" if use_ema and "generator_ema" in engine else "generator"
+    try:
+        check_finite(name, engine[name])
+        check_shapes("generator", engine[name], generator)
+    except IncompatibleCheckpoint as e:
+        raise IncompatibleCheckpoint(f"checkpoint {path}: {e}") from None
+    generator.load_state_dict(engine[name])
+    return generator.eval().requires_grad_(False), cfg, info
+
+
+def class_rows(num_classes: int) -> int:
+    """Label values a G conditioned on ``num_classes`` takes: its classes, or the one label 0 of an
+    unconditional G."""
+    return max(num_classes, 1)
+
+
+GRID_ROWS = 10  # rows of a sample grid: every class up to this many, else an even pick of them
+
+
+def grid_classes(num_classes: int, rows: int = GRID_ROWS) -> list[int]:
+    """The classes a grid shows, one per row: all of them up to ``rows``, else ``rows`` spread evenly
+    from the first to the last (100 classes: 0, 11, 22, ..., 99). Below 2 classes none: one label
+    tells no rows apart, so the rows hold distinct latents instead."""
+    if num_classes < 2:
+        return []
+    if num_classes <= rows:
+        return list(range(num_classes))
+    return [round(i * (num_classes - 1) / (rows - 1)) for i in range(rows)]
+
+
+def fixed_noise(z_dim: int, columns: int, seed: int, device: torch.device,
+                classes: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latents and labels of a grid, row-major.
+
+    With ``classes``, one row per class and ``columns`` latents shared by all rows, so a row differs
+    from the next only by the label. Without, ``GRID_ROWS`` rows of distinct latents, every label 0.
+    """
+    gen = torch.Generator("cpu").manual_seed(derive_seed(seed, 0xC0FFEE))
+    if classes:
+        z = torch.randn(columns, z_dim, generator=gen).repeat(len(classes), 1)
+        labels = torch.tensor(list(classes), dtype=torch.int64).repeat_interleave(columns)
+    else:
+        z = torch.randn(GRID_ROWS * columns, z_dim, generator=gen)
+        labels = torch.zeros(GRID_ROWS * columns, dtype=torch.int64)
+    return z.to(device), labels.to(device)
+
+
+def row_names(info: DatasetInfo, classes: Sequence[int]) -> str:
+    """What the rows of a grid are, for captions and messages: ``0 airplane, 11 ..., 99 truck``."""
+    def name(c: int) -> str:  # "3 cat"; a name that starts with its number ("3", "3 - three") as it is
+        text = info.class_names[c] if c < len(info.class_names) else ""
+        return text if text.split(" ")[0] == str(c) else f"{c} {text}".strip()
+
+    return ", ".join(name(c) for c in classes) if classes else "distinct latents per row"
+
+
+@torch.no_grad()
+def generate(generator: nn.Module, z: torch.Tensor, labels: torch.Tensor, batch: int = 1000) -> torch.Tensor:
+    """Images in [-1, 1], from G in eval mode (BatchNorm uses its running stats), restoring its mode."""
+    was_training = generator.training
+    generator.eval()
+    try:
+        return torch.cat([generator(z[i:i + batch], labels[i:i + batch]).float()
+                          for i in range(0, z.shape[0], batch)])
+    finally:
+        generator.train(was_training)
+
+
+def save_grid(images: torch.Tensor, path: Path, columns: int) -> Path:
+    """A PNG grid of images in [-1, 1], gray (1 channel) or RGB (3); rows as ``fixed_noise`` lays them out."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid = make_grid(images.cpu(), nrow=columns, padding=2, normalize=True, value_range=(-1, 1), pad_value=0.5)
+    save_image(grid, path)
+    return path
+
+
+class SampleWriter:
+    """The fixed-noise grid (10 columns, a row per picked class), written by rank 0 as
+    ``samples/step_<N>.png`` and sent to W&B.
+
+    ``num_classes`` is what G is conditioned on (0: unconditional); ``info`` names the classes;
+    ``log_image(step, key, path, caption)`` sends the grid on (W&B).
+    """
+
+    COLUMNS = 10
+
+    def __init__(self, cfg: LogConfig, env: DistEnv, run_dir: Path, z_dim: int, seed: int,
+                 log_image: Callable[[int, str, Path, str], None], info: DatasetInfo, num_classes: int) -> None:
+        self.every = cfg.samples_every_steps
+        self.env, self.folder, self.log_image = env, run_dir / "samples", log_image
+        self.classes = grid_classes(num_classes)
+        self.rows = row_names(info, self.classes)
+        self.z, self.labels = fixed_noise(z_dim, self.COLUMNS, seed, env.device, self.classes)
+
+    def due(self, step: int) -> bool:
+        return self.every > 0 and step % self.every == 0
+
+    def write(self, step: int, generator: nn.Module) -> Path | None:
+        if not self.env.is_main:
+            return None
+        path = save_grid(generate(generator, self.z, self.labels), self.folder / f"step_{step}.png", self.COLUMNS)
+        what = f"one class per row ({self.rows}), the same latent down each column" if self.classes else self.rows
+        self.log_image(step, "samples/grid", path, f"step {step}: {what}; fixed noise")
+        return path
