@@ -35,9 +35,10 @@ from submitit.core.utils import FailedJobError, JobPaths
 from submitit.helpers import DelayedSubmission, TorchDistributedEnvironment
 from submitit.slurm.slurm import _make_sbatch_string  # private: see Submission.sbatch_script
 
+from gan_dist import cli
 from gan_dist.config import ConfigError, from_dict, load_config, opt
 
-EXIT_USAGE = 2  # gan_dist.train's status for a bad config
+EXIT_USAGE = cli.EXIT_USAGE
 EXIT_NO_SLURM = 1  # no sbatch here, or sbatch refused the job
 STOPPED_WAIT_S = 180
 """How long a stopped task that does not requeue waits to be killed (by the requeue, scancel or Slurm)."""
@@ -165,7 +166,7 @@ class SlurmTrainTask:
         status, signals = run_noting_signals(lambda: train.main(argv))
         if status == 0:
             return status
-        if status != train.EXIT_REQUEUE:
+        if status != cli.EXIT_REQUEUE:
             raise RuntimeError(f"gan_dist.train exited with status {status}: see this task's log")
         if env.rank == 0 and preempt in signals:
             requeue(preempt, None)

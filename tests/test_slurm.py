@@ -413,7 +413,7 @@ def test_preempted_job_is_requeued_and_resumes(run: Run, tmp_path: Path) -> None
     assert f"resuming from {run.dir}/checkpoints/step_{saved}.pt at step {saved} " in job.task(0).stdout()
     assert states(job)[:-1] == ["REQUEUED"]  # once; the last run may still be leaving
     run_ids = {
-        torch.load(run.dir / f"checkpoints/step_{s}.pt", weights_only=True)["wandb_run_id"] for s in (saved, 400)
+        torch.load(run.dir / f"checkpoints/step_{s}.pt", weights_only=True)["run"]["wandb_run_id"] for s in (saved, 400)
     }
     assert len(run_ids) == 1 and None not in run_ids
 
