@@ -18,6 +18,7 @@ from gan_dist.config import ConfigError, UsageError
 
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
+EXIT_LOST_PEER = 4  # a collective failed: a peer died, hung or became unreachable
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped cleanly on a signal, a checkpoint is on disk
 EXIT_ABORTED = 128 + signal.SIGINT
 

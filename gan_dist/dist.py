@@ -138,6 +138,15 @@ class StepAgreement:
         return bool(flags[0]), bool(flags[1])
 
 
+def lost_peer(e: BaseException) -> bool:
+    """Whether ``e`` is a collective that failed because a peer died, hung or became unreachable.
+
+    NCCL and the stores raise ``DistError``; gloo's transport errors reach Python as plain
+    ``RuntimeError`` whose message names gloo's transport source.
+    """
+    return isinstance(e, getattr(tdist, "DistError", ())) or "gloo/transport" in str(e)
+
+
 def _env_int(name: str, default: int) -> int:
     return int(os.environ.get(name, default))
 

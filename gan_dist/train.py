@@ -11,8 +11,9 @@ In Python: ``Trainer(cfg, env, StopFlag()).fit()``; ``build(cfg, env)`` gives th
 
 ``--help`` lists every config key; ``--dry-run`` prints the resolved config and exits.
 Exit status: 0 done; 2 bad config, data, checkpoint or run_dir; 3 diverged (non-finite losses or
-weights: nothing non-finite is saved, the newest checkpoint is the last good one); 75 stopped by a
-signal after saving (requeue me); 130 aborted by a second Ctrl-C (no partial file is left).
+weights: nothing non-finite is saved, the newest checkpoint is the last good one); 4 lost a peer (a
+collective failed: a node died or is unreachable; relaunch to resume); 75 stopped by a signal after
+saving (requeue me); 130 aborted by a second Ctrl-C (no partial file is left).
 Under torchrun these arrive as torchrun's exit 1; its summary table lists each rank's own status.
 """
 
@@ -34,7 +35,7 @@ from gan_dist import cli
 from gan_dist.checkpoint import Checkpointer, IncompatibleCheckpoint
 from gan_dist.config import Config, ConfigError, UsageError, describe, load_config, to_dict, to_yaml
 from gan_dist.data import DataError, ShardedBatches, load_split, make_batches
-from gan_dist.dist import DistEnv, PeerFailed, StepAgreement, setup, teardown
+from gan_dist.dist import DistEnv, PeerFailed, StepAgreement, lost_peer, setup, teardown
 from gan_dist.engine import GANEngine
 from gan_dist.evaluate import Evaluator
 from gan_dist.monitor import Diverged, MetricLogger, Progress, start_wandb
@@ -350,6 +351,12 @@ def train(cfg: Config, stop: StopFlag) -> int:
             print(cli.error_line(e.cause, env.rank), file=sys.stderr, flush=True)
         env.barrier()
         return cli.EXIT_USAGE
+    except RuntimeError as e:
+        if env is None or not env.distributed or not lost_peer(e):
+            raise
+        reason = cli.error_line(f"lost a peer: a collective failed ({str(e).splitlines()[0]}); every checkpoint "
+                                "on disk is complete, and relaunching resumes from the newest", env.rank)
+        return cli.EXIT_LOST_PEER
     except KeyboardInterrupt:
         reason = "aborted by a second interrupt; every checkpoint on disk is complete"
         return cli.EXIT_ABORTED

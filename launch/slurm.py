@@ -37,6 +37,7 @@ from submitit.slurm.slurm import _make_sbatch_string  # private: see Submission.
 
 from gan_dist import cli
 from gan_dist.config import ConfigError, from_dict, load_config, opt
+from launch import netif
 
 EXIT_USAGE = cli.EXIT_USAGE
 EXIT_NO_SLURM = 1  # no sbatch here, or sbatch refused the job
@@ -158,6 +159,10 @@ class SlurmTrainTask:
             raise RuntimeError("SlurmTrainTask runs inside a submitit Slurm job: no preemption handler found")
         # The trainer places rank r on cuda:LOCAL_RANK, so every task must keep seeing all the node's GPUs.
         env = TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        # gloo and NCCL talk over the interface that reaches the other nodes (netif.py says why).
+        job = submitit.JobEnvironment()
+        peer = job.hostnames[1] if job.node == 0 and job.num_nodes > 1 else job.hostnames[0]
+        os.environ.update(netif.socket_ifname(peer, os.environ))
         # Before torch loads OpenMP, which reads it once: waiting threads sleep rather than spin on
         # cores that the node's other tasks need, unless the job's environment chose.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -11,6 +11,9 @@
 # MAX_RESTARTS   torchrun restarts of the whole group after a failure (default 0); a restart resumes
 #                from run_dir's newest checkpoint, as any relaunch does
 # PYTHON         interpreter with gan_dist installed (default python)
+# GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME
+#                the interface for the ranks' traffic; default: the one that routes to the
+#                rendezvous host (launch/netif.py). Set either (even empty) to choose yourself.
 #
 # Arguments go to gan_dist.train unchanged. run_dir must be one shared folder (rank 0 writes it).
 # SIGTERM to torchrun on every node stops the ranks at the next step with a checkpoint saved
@@ -27,11 +30,26 @@ export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 # ranks, gloo and other jobs share, spinning threads take cores from the work.
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 
+# The interface that reaches the rendezvous host carries gloo's and NCCL's traffic: by default gloo
+# binds the address the hostname resolves to, which on many nodes (a management network, Debian's
+# 127.0.1.1) the peers cannot reach. For the same reason torchrun may not see that the rendezvous
+# address is this host's own (on a second interface, say), and then no agent serves the rendezvous:
+# for such an address (not loopback, which torchrun recognises) this agent is told to serve it.
+host=${RDZV_ENDPOINT%:*}
+host=${host#[}
+rdzv_conf=()
+if route=$("${PYTHON:-python}" "$(dirname "$0")/netif.py" "${host%]}"); then
+    read -r ifname where <<<"$route"
+    export GLOO_SOCKET_IFNAME="${GLOO_SOCKET_IFNAME-$ifname}" NCCL_SOCKET_IFNAME="${NCCL_SOCKET_IFNAME-$ifname}"
+    [[ $where == local ]] && rdzv_conf=(--rdzv-conf=is_host=true)
+fi
+
 exec "${PYTHON:-python}" -m torch.distributed.run \
     --nnodes="$NNODES" \
     --nproc-per-node="${NPROC_PER_NODE:-gpu}" \
     --rdzv-backend=c10d \
     --rdzv-endpoint="$RDZV_ENDPOINT" \
     --rdzv-id="${RUN_ID:-gan_dist}" \
+    "${rdzv_conf[@]}" \
     --max-restarts="${MAX_RESTARTS:-0}" \
     -m gan_dist.train "$@"

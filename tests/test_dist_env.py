@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.distributed as tdist
 from shapes import DIGITS
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -59,3 +60,11 @@ def test_force_ddp_at_world_size_1_wraps_both_networks_and_trains_identically():
         finally:
             dist.teardown(env)
     assert all(torch.equal(a, b) for a, b in zip(params[False], params[True], strict=True))
+
+
+def test_a_failed_collective_is_told_apart_from_a_bug():
+    """The trainer reports these as a lost peer (one line, exit 4); any other error keeps its traceback."""
+    gloo = RuntimeError("[third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [10.0.0.2]:5: Connection reset")
+    assert dist.lost_peer(gloo)
+    assert dist.lost_peer(tdist.DistNetworkError("the client socket has timed out"))
+    assert not dist.lost_peer(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))

@@ -1,0 +1,271 @@
+"""Training across hosts: node1, node2 as network namespaces (tests/hosts.py), one torchrun agent on each
+through launch/torchrun_multinode.sh with the c10d rendezvous at node1, and the faults of a real cluster:
+a host that dies, a partition, rank 0's host dying mid-save, a slow link. Every wait has a deadline."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, base_overrides, workers, write_idx
+from hosts import CLUSTER_NET, Host, Hosts, unavailable
+
+from gan_dist import cli
+from gan_dist.checkpoint import load_file
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif((why := unavailable()) is not None, reason=f"no hosts: {why}")]
+
+STEPS = 30
+TIMEOUT_S = 15
+"""dist.timeout_s of these runs: a rank waits this long for a silent peer."""
+EXIT_MARGIN_S = 10
+"""What a rank may take beyond TIMEOUT_S to notice, say why, and exit."""
+RDZV = f"{CLUSTER_NET}.1:29400"
+
+
+def overrides(run_dir: Path, root: Path, **extra: object) -> list[str]:
+    """A small run whose ranks use one thread each, so 1×2 and 2×1 compute alike to the bit."""
+    return base_overrides(run_dir, root, **{"train.max_steps": STEPS, "checkpoint.every_steps": 5,
+                                            "dist.timeout_s": TIMEOUT_S, "dist.threads": 1} | extra)
+
+
+ENDLESS = {"train.max_steps": 10**6, "train.epochs": 10**6}
+"""A run that cannot finish before a fault lands."""
+
+
+@dataclass
+class Agent:
+    """One host's torchrun agent, its output in a file (a pipe could fill and stall it)."""
+
+    host: Host
+    proc: subprocess.Popen
+    log: Path
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{self.host.name}'s agent still running after {timeout:.0f}s:\n{self.text()[-3000:]}")
+
+    def ranks(self) -> list[int]:
+        """The agent's running ranks (its other children come and go: the launcher's route lookup)."""
+        alive = []
+        for pid in workers(self.proc):
+            with contextlib.suppress(OSError):
+                if b"gan_dist.train" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    alive.append(pid)
+        return alive
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def agent(host: Host, args: Sequence[str], log: Path, nnodes: int = 2, nproc: int = 1, **env: str) -> Agent:
+    base = os.environ | {"PYTHON": sys.executable, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+                         "NNODES": str(nnodes), "NPROC_PER_NODE": str(nproc), "RDZV_ENDPOINT": RDZV,
+                         "RUN_ID": log.parent.name}
+    with open(log, "ab") as out:
+        proc = host.popen(["bash", REPO / "launch" / "torchrun_multinode.sh", *args], env=base | env, cwd=REPO,
+                          stdout=out, stderr=subprocess.STDOUT)
+    return Agent(host, proc, log)
+
+
+def start(hosts: Sequence[Host], args: Sequence[str], logs: Path, tag: str, **env: str) -> list[Agent]:
+    logs.mkdir(parents=True, exist_ok=True)
+    return [agent(h, args, logs / f"{tag}-{h.name}.log", len(hosts), **env) for h in hosts]
+
+
+def finish(agents: Sequence[Agent], timeout: float = 240) -> None:
+    for a in agents:
+        code = a.wait(timeout)
+        assert code == 0, f"{a.host.name} exited {code}:\n{a.text()[-3000:]}"
+
+
+def wait_for(ready, what: str, agents: Sequence[Agent], timeout: float = 180, poll: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        for a in agents:
+            assert a.proc.poll() is None, f"{a.host.name} ended before {what}:\n{a.text()[-3000:]}"
+        assert time.monotonic() < deadline, f"no {what} after {timeout}s"
+        time.sleep(poll)
+
+
+def ranks_gone_after(agents: Sequence[Agent], since: float, timeout: float) -> list[float]:
+    """Seconds from ``since`` until each agent had no rank left running."""
+    gone: dict[int, float] = {}
+    while len(gone) < len(agents):
+        for i, a in enumerate(agents):
+            if i not in gone and not a.ranks():
+                gone[i] = time.monotonic() - since
+        if time.monotonic() > since + timeout:
+            pytest.fail(f"ranks still running {timeout:.0f}s after the fault on " +
+                        ", ".join(a.host.name for i, a in enumerate(agents) if i not in gone))
+        time.sleep(0.05)
+    return [gone[i] for i in range(len(agents))]
+
+
+def params(path: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(path, weights_only=True)
+    return {f"{net}.{k}": v for net in ("generator", "discriminator") for k, v in state["engine"][net].items()}
+
+
+def assert_same(a: Path, b: Path) -> None:
+    pa, pb = params(a), params(b)
+    assert pa.keys() == pb.keys()
+    for key in pa:
+        assert torch.equal(pa[key], pb[key]), key
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "checkpoints").glob("step_*.pt"), key=lambda p: int(p.stem[5:]))
+
+
+def partial_files(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "checkpoints").glob(".*.tmp*"))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("multihost") / "data"
+    write_idx(root / "MNIST" / "raw", 256)
+    return root
+
+
+@pytest.fixture
+def hosts() -> Iterator[list[Host]]:
+    with Hosts(2) as made:
+        yield made
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory: pytest.TempPathFactory, data: Path) -> Path:
+    """The final checkpoint of an undisturbed 2 hosts × 1 rank run, which every recovery must reproduce."""
+    work = tmp_path_factory.mktemp("straight")
+    with Hosts(2) as made:
+        finish(start(made, overrides(work / "run", data), work / "logs", "straight"))
+    return work / "run" / "checkpoints" / f"step_{STEPS}.pt"
+
+
+def test_two_hosts_match_one_host_with_two_ranks(tmp_path, data, straight):
+    with Hosts(1) as (node1,):
+        one = agent(node1, overrides(tmp_path / "one", data), tmp_path / "one.log", nnodes=1, nproc=2)
+        finish([one])
+    assert "world size 2" in one.text()
+    assert_same(straight, tmp_path / "one" / "checkpoints" / f"step_{STEPS}.pt")
+
+
+@pytest.mark.parametrize("side", [1, 2])
+def test_ranks_talk_over_the_interface_that_reaches_the_rendezvous_host(tmp_path, data, side):
+    """Host ``side`` has two networks and resolves its own name to the one that reaches nobody, which is
+    also its first interface. Its ranks get the interface that routes to node1, and the run trains.
+    On node1 this also needs the launcher to tell torchrun that the rendezvous address is its own: by
+    hostname alone, torchrun serves no rendezvous there and every agent times out."""
+    with Hosts(2, side=side) as made:
+        host = made[side - 1]
+        for target, expected in ((RDZV.partition(":")[0], f"eth1 {'local' if side == 1 else 'remote'}"),
+                                 (host.name, "eth0 local")):
+            picked = host.run([sys.executable, REPO / "launch" / "netif.py", target])
+            assert picked.stdout.strip() == expected, (target, picked.stdout, picked.stderr)
+        agents = start(made, overrides(tmp_path / "run", data, **{"train.max_steps": 6}), tmp_path, "routed")
+        wait_for(agents[side - 1].ranks, "a rank", agents)
+        environ = Path(f"/proc/{agents[side - 1].ranks()[0]}/environ").read_bytes().split(b"\0")
+        assert {b"GLOO_SOCKET_IFNAME=eth1", b"NCCL_SOCKET_IFNAME=eth1"} <= set(environ)
+        finish(agents)
+
+
+def test_a_dead_host_ends_the_run_within_the_timeout_and_a_relaunch_resumes_bit_exactly(
+        tmp_path, data, hosts, straight):
+    run_dir, logs = tmp_path / "run", tmp_path / "logs"
+    agents = start(hosts, overrides(run_dir, data, **ENDLESS), logs, "killed")
+    wait_for((run_dir / "checkpoints" / "step_10.pt").exists, "step 10's checkpoint", agents)
+    t0 = time.monotonic()
+    hosts[1].kill()
+    (rank0_gone,) = ranks_gone_after(agents[:1], t0, TIMEOUT_S + EXIT_MARGIN_S)
+    code = agents[0].wait(EXIT_MARGIN_S)
+    print(f"node2 killed: node1's rank exited after {rank0_gone:.1f}s, its agent after {time.monotonic() - t0:.1f}s")
+    assert code != 0
+    text = agents[0].text()
+    assert f"exit {cli.EXIT_LOST_PEER}" in text or f"exitcode  : {cli.EXIT_LOST_PEER}" in text, text[-3000:]
+    assert "error (rank 0): lost a peer: a collective failed" in text and f"{CLUSTER_NET}.2" in text, text[-3000:]
+
+    finish(start(hosts, overrides(run_dir, data), logs, "relaunch"))
+    assert "resuming from" in (logs / "relaunch-node1.log").read_text()
+    assert_same(straight, run_dir / "checkpoints" / f"step_{STEPS}.pt")
+
+
+def test_with_max_restarts_a_relaunched_host_rejoins_and_the_job_finishes(tmp_path, data, hosts, straight):
+    run_dir, logs = tmp_path / "run", tmp_path / "logs"
+    args = overrides(run_dir, data)
+    agents = start(hosts, args, logs, "elastic", MAX_RESTARTS="1")
+    wait_for((run_dir / "checkpoints" / "step_10.pt").exists, "step 10's checkpoint", agents)
+    hosts[1].kill()
+    wait_for(lambda: not agents[0].ranks(), "node1's rank to fail", agents[:1], timeout=TIMEOUT_S + EXIT_MARGIN_S)
+    time.sleep(2)
+    assert agents[0].proc.poll() is None, f"node1's agent gave up:\n{agents[0].text()[-3000:]}"
+    rejoined = agent(hosts[1], args, logs / "rejoin-node2.log", MAX_RESTARTS="1")
+    finish([agents[0], rejoined])
+    assert "resuming from" in agents[0].text()
+    assert_same(straight, run_dir / "checkpoints" / f"step_{STEPS}.pt")
+
+
+def test_a_partition_ends_every_rank_within_the_timeout_and_leaves_complete_checkpoints(tmp_path, data, hosts):
+    run_dir, logs = tmp_path / "run", tmp_path / "logs"
+    agents = start(hosts, overrides(run_dir, data, **ENDLESS), logs, "cut")
+    wait_for((run_dir / "checkpoints" / "step_10.pt").exists, "step 10's checkpoint", agents)
+    t0 = time.monotonic()
+    hosts[1].link(up=False)
+    gone = ranks_gone_after(agents, t0, TIMEOUT_S + EXIT_MARGIN_S)
+    code = agents[0].wait(EXIT_MARGIN_S)
+    print(f"node2 cut off: ranks gone after {gone[0]:.1f}s (node1) and {gone[1]:.1f}s (node2), "
+          f"node1's agent after {time.monotonic() - t0:.1f}s; node2's agent "
+          f"{'still waiting on the store' if agents[1].proc.poll() is None else 'exited'}")
+    assert gone[0] >= TIMEOUT_S - 1, "a silent peer is waited for dist.timeout_s"
+    assert code != 0
+    for a in agents:
+        assert "lost a peer: a collective failed" in a.text(), a.text()[-3000:]
+    assert not partial_files(run_dir)
+    newest = checkpoints(run_dir)[-1]
+    assert load_file(newest)["step"] == int(newest.stem[5:])
+
+
+def test_rank0s_host_dying_mid_save_keeps_the_previous_checkpoint(tmp_path, data, hosts, straight):
+    run_dir, logs = tmp_path / "run", tmp_path / "logs"
+    agents = start(hosts, overrides(run_dir, data, **ENDLESS), logs, "save")
+    wait_for((run_dir / "checkpoints" / "step_5.pt").exists, "step 5's checkpoint", agents)
+    wait_for(lambda: partial_files(run_dir), "a save in progress", agents, poll=0.001)
+    t0 = time.monotonic()
+    hosts[0].kill()
+    caught = partial_files(run_dir)
+    (gone,) = ranks_gone_after(agents[1:], t0, TIMEOUT_S + EXIT_MARGIN_S)
+    assert caught, "the kill landed after the save had finished"
+    kept = checkpoints(run_dir)[-1]
+    print(f"node1 killed while writing {caught[0].name}: node2's rank exited after {gone:.1f}s")
+    assert load_file(kept)["step"] == int(kept.stem[5:])
+
+    finish(start(hosts, overrides(run_dir, data), logs, "relaunch"))
+    assert f"resuming from {kept}" in (logs / "relaunch-node1.log").read_text()
+    assert not partial_files(run_dir)
+    assert_same(straight, run_dir / "checkpoints" / f"step_{STEPS}.pt")
+
+
+def test_a_slow_link_slows_training_but_it_goes_on(tmp_path, data, hosts, straight):
+    hosts[1].throttle("200mbit")
+    finish(start(hosts, overrides(tmp_path / "run", data), tmp_path, "slow"))
+    assert_same(straight, tmp_path / "run" / "checkpoints" / f"step_{STEPS}.pt")
+
+
+def test_the_multihost_benchmark_reports_the_communication_share(tmp_path, data):
+    cmd = [sys.executable, REPO / "benchmarks" / "multihost.py", "--steps", "3", "--warmup", "1", "--rounds", "1",
+           "--rate", "100mbit", *base_overrides(tmp_path / "run", data)]
+    out = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                         env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "comm share" in out.stdout and "slow (100mbit)" in out.stdout and "slow / clean step time" in out.stdout
