@@ -71,8 +71,17 @@ wait_for() {
 # PID 1 may not reap orphans (in a container, say): a zombie named like the daemon does not count
 # as running. Only this network namespace counts: the hosts cluster's daemons run in others.
 running() { pgrep -x -r D,I,R,S --ns $$ --nslist net "$1" >/dev/null; }
-owns_pidfile() { [[ "$(ps -o comm= -p "$(cat "${PIDFILE[$1]}")")" == "$1" ]]; }
+# Pid file $1 names a live process called $2.
+names_process() { [[ "$(ps -o comm= -p "$(cat "$1")")" == "$2" ]]; }
 gone() { local s; s=$(ps -o stat= -p "$1") || return 0; [[ $s == Z* ]]; }
+# Stop daemon $1 at PID $2 (on host $3, if given) unless that PID is no longer it; fails if it
+# outlives 30 s.
+end_daemon() {
+    [[ "$(ps -o comm= -p "$2" 2>/dev/null)" == "$1" ]] || return 0
+    kill "$2"
+    wait_for 30 "$1 ($2)${3:+ on $3} to exit" gone "$2" || return 1
+    say "stopped $1 ($2)${3:+ on $3}"
+}
 
 install_packages() {
     local missing=() p
@@ -219,7 +228,7 @@ start_daemon() {
         slurmd) slurmd ;;
     esac
     # The daemons fork: the PID that counts is the one in the pid file, once it names a live $name.
-    wait_for 30 "$name's pid file" owns_pidfile "$name"
+    wait_for 30 "$name's pid file" names_process "${PIDFILE[$name]}" "$name"
     sed -i "/^$name /d" "$RECORD"
     echo "$name $(cat "${PIDFILE[$name]}")" >>"$RECORD"
     say "started $name"
@@ -252,11 +261,7 @@ stop() {
     local i name pid
     for ((i = ${#DAEMONS[@]} - 1; i >= 0; i--)); do
         read -r name pid < <(grep "^${DAEMONS[i]} " "$STATE") || continue
-        if [[ "$(ps -o comm= -p "$pid" 2>/dev/null)" == "$name" ]]; then
-            kill "$pid"
-            wait_for 30 "$name ($pid) to exit" gone "$pid"
-            say "stopped $name ($pid)"
-        fi
+        end_daemon "$name" "$pid"
     done
     rm -f "$STATE"
 }
@@ -319,7 +324,6 @@ hosts_running() {
     [[ -n $pid && "$(ps -o comm= -p "$pid" 2>/dev/null)" == "$1" ]] && ! gone "$pid" && echo "$pid"
 }
 
-file_names() { [[ "$(ps -o comm= -p "$(cat "$1")")" == "$2" ]]; }
 hosts_dbd_listening() { on_head bash -c 'exec 3<>"/dev/tcp/$0/6819"' "${H_ADDR[0]}"; }
 hosts_queue_empty() { [[ -z "$(on_head squeue -h)" ]]; }
 # Every host is a node in service.
@@ -413,7 +417,7 @@ hosts_start_daemon() {
         slurmdbd) wait_for 60 "slurmdbd on ${H_ADDR[i]}:6819" hosts_dbd_listening ;;
         slurmctld) wait_for 60 "slurmctld on $host" on_head scontrol ping ;;
     esac
-    wait_for 30 "$name's pid file on $host" file_names "$pidfile" "$name"
+    wait_for 30 "$name's pid file on $host" names_process "$pidfile" "$name"
     sed -i "/^$name $host /d" "$HOSTS_STATE"
     echo "$name $host $(cat "$pidfile")" >>"$HOSTS_STATE"
     say "started $name on $host (${H_ADDR[i]}, netns ${H_NS[i]})"
@@ -470,10 +474,7 @@ hosts_stop() {
     local name host pid
     for name in slurmd slurmctld slurmdbd; do
         while read -r host pid; do
-            [[ "$(ps -o comm= -p "$pid" 2>/dev/null)" == "$name" ]] || continue
-            kill "$pid"
-            wait_for 30 "$name ($pid) on $host to exit" gone "$pid" || kill -9 "$pid"
-            say "stopped $name ($pid) on $host"
+            end_daemon "$name" "$pid" "$host" || kill -9 "$pid"
         done < <(awk -v d="$name" '$1 == d && NF == 3 {print $2, $3}' "$HOSTS_STATE")
     done
     # The shared daemons go only when they were started for this cluster and no Slurm daemon is left.
@@ -485,11 +486,7 @@ hosts_stop() {
             [[ -s $STATE ]] && ! grep -q "^$name " "$STATE" && echo "$name $pid" >>"$STATE"
             continue
         fi
-        if [[ "$(ps -o comm= -p "$pid" 2>/dev/null)" == "$name" ]]; then
-            kill "$pid"
-            wait_for 30 "$name ($pid) to exit" gone "$pid"
-            say "stopped $name ($pid)"
-        fi
+        end_daemon "$name" "$pid"
     done
     rm -rf "$HOSTS_STATE" "$HOSTS_RUN/hosts" "$HOSTS_BIN"
 }

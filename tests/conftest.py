@@ -172,6 +172,20 @@ def file_group(rank: int, world: int, store: Path, timeout_s: float = 60):
     return DistEnv(rank, rank, world, world, torch.device("cpu"), tdist.group.WORLD)
 
 
+def assert_same_weights(a: Path, b: Path) -> None:
+    """The generator and discriminator of checkpoints ``a`` and ``b`` are equal to the bit."""
+    import torch
+
+    def weights(path: Path) -> dict:
+        state = torch.load(path, weights_only=True)
+        return {f"{net}.{k}": v for net in ("generator", "discriminator") for k, v in state["engine"][net].items()}
+
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
 def complete_records(path: Path) -> list[dict]:
     """The JSON lines of a file that a running process may be appending to (``metrics.jsonl``):
     text after the last newline is a line still being written, and is left out."""

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import REPO, base_overrides, workers, write_idx
+from conftest import REPO, assert_same_weights, base_overrides, workers, write_idx
 from hosts import CLUSTER_NET, Host, Hosts, unavailable
 
 from gan_dist import cli
@@ -112,18 +111,6 @@ def ranks_gone_after(agents: Sequence[Agent], since: float, timeout: float) -> l
     return [gone[i] for i in range(len(agents))]
 
 
-def params(path: Path) -> dict[str, torch.Tensor]:
-    state = torch.load(path, weights_only=True)
-    return {f"{net}.{k}": v for net in ("generator", "discriminator") for k, v in state["engine"][net].items()}
-
-
-def assert_same(a: Path, b: Path) -> None:
-    pa, pb = params(a), params(b)
-    assert pa.keys() == pb.keys()
-    for key in pa:
-        assert torch.equal(pa[key], pb[key]), key
-
-
 def checkpoints(run_dir: Path) -> list[Path]:
     return sorted((run_dir / "checkpoints").glob("step_*.pt"), key=lambda p: int(p.stem[5:]))
 
@@ -159,7 +146,7 @@ def test_two_hosts_match_one_host_with_two_ranks(tmp_path, data, straight):
         one = agent(node1, overrides(tmp_path / "one", data), tmp_path / "one.log", nnodes=1, nproc=2)
         finish([one])
     assert "world size 2" in one.text()
-    assert_same(straight, tmp_path / "one" / "checkpoints" / f"step_{STEPS}.pt")
+    assert_same_weights(straight, tmp_path / "one" / "checkpoints" / f"step_{STEPS}.pt")
 
 
 @pytest.mark.parametrize("side", [1, 2])
@@ -198,7 +185,7 @@ def test_a_dead_host_ends_the_run_within_the_timeout_and_a_relaunch_resumes_bit_
 
     finish(start(hosts, overrides(run_dir, data), logs, "relaunch"))
     assert "resuming from" in (logs / "relaunch-node1.log").read_text()
-    assert_same(straight, run_dir / "checkpoints" / f"step_{STEPS}.pt")
+    assert_same_weights(straight, run_dir / "checkpoints" / f"step_{STEPS}.pt")
 
 
 def test_with_max_restarts_a_relaunched_host_rejoins_and_the_job_finishes(tmp_path, data, hosts, straight):
@@ -213,7 +200,7 @@ def test_with_max_restarts_a_relaunched_host_rejoins_and_the_job_finishes(tmp_pa
     rejoined = agent(hosts[1], args, logs / "rejoin-node2.log", MAX_RESTARTS="1")
     finish([agents[0], rejoined])
     assert "resuming from" in agents[0].text()
-    assert_same(straight, run_dir / "checkpoints" / f"step_{STEPS}.pt")
+    assert_same_weights(straight, run_dir / "checkpoints" / f"step_{STEPS}.pt")
 
 
 def test_a_partition_ends_every_rank_within_the_timeout_and_leaves_complete_checkpoints(tmp_path, data, hosts):
@@ -253,13 +240,13 @@ def test_rank0s_host_dying_mid_save_keeps_the_previous_checkpoint(tmp_path, data
     finish(start(hosts, overrides(run_dir, data), logs, "relaunch"))
     assert f"resuming from {kept}" in (logs / "relaunch-node1.log").read_text()
     assert not partial_files(run_dir)
-    assert_same(straight, run_dir / "checkpoints" / f"step_{STEPS}.pt")
+    assert_same_weights(straight, run_dir / "checkpoints" / f"step_{STEPS}.pt")
 
 
 def test_a_slow_link_slows_training_but_it_goes_on(tmp_path, data, hosts, straight):
     hosts[1].throttle("200mbit")
     finish(start(hosts, overrides(tmp_path / "run", data), tmp_path, "slow"))
-    assert_same(straight, tmp_path / "run" / "checkpoints" / f"step_{STEPS}.pt")
+    assert_same_weights(straight, tmp_path / "run" / "checkpoints" / f"step_{STEPS}.pt")
 
 
 def test_the_multihost_benchmark_reports_the_communication_share(tmp_path, data):

@@ -13,7 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, base_overrides, complete_records, run, torchrun_cmd, workers, write_folder
+from conftest import (
+    REPO,
+    assert_same_weights,
+    base_overrides,
+    complete_records,
+    run,
+    torchrun_cmd,
+    workers,
+    write_folder,
+)
 
 STEPS = 60
 STOP_LATENCY_STEPS = 2
@@ -60,11 +69,6 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
         time.sleep(0.02)
 
 
-def params(path: Path) -> dict[str, torch.Tensor]:
-    state = torch.load(path, weights_only=True)
-    return {f"{net}.{k}": v for net in ("generator", "discriminator") for k, v in state["engine"][net].items()}
-
-
 STREAMED_FOLDER = {"data.name": "folder", "data.split": "train", "data.resolution": 16, "data.resident": "off",
                    "data.workers": 1, "data.flip": True, "model.arch": "dcgan", "model.dcgan.width": 8}
 """An RGB image folder fed by a DataLoader worker from the memory-mapped cache, with flips."""
@@ -93,11 +97,8 @@ def test_sigkill_mid_epoch_then_resume_is_bit_exact(tmp_path, idx_root, start, s
     resumed = run(torchrun_cmd(2, overrides(killed, root, **data)))
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert "resuming from" in resumed.stdout
-    a, b = params(tmp_path / "straight" / "checkpoints" / f"step_{STEPS}.pt"), params(
-        killed / "checkpoints" / f"step_{STEPS}.pt")
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    assert_same_weights(tmp_path / "straight" / "checkpoints" / f"step_{STEPS}.pt",
+                        killed / "checkpoints" / f"step_{STEPS}.pt")
 
 
 def test_stop_signal_saves_within_the_stop_latency_and_exits_75(tmp_path, idx_root, start):

@@ -327,7 +327,10 @@ class Run:
         return ["--slurm-config", LOCAL, *train_overrides(self.dir, self.data, max_steps), *extra]
 
     def submit(self, max_steps: int, *extra: str) -> submitit.Job:
-        out = launch(self.argv(max_steps, *extra))
+        return self.track(launch(self.argv(max_steps, *extra)))
+
+    def track(self, out: str) -> submitit.Job:
+        """The job that the launcher's output ``out`` says it submitted, cancelled after the test."""
         job_id = re.search(r"^submitted job (\d+):", out, re.MULTILINE)
         assert job_id, out
         job = submitit.SlurmJob(folder=self.dir / "slurm" / "%j", job_id=job_id[1], tasks=TASKS)
@@ -385,8 +388,8 @@ def in_queue(job: submitit.Job) -> bool:
     return bool(out.strip())
 
 
-@pytest.mark.slurm
-def test_two_task_cpu_job_trains_to_the_end(run: Run) -> None:
+def trains_20_steps(run: Run) -> submitit.Job:
+    """Submit a 20-step run and check that it ran to the end on 2 ranks, as ``--dry-run`` showed it."""
     job = run.submit(20)
     wait_for("the job to finish", finished(job), 240, job)
     assert job.results() == [0, 0], log_of(job)
@@ -395,6 +398,32 @@ def test_two_task_cpu_job_trains_to_the_end(run: Run) -> None:
     assert "world size 2 on cpu" in job.task(0).stdout()
     # --dry-run shows exactly the script that was submitted.
     assert launch([*run.argv(20), "--dry-run"]) == job.paths.submission_file.read_text()
+    return job
+
+
+def preempted_and_resumed(run: Run, job: submitit.Job, steps: int, urgent: str, out: Path) -> tuple[int, set[str]]:
+    """Preempt the running ``job`` by submitting ``urgent`` (sbatch arguments), then check that it saved,
+    was requeued once, resumed at the saved step and finished at ``steps``; returns that step and the
+    W&B run ids of its checkpoints (one, asserted)."""
+    subprocess.run([*shlex.split(f"sbatch --partition=urgent {urgent} --wrap='sleep 1'"), f"--output={out}"],
+                   check=True, timeout=30)
+    wait_for("a checkpoint at preemption", lambda: bool(run.checkpoints()), 60, job)
+    saved = run.checkpoints()[0]
+    assert saved < steps
+    wait_for("the requeued job to finish", finished(job), 240, job)
+    assert job.results() == [0, 0], log_of(job)
+    assert run.checkpoints() == [saved, steps]
+    assert f"resuming from {run.dir}/checkpoints/step_{saved}.pt at step {saved} " in job.task(0).stdout()
+    assert states(job)[:-1] == ["REQUEUED"]  # once; the last run may still be leaving
+    run_ids = {torch.load(run.dir / f"checkpoints/step_{s}.pt", weights_only=True)["run"]["wandb_run_id"]
+               for s in (saved, steps)}
+    assert len(run_ids) == 1 and None not in run_ids
+    return saved, run_ids
+
+
+@pytest.mark.slurm
+def test_two_task_cpu_job_trains_to_the_end(run: Run) -> None:
+    trains_20_steps(run)
 
 
 @pytest.mark.slurm
@@ -402,20 +431,7 @@ def test_preempted_job_is_requeued_and_resumes(run: Run, tmp_path: Path) -> None
     """A job in the `urgent` partition preempts ours: USR2, save, requeue, resume, finish; same W&B run."""
     job = run.submit(400, "log.wandb.mode=offline")
     wait_for("training to start", lambda: bool(run.logged_steps()), 180, job)
-    urgent = shlex.split("sbatch --partition=urgent --ntasks=1 --cpus-per-task=2 --wrap='sleep 1'")
-    subprocess.run([*urgent, f"--output={tmp_path / 'urgent.out'}"], check=True, timeout=30)
-    wait_for("a checkpoint at preemption", lambda: bool(run.checkpoints()), 60, job)
-    saved = run.checkpoints()[0]
-    assert saved < 400
-    wait_for("the requeued job to finish", finished(job), 240, job)
-    assert job.results() == [0, 0], log_of(job)
-    assert run.checkpoints() == [saved, 400]
-    assert f"resuming from {run.dir}/checkpoints/step_{saved}.pt at step {saved} " in job.task(0).stdout()
-    assert states(job)[:-1] == ["REQUEUED"]  # once; the last run may still be leaving
-    run_ids = {
-        torch.load(run.dir / f"checkpoints/step_{s}.pt", weights_only=True)["run"]["wandb_run_id"] for s in (saved, 400)
-    }
-    assert len(run_ids) == 1 and None not in run_ids
+    preempted_and_resumed(run, job, 400, "--ntasks=1 --cpus-per-task=2", tmp_path / "urgent.out")
 
 
 @pytest.mark.slurm

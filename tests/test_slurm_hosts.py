@@ -17,7 +17,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -27,11 +26,10 @@ from pathlib import Path
 
 import pytest
 import submitit
-import torch
 from conftest import REPO
 from hosts import CLUSTER_NET, Host, Hosts, unavailable
 from submitit.helpers import TorchDistributedEnvironment
-from test_slurm import TASKS, Run, finished, launch, log_of, mnist_root, states, wait_for  # noqa: F401
+from test_slurm import Run, log_of, mnist_root, preempted_and_resumed, trains_20_steps, wait_for  # noqa: F401
 
 SCRIPT = REPO / ".ci/local_slurm.sh"
 WRAPPERS = Path("/run/gan_dist-slurm-hosts/bin")
@@ -98,11 +96,8 @@ class HostsRun(Run):
                 *self.argv(max_steps, *extra)]
         out = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
         assert out.returncode == 0, out.stdout + out.stderr
-        job_id = re.search(r"^submitted job (\d+): 2 node\(s\) x 1 task\(s\)", out.stdout, re.MULTILINE)
-        assert job_id, out.stdout
-        job = submitit.SlurmJob(folder=self.dir / "slurm" / "%j", job_id=job_id[1], tasks=TASKS)
-        self.jobs.append(job)
-        return job
+        assert re.search(r"^submitted job \d+: 2 node\(s\) x 1 task\(s\)", out.stdout, re.MULTILINE), out.stdout
+        return self.track(out.stdout)
 
 
 @pytest.fixture
@@ -164,19 +159,14 @@ def peers(host: Host, pid: int) -> set[str]:
 
 def test_two_node_job_trains_across_the_hosts(run: HostsRun) -> None:
     """One rank on each host, gloo between them: 20 steps, a checkpoint and metrics, on node[1-2]."""
-    job = run.submit(20)
-    wait_for("the job to finish", finished(job), 240, job)
-    assert job.results() == [0, 0], log_of(job)
-    assert run.checkpoints() == [20]
-    assert run.logged_steps() == [10, 20]
+    job = trains_20_steps(run)
     assert "world size 2 on cpu (gloo process group)" in job.task(0).stdout()
     assert node_lists(job) == ["node[1-2]"]
     for rank, host in enumerate(("node1", "node2")):
         assert f"hostname={host}, local_rank=0(1), node={rank}(2), global_rank={rank}(2)" in job.task(rank).stdout()
-    # --dry-run shows exactly the two-node script that was submitted.
-    script = job.paths.submission_file.read_text()
-    assert "#SBATCH --nodes=2" in script.splitlines() and "#SBATCH --ntasks-per-node=1" in script.splitlines()
-    assert launch([*run.argv(20), "--dry-run"]) == script
+    # The script that was submitted, which --dry-run showed, is the two-node one.
+    script = job.paths.submission_file.read_text().splitlines()
+    assert "#SBATCH --nodes=2" in script and "#SBATCH --ntasks-per-node=1" in script
 
 
 def test_preempted_two_node_job_is_requeued_and_resumes(run: HostsRun, cluster: list[Host], tmp_path: Path,
@@ -200,23 +190,12 @@ def test_preempted_two_node_job_is_requeued_and_resumes(run: HostsRun, cluster: 
     assert all(peer.startswith(f"{CLUSTER_NET}.") for peer in far), far  # gloo's pairs too: no loopback
 
     # Both nodes are taken: the urgent job can only run by preempting ours.
-    urgent = shlex.split("sbatch --partition=urgent --nodes=2 --ntasks-per-node=1 --cpus-per-task=2 --wrap='sleep 1'")
-    subprocess.run([*urgent, f"--output={tmp_path / 'urgent.out'}"], check=True, timeout=30)
-    wait_for("a checkpoint at preemption", lambda: bool(run.checkpoints()), 60, job)
-    saved = run.checkpoints()[0]
-    assert saved < STEPS
-    wait_for("the requeued job to finish", finished(job), 240, job)
-    assert job.results() == [0, 0], log_of(job)
-    assert run.checkpoints() == [saved, STEPS]
-    assert f"resuming from {run.dir}/checkpoints/step_{saved}.pt at step {saved} " in job.task(0).stdout()
-    assert states(job)[:-1] == ["REQUEUED"]  # once; the last run may still be leaving
+    saved, run_ids = preempted_and_resumed(run, job, STEPS, "--nodes=2 --ntasks-per-node=1 --cpus-per-task=2",
+                                           tmp_path / "urgent.out")
     assert node_lists(job) == ["node[1-2]", "node[1-2]"]
     # Every step logged once, in order: every 10 steps, and the stop's own step; the resumed run
     # picks up after that record.
     assert run.logged_steps() == sorted({*range(10, STEPS + 1, 10), saved})
-    run_ids = {torch.load(run.dir / f"checkpoints/step_{s}.pt", weights_only=True)["run"]["wandb_run_id"]
-               for s in (saved, STEPS)}
-    assert len(run_ids) == 1 and None not in run_ids
     # Each of the two runs of the job wrote its offline files under that one run id.
     offline = sorted(p.name for p in (run.dir / "wandb").glob("offline-run-*"))
     assert len(offline) == 2 and {name.rpartition("-")[2] for name in offline} == run_ids, offline
