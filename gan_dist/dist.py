@@ -138,13 +138,17 @@ class StepAgreement:
         return bool(flags[0]), bool(flags[1])
 
 
+_GLOO_TRANSPORT = ("gloo/transport", "Application timeout caused pair closure")
+
+
 def lost_peer(e: BaseException) -> bool:
     """Whether ``e`` is a collective that failed because a peer died, hung or became unreachable.
 
     NCCL and the stores raise ``DistError``; gloo's transport errors reach Python as plain
-    ``RuntimeError`` whose message names gloo's transport source.
+    ``RuntimeError`` whose message names gloo's transport source, except the one gloo hands every
+    other pending operation when one of them times out, which is a bare sentence.
     """
-    return isinstance(e, getattr(tdist, "DistError", ())) or "gloo/transport" in str(e)
+    return isinstance(e, getattr(tdist, "DistError", ())) or any(m in str(e) for m in _GLOO_TRANSPORT)
 
 
 def _env_int(name: str, default: int) -> int:

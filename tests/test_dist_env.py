@@ -1,10 +1,17 @@
-"""The distributed environment: device per rank, backend choice, and DDP at world size 1."""
+"""The distributed environment: device per rank, backend choice, DDP at world size 1, and how a
+failed collective is told apart from a bug."""
 
 from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as tdist
+import torch.multiprocessing as mp
+from conftest import file_group
 from shapes import DIGITS
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -62,9 +69,33 @@ def test_force_ddp_at_world_size_1_wraps_both_networks_and_trains_identically():
     assert all(torch.equal(a, b) for a, b in zip(params[False], params[True], strict=True))
 
 
-def test_a_failed_collective_is_told_apart_from_a_bug():
-    """The trainer reports these as a lost peer (one line, exit 4); any other error keeps its traceback."""
-    gloo = RuntimeError("[third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [10.0.0.2]:5: Connection reset")
-    assert dist.lost_peer(gloo)
+def _silent_peer_worker(rank: int, store: Path, out: Path) -> None:
+    """Rank 0 joins the group and goes silent; rank 1 waits on several pending all-reduces, the way
+    DDP's buckets wait in a backward pass, and writes what each wait raised."""
+    file_group(rank, 2, store, timeout_s=2)
+    if rank == 0:
+        deadline = time.monotonic() + 60
+        while not out.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return
+    pending = [tdist.all_reduce(torch.ones(4), async_op=True) for _ in range(3)]
+    raised = []
+    for work in reversed(pending):
+        try:
+            work.wait()
+            raised.append(None)
+        except RuntimeError as e:
+            raised.append([str(e).splitlines()[0], dist.lost_peer(e)])
+    out.write_text(json.dumps(raised))
+
+
+def test_every_error_a_silent_peer_causes_is_told_as_a_lost_peer(tmp_path):
+    """The first wait to time out names gloo's transport; gloo then fails every other pending operation
+    with a bare sentence. Both are a lost peer (one line, exit 4); any other error keeps its traceback."""
+    out = tmp_path / "raised.json"
+    mp.spawn(_silent_peer_worker, args=(tmp_path / "store", out), nprocs=2, join=True)
+    raised = json.loads(out.read_text())
+    assert all(r is not None and r[1] for r in raised), raised
+    assert len({message for message, _ in raised}) > 1, "expected the timeout and the closure it causes"
     assert dist.lost_peer(tdist.DistNetworkError("the client socket has timed out"))
     assert not dist.lost_peer(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
