@@ -38,6 +38,19 @@ def colourise(grey: np.ndarray, hues: np.ndarray) -> np.ndarray:
     return np.round(rgb * 255.0).astype(np.uint8)
 
 
+def write_split(source: IdxSource, split: str, n: int | None, rng: np.random.Generator, folder: Path) -> int:
+    """Colour the first ``n`` images of ``split`` (all when None) into ``folder/<class>/<i>.png``."""
+    names = [name.replace("/", "-") for name in source.class_names]
+    grey, labels = source.arrays(split)
+    grey, labels = grey[:n], labels[:n]
+    images = colourise(np.pad(grey, ((0, 0), (2, 2), (2, 2))), rng.random(len(grey)))
+    for label in np.unique(labels):  # a folder for each class present: an empty one is an error to read
+        (folder / names[label]).mkdir(parents=True, exist_ok=True)
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        Image.fromarray(image).save(folder / names[label] / f"{i}.png")
+    return len(images)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path, help="folder to write (train/ and test/)")
@@ -48,25 +61,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     source = IdxSource(DataConfig(name="fashion_mnist", root=args.root, download=False))
-    names = [name.replace("/", "-") for name in source.class_names]
     rng = np.random.default_rng(args.seed)
-    counts = {}
     try:
-        for split, n in (("train", args.n_train), ("test", args.n_test)):
-            grey, labels = source.arrays(split)
-            grey, labels = grey[:n], labels[:n]
-            padded = np.pad(grey, ((0, 0), (2, 2), (2, 2)))
-            images = colourise(padded, rng.random(len(grey)))
-            for label in np.unique(labels):  # a folder for each class present: an empty one is an error to read
-                (args.out / split / names[label]).mkdir(parents=True, exist_ok=True)
-            for i, (image, label) in enumerate(zip(images, labels, strict=True)):
-                Image.fromarray(image).save(args.out / split / names[label] / f"{i}.png")
-            counts[split] = len(images)
+        counts = {split: write_split(source, split, n, rng, args.out / split)
+                  for split, n in (("train", args.n_train), ("test", args.n_test))}
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {counts['train']} train and {counts['test']} test images (3×32×32, {len(names)} classes) "
-          f"to {args.out} in {time.perf_counter() - start:.1f} s")
+    print(f"wrote {counts['train']} train and {counts['test']} test images (3×32×32, "
+          f"{len(source.class_names)} classes) to {args.out} in {time.perf_counter() - start:.1f} s")
     return 0
 
 

@@ -10,12 +10,13 @@ file, never a half-file under a valid name.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -46,6 +47,15 @@ class CheckpointError(UsageError, RuntimeError):
 
 class IncompatibleCheckpoint(CheckpointError):
     """Readable but not for this run (format, data or model shape): never silently skipped."""
+
+
+@contextlib.contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """Components refuse a state without knowing its file; the refusal leaves here naming it."""
+    try:
+        yield
+    except IncompatibleCheckpoint as e:
+        raise IncompatibleCheckpoint(f"checkpoint {path}: {e}") from None
 
 
 def fsync_dir(path: Path) -> None:
@@ -176,11 +186,9 @@ def load_components(path: Path, state: dict[str, Any], components: Mapping[str, 
     missing = [name for name in components if name not in state]
     if missing:
         raise CheckpointError(f"checkpoint {path} is not a gan_dist checkpoint (missing {', '.join(missing)})")
-    for name, component in components.items():
-        try:
+    with naming(path):
+        for name, component in components.items():
             component.load_state_dict(state[name])
-        except IncompatibleCheckpoint as e:
-            raise IncompatibleCheckpoint(f"checkpoint {path}: {e}") from None
 
 
 class Checkpointer:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torchvision.utils import make_grid, save_image
 
-from gan_dist.checkpoint import IncompatibleCheckpoint, check_finite, check_shapes, load_file
+from gan_dist.checkpoint import IncompatibleCheckpoint, check_finite, check_shapes, load_file, naming
 from gan_dist.config import Config, ConfigError, LogConfig, from_dict
 from gan_dist.dist import DistEnv
 from gan_dist.models import build_generator
@@ -37,11 +37,9 @@ def load_generator(path: str | Path, device: torch.device | str = "cpu",
     info = DatasetInfo.from_dict(run["data"])
     generator = build_generator(cfg.model, info).to(device)
     name = "generator_ema" if use_ema and "generator_ema" in engine else "generator"
-    try:
+    with naming(path):
         check_finite(name, engine[name])
         check_shapes("generator", engine[name], generator)
-    except IncompatibleCheckpoint as e:
-        raise IncompatibleCheckpoint(f"checkpoint {path}: {e}") from None
     generator.load_state_dict(engine[name])
     return generator.eval().requires_grad_(False), cfg, info
 

@@ -58,10 +58,25 @@ def interface_of(address: str) -> str | None:
     return next((name for _, name in socket.if_nameindex() if _ipv4_of(name) == str(ip)), None)
 
 
-def route_interface(host: str) -> str | None:
-    """The interface that reaches ``host``; None when ``host`` does not resolve or has no route."""
+def reach(host: str) -> tuple[str, str]:
+    """The interface that reaches ``host``, and where ``host`` is: local, remote or loopback.
+    Raises OSError saying why when ``host`` does not resolve or no interface reaches it."""
     try:
-        return interface_of(route(host)[1])
+        address, source = route(host)
+    except OSError as e:
+        raise OSError(f"no route ({e})") from None
+    name = interface_of(source)
+    if name is None:
+        raise OSError(f"no interface holds the source address {source}")
+    if ipaddress.ip_address(address.partition("%")[0]).is_loopback:
+        return name, "loopback"
+    return name, "local" if address == source else "remote"
+
+
+def route_interface(host: str) -> str | None:
+    """The interface that reaches ``host``; None when none does."""
+    try:
+        return reach(host)[0]
     except OSError:
         return None
 
@@ -82,16 +97,10 @@ def main(argv: Sequence[str]) -> int:
         print("usage: python launch/netif.py HOST", file=sys.stderr)
         return 2
     try:
-        address, source = route(argv[0])
+        name, where = reach(argv[0])
     except OSError as e:
-        print(f"{argv[0]}: no route ({e})", file=sys.stderr)
+        print(f"{argv[0]}: {e}", file=sys.stderr)
         return 1
-    name = interface_of(source)
-    if name is None:
-        print(f"{argv[0]}: no interface holds the source address {source}", file=sys.stderr)
-        return 1
-    where = "loopback" if ipaddress.ip_address(address.partition("%")[0]).is_loopback else (
-        "local" if address == source else "remote")
     print(name, where)
     return 0
 
