@@ -290,18 +290,14 @@ parse_hosts() {
     ((${#H_NAME[@]} > 0)) || die "name the hosts: NAME=NETNS@ADDR..., the head first"
 }
 
-# Run "$@" on host $1 (an index): in its network namespace, under its own hostname (a UTS
-# namespace), with /etc/netns/<netns>/* over /etc/* (as `ip netns exec` does) and $HOSTS_ETC over
-# /etc/slurm, in a private mount namespace. Not `ip netns exec` itself: it mounts a fresh /sys, which
-# hides /sys/fs/cgroup, and slurmd 22.05 does not start without a cgroup plugin ("No filesystem
-# mounted on /sys/fs/cgroup") even with proctrack/linuxproc and task/none.
-on_host() {
-    local i=$1
-    shift
-    nsenter --net="/run/netns/${H_NS[i]}" unshare --mount --propagation private --uts \
-        sh -c "$ON_HOST" "${H_NAME[i]}" "${H_NS[i]}" "$@"
-}
-# shellcheck disable=SC2016  # expanded by that sh: $0 the host's name, $1 its netns, then the command
+# Run "$@" on host $1 (an index), through $HOSTS_BIN/run-on: in its network namespace, under its own
+# hostname (a UTS namespace), with /etc/netns/<netns>/* over /etc/* (as `ip netns exec` does) and
+# $HOSTS_ETC over /etc/slurm, in a private mount namespace. Not `ip netns exec` itself: it mounts a
+# fresh /sys, which hides /sys/fs/cgroup, and slurmd 22.05 does not start without a cgroup plugin
+# ("No filesystem mounted on /sys/fs/cgroup") even with proctrack/linuxproc and task/none.
+on_host() { "$HOSTS_BIN/run-on" "${H_NAME[$1]}" "${@:2}"; }
+# What run-on's sh runs: $0 the host's name, $1 its netns, then the command.
+# shellcheck disable=SC2016  # expanded by that sh
 ON_HOST='ns=$1; shift
 for f in /etc/netns/"$ns"/*; do
     if [ -f "$f" ]; then mount --bind "$f" "/etc/${f##*/}" || exit 1; fi
@@ -438,6 +434,7 @@ hosts_start() {
     fi
     install_packages || { say "cannot install ${PACKAGES[*]}"; exit "$EXIT_NO_PACKAGES"; }
     hosts_configure
+    hosts_wrappers
     echo "$*" >"$HOSTS_RUN/hosts"
     # munged and mariadbd are shared with the single-node cluster: whichever started one owns it.
     RECORD=$HOSTS_STATE
@@ -448,7 +445,6 @@ hosts_start() {
     hosts_start_daemon slurmdbd 0
     hosts_start_daemon slurmctld 0
     for i in "${!H_NAME[@]}"; do hosts_start_daemon slurmd "$i"; done
-    hosts_wrappers
     # Jobs left by an unclean stop would hold the nodes: cancel them.
     if [[ -n "$(on_head squeue -h)" ]]; then
         on_head scancel --full --user=root || true

@@ -186,6 +186,11 @@ def assert_same_weights(a: Path, b: Path) -> None:
         assert torch.equal(wa[key], wb[key]), key
 
 
+def saved_steps(run_dir: Path) -> list[int]:
+    """The steps of ``run_dir``'s rolling checkpoints (``checkpoints/step_<N>.pt``), oldest first."""
+    return sorted(int(p.stem.removeprefix("step_")) for p in (run_dir / "checkpoints").glob("step_*.pt"))
+
+
 def complete_records(path: Path) -> list[dict]:
     """The JSON lines of a file that a running process may be appending to (``metrics.jsonl``):
     text after the last newline is a line still being written, and is left out."""

@@ -12,15 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, base_overrides, run, torchrun_cmd
+from conftest import REPO, base_overrides, run, saved_steps, torchrun_cmd
 
 from gan_dist.checkpoint import atomic_save
 
 TRAIN = [sys.executable, "-m", "gan_dist.train"]
-
-
-def steps_saved(run_dir: Path) -> list[int]:
-    return sorted(int(p.stem.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*.pt"))
 
 
 def start(cmd: list[str]) -> subprocess.Popen:
@@ -50,7 +46,7 @@ def test_divergence_stops_with_exit_3_and_saves_nothing_non_finite(tmp_path, idx
     result = run([*TRAIN, *base_overrides(run_dir, idx_root, **extra)])
     assert result.returncode == 3, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"training diverged: {found}" in result.stdout and "exit 3" in result.stdout
-    assert "done" not in result.stdout and steps_saved(run_dir) == []
+    assert "done" not in result.stdout and saved_steps(run_dir) == []
 
 
 def test_divergence_keeps_the_last_good_checkpoint(tmp_path, idx_root):
@@ -64,7 +60,7 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path, idx_root):
     assert result.returncode == 3, result.stdout[-3000:]
     assert "non-finite g_loss from step 3" in result.stdout
     assert f"{run_dir / 'checkpoints' / 'step_2.pt'} is the newest and last good checkpoint" in result.stdout
-    assert steps_saved(run_dir) == [2]
+    assert saved_steps(run_dir) == [2]
     state = torch.load(run_dir / "checkpoints" / "step_2.pt", weights_only=True)
     assert all(t.isfinite().all() for net in ("generator", "discriminator") for t in state["engine"][net].values())
 
@@ -79,7 +75,7 @@ def test_timed_saves_follow_rank_0s_clock(tmp_path, idx_root, fast_rank):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     saves = [line for line in result.stdout.splitlines() if line.startswith("saved ")]
     if fast_rank == "0":  # rank 0 finds a save due at every step: every rank saves with it, one step late
-        assert len(saves) >= 10 and steps_saved(run_dir) == [10, 11, 12]
+        assert len(saves) >= 10 and saved_steps(run_dir) == [10, 11, 12]
     else:  # only rank 1's clock says so, and rank 1 does not decide: the final save alone
         assert saves == [f"saved {run_dir / 'checkpoints' / 'step_12.pt'}"]
 
@@ -92,7 +88,7 @@ def test_first_ctrl_c_saves_and_exits_75(tmp_path, idx_root):
     out = "".join(seen) + proc.communicate(timeout=120)[0]
     assert proc.returncode == 75, out[-3000:]
     stopped = int(out.split("stopped by signal (SIGINT) at step ")[1].split(";")[0])
-    assert steps_saved(run_dir) == [stopped] and "Traceback" not in out
+    assert saved_steps(run_dir) == [stopped] and "Traceback" not in out
     # The agreement is read one step late: the step in flight, then at most one more (README: "When a job dies").
     assert 5 <= stopped <= 5 + 2 + 1  # + 1: the line of step 5 is printed before the step boundary
 

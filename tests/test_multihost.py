@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import REPO, assert_same_weights, base_overrides, workers, write_idx
+from conftest import REPO, assert_same_weights, base_overrides, saved_steps, workers, write_idx
 from hosts import CLUSTER_NET, Host, Hosts, unavailable
 
 from gan_dist import cli
@@ -109,10 +109,6 @@ def ranks_gone_after(agents: Sequence[Agent], since: float, timeout: float) -> l
                         ", ".join(a.host.name for i, a in enumerate(agents) if i not in gone))
         time.sleep(0.05)
     return [gone[i] for i in range(len(agents))]
-
-
-def checkpoints(run_dir: Path) -> list[Path]:
-    return sorted((run_dir / "checkpoints").glob("step_*.pt"), key=lambda p: int(p.stem[5:]))
 
 
 def partial_files(run_dir: Path) -> list[Path]:
@@ -219,8 +215,8 @@ def test_a_partition_ends_every_rank_within_the_timeout_and_leaves_complete_chec
     for a in agents:
         assert "lost a peer: a collective failed" in a.text(), a.text()[-3000:]
     assert not partial_files(run_dir)
-    newest = checkpoints(run_dir)[-1]
-    assert load_file(newest)["step"] == int(newest.stem[5:])
+    newest = saved_steps(run_dir)[-1]
+    assert load_file(run_dir / "checkpoints" / f"step_{newest}.pt")["step"] == newest
 
 
 def test_rank0s_host_dying_mid_save_keeps_the_previous_checkpoint(tmp_path, data, hosts, straight):
@@ -233,9 +229,10 @@ def test_rank0s_host_dying_mid_save_keeps_the_previous_checkpoint(tmp_path, data
     caught = partial_files(run_dir)
     (gone,) = ranks_gone_after(agents[1:], t0, TIMEOUT_S + EXIT_MARGIN_S)
     assert caught, "the kill landed after the save had finished"
-    kept = checkpoints(run_dir)[-1]
+    kept_step = saved_steps(run_dir)[-1]
+    kept = run_dir / "checkpoints" / f"step_{kept_step}.pt"
     print(f"node1 killed while writing {caught[0].name}: node2's rank exited after {gone:.1f}s")
-    assert load_file(kept)["step"] == int(kept.stem[5:])
+    assert load_file(kept)["step"] == kept_step
 
     finish(start(hosts, overrides(run_dir, data), logs, "relaunch"))
     assert f"resuming from {kept}" in (logs / "relaunch-node1.log").read_text()

@@ -19,6 +19,7 @@ from conftest import (
     base_overrides,
     complete_records,
     run,
+    saved_steps,
     torchrun_cmd,
     workers,
     write_folder,
@@ -109,7 +110,7 @@ def test_stop_signal_saves_within_the_stop_latency_and_exits_75(tmp_path, idx_ro
     signalled_at = max(record["step"] for record in complete_records(run_dir / "metrics.jsonl"))
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 75, out[-3000:]
-    saved = sorted(int(p.stem.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*.pt"))[-1]
+    saved = saved_steps(run_dir)[-1]
     # +1: the step in flight when the signal came may not have written its log line yet.
     assert signalled_at <= saved <= signalled_at + STOP_LATENCY_STEPS + 1
     assert "stopped by signal" in out
@@ -122,7 +123,7 @@ def test_stop_signal_on_one_rank_stops_all_ranks_together(tmp_path, idx_root, st
     os.kill(workers(proc)[-1], signal.SIGTERM)  # one rank only: the others learn it through the agreement
     out, _ = proc.communicate(timeout=300)
     assert "stopped by signal" in out and "exitcode  : 75" in out, out[-3000:]
-    assert len(list((run_dir / "checkpoints").glob("step_*.pt"))) >= 2
+    assert len(saved_steps(run_dir)) >= 2
 
 
 def test_elastic_restart_after_sigkill_of_one_worker(tmp_path, idx_root, start):

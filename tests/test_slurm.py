@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import submitit
 import torch
-from conftest import REPO, base_overrides, complete_records, workers, write_idx
+from conftest import REPO, base_overrides, complete_records, saved_steps, workers, write_idx
 from submitit.core.utils import JobPaths, UncompletedJobError
 from submitit.slurm.slurm import _make_sbatch_string
 from torch.distributed import TCPStore
@@ -338,7 +338,7 @@ class Run:
         return job
 
     def checkpoints(self) -> list[int]:
-        return sorted(int(p.stem.removeprefix("step_")) for p in self.dir.glob("checkpoints/step_*.pt"))
+        return saved_steps(self.dir)
 
     def logged_steps(self) -> list[int]:
         return [record["step"] for record in complete_records(self.dir / "metrics.jsonl")]
