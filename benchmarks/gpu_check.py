@@ -386,7 +386,7 @@ def preflight(mode: Mode, report: Report) -> None:
         report.check("data present", False, f"{e} (see the header of benchmarks/gpu_check.sh)")
         return
     info = built.info
-    report.check("data present", True, f"{info.name} {built.split}: {info.sizes.get(built.split, '?')} images, "
+    report.check("data present", True, f"{info.name} {built.split.name}: {len(built.split)} images, "
                                        f"{info.shape}; {len(built.data)} batches of {cfg.train.batch_size}")
     amp = built.engine.amp
     report.measure("amp.dtype=auto resolves to", f"{amp.dtype} ({amp.reason})")

@@ -132,7 +132,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str = opt("mlp", "mlp: the tutorial's networks; dcgan: conditional conv nets; options: model.<arch>.*",
+    arch: str = opt("mlp", "mlp: the tutorial's networks; dcgan: conditional conv nets; resnet: SNGAN/BigGAN residual "
+                    "nets; options: model.<arch>.*",
                     registry=ARCHITECTURES)
     z_dim: int = opt(100, "latent size", ge=1)
     embed_dim: int = opt(10, "size of the label embedding fed to G (and to D with concat conditioning)", ge=1)
@@ -176,6 +177,9 @@ class OptimConfig:
 class EMAConfig:
     enabled: bool = opt(False, "keep an exponential moving average of G; used for samples and evaluation")
     decay: float = opt(0.999, "EMA decay per step; half-life = ln(0.5)/ln(decay) steps", gt=0.0, le=1.0)
+    rampup: float = opt(0.05, "warm-up: the EMA's half-life is at most this share of the steps done, so early on it "
+                              "averages only G's recent weights (StyleGAN2's ramp-up; 0: the full decay from step 1)",
+                        ge=0.0, le=1.0)
 
 
 @dataclass(frozen=True)
@@ -241,6 +245,10 @@ class LogConfig:
                                "log.progress_seconds (Slurm logs)")
     progress_seconds: float = opt(60.0, "seconds between the progress lines written where stderr is no terminal",
                                   gt=0)
+    z_spread: bool = opt(True, "measure G's spread over fixed latents per class, relative to the real images' "
+                               "(train/z_spread), at every log step: near 0 is mode collapse")
+    z_spread_warn: float = opt(0.2, "warn, naming the classes, when a class's z_spread falls below this (0: never)",
+                               ge=0.0, le=1.0)
     wandb: WandbConfig = opt(WandbConfig, "Weights & Biases")
 
 

@@ -51,7 +51,7 @@ class GANEngine:
         torch.manual_seed(cfg.train.seed)  # identical init on every rank; DDP also broadcasts rank 0's
         g, d = build_models(cfg.model, info)
         # Before any SyncBatchNorm conversion: calibrating the average never needs the other ranks.
-        self.ema = EMA(g.to(env.device), cfg.ema.decay, cfg.model.z_dim, self.num_classes) \
+        self.ema = EMA(g.to(env.device), cfg.ema.decay, cfg.ema.rampup, cfg.model.z_dim, self.num_classes) \
             if cfg.ema.enabled else None
         if cfg.dist.sync_batchnorm and env.device.type != "cuda":
             raise ConfigError("dist.sync_batchnorm: SyncBatchNorm needs CUDA; on CPU each rank keeps its own stats")
@@ -131,7 +131,7 @@ class GANEngine:
         metrics |= self.g_step(*self.noise.draw(step, len(batches), batches[0][0].shape[0]))
         scaler.update()
         if self.ema is not None:
-            self.ema.update(self.generator)
+            self.ema.update(self.generator, step + 1)
         return metrics
 
     @property

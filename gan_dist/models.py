@@ -16,12 +16,16 @@ import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
 from gan_dist.config import ARCHITECTURES, ConfigError, ModelConfig, opt
+from gan_dist.layers import ConditionalBatchNorm2d, orthogonal_init
+from gan_dist.resnet import ResNetGenerator, ResNetOptions, ResNetTrunk
 from gan_dist.sources import DatasetInfo
 
 MAX_WIDTH_MULTIPLE = 8  # the widest DCGAN stage has 8 × model.dcgan.width channels
@@ -38,6 +42,9 @@ class MLPOptions:
 class DCGANOptions:
     width: int = opt(64, "base channel count", ge=8)
     d_depth: int = opt(1, "conv layers of D per resolution stage; the extra ones are 3x3", ge=1, le=4)
+    g_label: Literal["input", "batchnorm"] = opt(
+        "input", "how G takes the label: its embedding joined to z at the input, or as the gains and biases of "
+        "every BatchNorm (class-conditional BatchNorm, as SNGAN and BigGAN)")
 
 
 def _leaky() -> nn.Module:
@@ -90,7 +97,11 @@ class MLPGenerator(nn.Module):
 
 
 class DCGANGenerator(nn.Module):
-    """z ⊕ label embedding → s×s → ... → resolution, transposed convolutions and BatchNorm, a 3×3 conv to C."""
+    """z → s×s → ... → resolution: transposed convolutions and BatchNorm, a 3×3 conv to C.
+
+    The label's embedding joins z at the input (``g_label: input``), or sets the gain and bias of
+    every BatchNorm (``batchnorm``).
+    """
 
     def __init__(self, cfg: ModelConfig, info: DatasetInfo) -> None:
         super().__init__()
@@ -98,19 +109,23 @@ class DCGANGenerator(nn.Module):
         size, stages = dcgan_stages(info.resolution)
         widths = _stage_widths(cfg.options.width, stages)[::-1]  # coarsest first
         self.embed = nn.Embedding(classes, cfg.embed_dim) if classes else None
-        self.project = nn.Sequential(
-            nn.Linear(cfg.z_dim + (cfg.embed_dim if classes else 0), widths[0] * size * size, bias=False),
-            nn.Unflatten(1, (widths[0], size, size)),
-            nn.BatchNorm2d(widths[0]),
-            nn.ReLU(),
-        )
-        layers: list[nn.Module] = []
-        for c_in, c_out in itertools.pairwise(widths):
-            layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
-        self.net = nn.Sequential(*layers, nn.Conv2d(widths[-1], info.channels, 3, 1, 1), nn.Tanh())
+        self.at_input = cfg.options.g_label == "input"
+        cond_dim = cfg.embed_dim if classes and not self.at_input else 0
+        z_in = cfg.z_dim + (cfg.embed_dim if classes and self.at_input else 0)
+        self.project = nn.Sequential(nn.Linear(z_in, widths[0] * size * size, bias=False),
+                                     nn.Unflatten(1, (widths[0], size, size)))
+        self.ups = nn.ModuleList(nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False)
+                                 for c_in, c_out in itertools.pairwise(widths))
+        self.norms = nn.ModuleList(ConditionalBatchNorm2d(c, cond_dim) for c in widths)
+        self.out = nn.Sequential(nn.Conv2d(widths[-1], info.channels, 3, 1, 1), nn.Tanh())
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.net(self.project(_with_label(z, labels, self.embed)))
+        label = self.embed(labels) if self.embed is not None else None
+        h = self.project(z if label is None or not self.at_input else torch.cat([z, label], 1))
+        cond = None if self.at_input else label
+        for i, norm in enumerate(self.norms):
+            h = F.relu(norm(h if i == 0 else self.ups[i - 1](h), cond))
+        return self.out(h)
 
 
 def _with_label(z: torch.Tensor, labels: torch.Tensor, embed: nn.Embedding | None) -> torch.Tensor:
@@ -134,6 +149,8 @@ class Discriminator(nn.Module):
         self.head = nn.Linear(features, 1)
         self.embed = nn.Embedding(classes, cfg.embed_dim) if label_in else None
         self.proj = nn.Embedding(classes, features) if classes and cfg.conditioning == "projection" else None
+        if arch.orthogonal:
+            orthogonal_init(self)
         if cfg.spectral_norm:
             for m in [*self.trunk.modules(), self.head, self.proj]:
                 if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
@@ -193,10 +210,25 @@ class Architecture:
     """(config, data, label channels joined at the input) -> (trunk, feature size)."""
     flat: bool
     """D's input is flattened to C·H·W before the label joins it."""
+    orthogonal: bool = False
+    """D starts from orthogonal weights (G's class does its own init)."""
 
 
 ARCHITECTURES.register("mlp", MLPOptions)(Architecture(MLPGenerator, _mlp_trunk, flat=True))
 ARCHITECTURES.register("dcgan", DCGANOptions)(Architecture(DCGANGenerator, _conv_trunk, flat=False))
+
+
+def _resnet_generator(cfg: ModelConfig, info: DatasetInfo) -> nn.Module:
+    return ResNetGenerator(cfg, info, label_count(cfg, info), *dcgan_stages(info.resolution))
+
+
+def _resnet_trunk(cfg: ModelConfig, info: DatasetInfo, label_in: int) -> tuple[nn.Module, int]:
+    trunk = ResNetTrunk(cfg, info, label_in, *dcgan_stages(info.resolution))
+    return trunk, trunk.features
+
+
+ARCHITECTURES.register("resnet", ResNetOptions)(Architecture(_resnet_generator, _resnet_trunk, flat=False,
+                                                             orthogonal=True))
 
 
 def build_generator(cfg: ModelConfig, info: DatasetInfo) -> nn.Module:
@@ -210,6 +242,9 @@ def build_models(cfg: ModelConfig, info: DatasetInfo) -> tuple[nn.Module, nn.Mod
 class EMA:
     """An exponential moving average of G's parameters, with BatchNorm statistics measured for it.
 
+    With a ramp-up the average starts as a copy of G and its half-life grows with the run (StyleGAN2), so
+    it is never mostly G's random initialisation: with a fixed decay 0.999, 61% of it still is at step 500.
+
     The live G's running statistics follow its last few batches, not the averaged weights, so they
     do not fit the average. Before the average is used or saved, its statistics are measured afresh
     on fixed latents and balanced labels, the "standing statistics" of BigGAN. Fixed inputs make them
@@ -219,18 +254,26 @@ class EMA:
 
     CALIBRATION_SEED = 0x57A7
 
-    def __init__(self, generator: nn.Module, decay: float, z_dim: int, num_classes: int,
+    def __init__(self, generator: nn.Module, decay: float, rampup: float, z_dim: int, num_classes: int,
                  calibration_samples: int = 2048) -> None:
-        self.decay, self.z_dim, self.calibration_samples = decay, z_dim, calibration_samples
+        self.decay, self.rampup, self.z_dim, self.calibration_samples = decay, rampup, z_dim, calibration_samples
         self.num_classes = max(num_classes, 1)  # unconditional: every label is 0
         self.module = copy.deepcopy(generator).eval().requires_grad_(False)
         self._norms = [m for m in self.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self._stale = bool(self._norms)
 
+    def decay_at(self, step: int) -> float:
+        """The decay of the update that ends ``step`` (counted from 1): the configured one, or less during
+        the ramp-up, where the half-life is at most ``rampup × step``. A function of the step alone, so a
+        resumed run averages exactly as an uninterrupted one."""
+        if self.rampup == 0:
+            return self.decay
+        return min(self.decay, 0.5 ** (1.0 / (self.rampup * step)))
+
     @torch.no_grad()
-    def update(self, generator: nn.Module) -> None:
+    def update(self, generator: nn.Module, step: int) -> None:
         ema_params = list(self.module.parameters())
-        torch._foreach_lerp_(ema_params, [p.detach() for p in generator.parameters()], 1.0 - self.decay)
+        torch._foreach_lerp_(ema_params, [p.detach() for p in generator.parameters()], 1.0 - self.decay_at(step))
         self._stale = bool(self._norms)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:

@@ -113,8 +113,11 @@ class MetricLogger:
     def due(self, step: int) -> bool:
         return step % self.cfg.every_steps == 0
 
-    def flush(self, step: int, epoch: int, lrs: dict[str, float]) -> dict[str, float] | None:
-        """Every rank calls this at the same step: one all-reduce of the sums, counts and the images/s."""
+    def flush(self, step: int, epoch: int, lrs: dict[str, float],
+              local: dict[str, float] | None = None) -> dict[str, float] | None:
+        """Every rank calls this at the same step: one all-reduce of the sums, counts and the images/s.
+
+        ``local``: rank 0's own measurements of the step (``z_spread``), recorded beside the means."""
         if self.steps == 0:
             return None
         n = len(self.names)
@@ -130,6 +133,7 @@ class MetricLogger:
         record: dict[str, Any] = {"step": step, "epoch": epoch}
         record |= {k: total_k / count for k, total_k, count in zip(self.names, sums, counts, strict=True) if count}
         record["images_per_s"] = images_per_s
+        record |= local or {}
         for t in (self.sums, self.counts):
             t.zero_()
         self.steps = 0
@@ -157,7 +161,7 @@ class MetricLogger:
 
     def _write(self, record: dict[str, Any], lrs: dict[str, float]) -> None:
         replayed = self._append(record)
-        shown = " ".join(f"{k} {record[k]:.4f}" for k in self.names if k in record)
+        shown = " ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("step", "epoch", "images_per_s"))
         print(f"step {record['step']:>7} epoch {record['epoch']:>3} | {shown} | "
               f"{record['images_per_s']:.0f} img/s" + (" (replayed)" if replayed else ""), flush=True)
         if self.wandb is not None and not replayed:

@@ -34,8 +34,9 @@ from typing import Any
 from gan_dist import cli
 from gan_dist.checkpoint import Checkpointer, IncompatibleCheckpoint
 from gan_dist.config import Config, ConfigError, UsageError, describe, load_config, to_dict, to_yaml
-from gan_dist.data import DataError, ShardedBatches, load_split, make_batches
+from gan_dist.data import DataError, ShardedBatches, Split, load_split, make_batches
 from gan_dist.dist import DistEnv, PeerFailed, StepAgreement, lost_peer, setup, teardown
+from gan_dist.diversity import ZSpread
 from gan_dist.engine import GANEngine
 from gan_dist.evaluate import Evaluator
 from gan_dist.monitor import Diverged, MetricLogger, Progress, start_wandb
@@ -75,7 +76,7 @@ class Built:
     cfg: Config
     """``amp`` replaced by what ``auto`` chose: what the run records."""
     info: DatasetInfo
-    split: str
+    split: Split
     data: ShardedBatches
     engine: GANEngine
 
@@ -85,7 +86,7 @@ def build(cfg: Config, env: DistEnv) -> Built:
     split = load_split(cfg.data, env)
     data = make_batches(split, cfg.data, env, cfg.train.batch_size, cfg.train.seed)
     engine = GANEngine(cfg, env, split.info)
-    return Built(dataclasses.replace(cfg, amp=engine.amp.config), split.info, split.name, data, engine)
+    return Built(dataclasses.replace(cfg, amp=engine.amp.config), split.info, split, data, engine)
 
 
 class Position:
@@ -192,7 +193,7 @@ class Trainer:
                     "longer bit-exact") if self.pos.resharded_from else ""
             self._say(f"resuming from {resumed} at {self.pos}{note}")
         classes = self.engine.num_classes
-        self._say(f"data: {describe_data(self.info, built.split, classes)}; {self.data}")
+        self._say(f"data: {describe_data(self.info, built.split.name, classes)}; {self.data}")
         self._say(f"precision: {self.cfg.amp.dtype} ({self.engine.amp.reason})")
         if env.is_main:  # only once the resume check has passed: a refused start changes nothing
             (self.run_dir / "config.yaml").write_text(f"# amp.dtype: {self.engine.amp.reason}\n" + to_yaml(self.cfg))
@@ -205,12 +206,26 @@ class Trainer:
             self.record.wandb_id = wandb_run.id
         self.logger = MetricLogger(cfg.log, env, self.run_dir, wandb_run, cfg.train.batch_size,
                                    self.engine.loss.names)
+        self.z_spread = ZSpread(built.split, classes, cfg.model.z_dim, cfg.train.seed, env.device,
+                                cfg.log.z_spread_warn) if cfg.log.z_spread and env.is_main else None
         self.samples = SampleWriter(cfg.log, env, self.run_dir, cfg.model.z_dim, cfg.train.seed,
                                     self.logger.log_image, self.info, classes)
 
     def _say(self, message: str) -> None:
         if self.env.is_main:
             print(message, flush=True)
+
+    def flush(self) -> None:
+        """Log the window's metrics, with rank 0's within-class spread of the raw G beside them."""
+        if self.z_spread is None:
+            self.logger.flush(self.pos.step, self.pos.epoch, self.engine.learning_rates)
+            return
+        ratios = self.z_spread.measure(self.engine.generator)
+        local = {"z_spread": sum(ratios) / len(ratios), "z_spread_min": min(ratios)}
+        self.logger.flush(self.pos.step, self.pos.epoch, self.engine.learning_rates, local)
+        warning = self.z_spread.check(ratios)
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
 
     def save(self, name: str | None = None) -> Path:
         """Every rank calls this at the same step; weights that are not finite are never written."""
@@ -269,7 +284,7 @@ class Trainer:
                     self.samples.write(pos.step, self.engine.sampler)
         finally:
             progress.close()
-        self.logger.flush(pos.step, pos.epoch, self.engine.learning_rates)
+        self.flush()
         if not self.samples.due(pos.step) and pos.batch != 0:
             self.samples.write(pos.step, self.engine.sampler)
         self.save()
@@ -283,7 +298,7 @@ class Trainer:
         pos.advance()
         self.logger.update(pos.step, metrics)
         if self.logger.due(pos.step):
-            self.logger.flush(pos.step, pos.epoch, self.engine.learning_rates)
+            self.flush()
         if self.samples.due(pos.step):
             self.samples.write(pos.step, self.engine.sampler)
         if self.evaluator is not None and self.evaluator.due(pos.step):
@@ -292,7 +307,7 @@ class Trainer:
         if stopping or ((timed or self.checkpointer.due(pos.step)) and pos.step < self.total_steps):
             self.save()
         if stopping:
-            self.logger.flush(pos.step, pos.epoch, self.engine.learning_rates)
+            self.flush()
             self._say(f"stopped by signal ({self.stop.name}) at step {pos.step}; exit {cli.EXIT_REQUEUE} to requeue")
         return stopping
 

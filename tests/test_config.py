@@ -63,7 +63,7 @@ def test_bad_key_or_value_names_it(override, named):
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    (["model.arch=resnet"], "model.arch: unknown architecture 'resnet'; known: mlp, dcgan"),
+    (["model.arch=vit"], "model.arch: unknown architecture 'vit'; known: mlp, dcgan, resnet"),
     (["loss.kind=wgan"], "loss.kind: unknown loss 'wgan'; known: bce, hinge"),
     (["data.name=imagenet"], "data.name: unknown dataset 'imagenet'; known: mnist, fashion_mnist, idx, cifar10"),
     (["model.dcgan.width=32"], "model.dcgan.width: applies with model.arch=dcgan, and this config has model.arch=mlp"),
@@ -85,7 +85,7 @@ def test_registered_names_and_their_sections(overrides, message):
 def test_chosen_options_round_trip_under_their_name():
     cfg = load_config(None, ["model.arch=dcgan", "model.dcgan.width=16", "loss.r1.gamma=1"])
     tree = to_dict(cfg)
-    assert tree["model"]["dcgan"] == {"width": 16, "d_depth": 1} and "mlp" not in tree["model"]
+    assert tree["model"]["dcgan"] == {"width": 16, "d_depth": 1, "g_label": "input"} and "mlp" not in tree["model"]
     assert tree["loss"]["bce"] == {"label_smoothing": 0.0} and tree["loss"]["r1"]["gamma"] == 1.0
     assert from_dict(Config, tree) == cfg
 

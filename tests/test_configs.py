@@ -15,6 +15,8 @@ RECIPES = {  # the shape each recipe's data has
     "mnist_dcgan.yaml": info(1, 28, 10),
     "cifar10_dcgan.yaml": info(3, 32, 10),
     "folder64_dcgan.yaml": info(3, 64, 10),
+    "folder_small.yaml": info(3, 32, 9),
+    "cifar10_resnet.yaml": info(3, 32, 10),
 }
 
 
@@ -29,7 +31,7 @@ def test_recipe_builds_networks_for_its_data(name):
     generator, discriminator = build_models(cfg.model, described)
     images, labels = batch(4, described)
     z = torch.randn(4, cfg.model.z_dim)
-    assert label_count(cfg.model, described) == 10
+    assert label_count(cfg.model, described) == described.num_classes
     with torch.no_grad():
         assert generator(z, labels).shape == images.shape
         assert discriminator(images, labels).shape == (4,)

@@ -33,7 +33,13 @@ OPTIONS = {
     "mlp_bf16": ["amp.enabled=true"],
     "dcgan_r1_lazy_bf16": ["model.arch=dcgan", "model.dcgan.width=8", "loss.r1.gamma=1", "loss.r1.every=2",
                            "amp.enabled=true"],
+    "dcgan_conditional_batchnorm": ["model.arch=dcgan", "model.dcgan.width=8", "model.dcgan.g_label=batchnorm"],
 }
+
+RESNET = ["model.arch=resnet", "model.resnet.g_width=8", "model.resnet.d_width=8", "model.resnet.attention=14",
+          "model.resnet.z_chunks=true", "model.spectral_norm=true", "loss.kind=hinge", "model.conditioning=projection"]
+"""The residual pair with every option: conditional BatchNorm from z chunks, attention, projection, spectral norm."""
+OPTIONS["resnet_all_options_ema"] = [*RESNET, "ema.enabled=true"]
 
 
 def _fixed_inputs(step: int) -> dict[str, torch.Tensor]:
@@ -49,23 +55,37 @@ def _fixed_inputs(step: int) -> dict[str, torch.Tensor]:
     }
 
 
-EQUIVALENCE = {"plain": [], "r1": ["loss.r1.gamma=2", "loss.r1.every=2"]}
-"""The runs that must give one rank's weights on two: R1's penalty is a mean over the batch, as the loss is."""
+NO_DROPOUT = "model.mlp.d_dropout=0"
+EQUIVALENCE = {"plain": [NO_DROPOUT], "r1": [NO_DROPOUT, "loss.r1.gamma=2", "loss.r1.every=2"], "resnet_same": RESNET}
+"""The runs that must give one rank's weights on two: R1's penalty is a mean over the batch, as the loss is.
+``*_same`` runs give every rank the same batch."""
 
 
 def _equivalence_run(env: DistEnv, out: Path) -> None:
     """Dropout off, float32, fixed inputs sliced by rank; the parameters after STEPS are saved."""
     rank, world = env.rank, env.world_size
     for name, extra in EQUIVALENCE.items():
-        eng = GANEngine(load_config(None, ["model.mlp.d_dropout=0", "amp.enabled=false", *extra]), env, DIGITS)
-        per = GLOBAL_BATCH // world
+        eng = GANEngine(load_config(None, ["amp.enabled=false", *extra]), env, DIGITS)
+        probe = _fixed_inputs(-1)
+        outputs = [_outputs(eng, probe)]
+        same = name.endswith("_same")
+        per = GLOBAL_BATCH // (2 if same else world)
         for step in range(STEPS):
-            t = {k: v[rank * per:(rank + 1) * per] for k, v in _fixed_inputs(step).items()}
+            part = 0 if same else rank
+            t = {k: v[part * per:(part + 1) * per] for k, v in _fixed_inputs(step).items()}
             eng.d_step(t["real"], t["labels"], t["z_d"], t["y_d"], step)
             eng.g_step(t["z_g"], t["y_g"])
         if rank == 0:
-            torch.save({"G": eng.generator.state_dict(), "D": eng.discriminator.state_dict()},
-                       out / f"equiv_{name}_{world}.pt")
+            torch.save({"G": eng.generator.state_dict(), "D": eng.discriminator.state_dict(),
+                        "outputs": [*outputs, _outputs(eng, probe)]}, out / f"equiv_{name}_{world}.pt")
+
+
+@torch.no_grad()
+def _outputs(eng: GANEngine, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What G and D compute on one fixed global batch (G's BatchNorm on the batch's own statistics)."""
+    fake = torch.func.functional_call(eng.generator, {**dict(eng.generator.named_parameters()),
+                                      **{k: b.clone() for k, b in eng.generator.named_buffers()}}, (t["z_g"], t["y_g"]))
+    return {"G": fake, "D": eng.discriminator(t["real"], t["labels"])}
 
 
 def _join(rank: int, world: int, store: Path) -> DistEnv:
@@ -142,7 +162,7 @@ def test_d_gradients_not_all_reduced_in_g_step(two_ranks, option):
     assert r["d_in_g_step"] == 0  # but none of D's in the G step.
 
 
-@pytest.mark.parametrize("run", list(EQUIVALENCE))
+@pytest.mark.parametrize("run", [r for r in EQUIVALENCE if not r.endswith("_same")])
 def test_two_half_batches_equal_one_full_batch(two_ranks, run):
     one, two = (torch.load(two_ranks / f"equiv_{run}_{world}.pt") for world in (1, 2))
     for net in ("G", "D"):
@@ -155,6 +175,17 @@ def test_two_half_batches_equal_one_full_batch(two_ranks, run):
     torch.manual_seed(0)
     init = build_generator(ModelConfig(), DIGITS).state_dict()
     assert max((init[k] - one["G"][k]).abs().max().item() for k in init) > 1e-4
+
+
+def test_two_ranks_of_the_resnet_equal_one_rank_on_the_same_batch(two_ranks):
+    """Each rank's BatchNorm normalises its own half batch (SyncBatchNorm needs CUDA), so 2 × B/2 is not
+    1 × B for G; given the same batch on both ranks, DDP's average must be the one rank's step exactly."""
+    one, two = (torch.load(two_ranks / f"equiv_resnet_same_{world}.pt") for world in (1, 2))
+    for net in ("G", "D"):
+        for key in one[net]:
+            torch.testing.assert_close(two[net][key], one[net][key], rtol=1e-5, atol=1e-6, msg=f"{net}.{key}")
+    moved = (one["outputs"][1]["G"] - one["outputs"][0]["G"]).norm()
+    assert moved > 1e-3
 
 
 # ------------------------------------------------------------------------------ an RGB image folder

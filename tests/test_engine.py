@@ -80,25 +80,40 @@ def test_hinge_and_bce_values_on_known_logits():
 
 def test_ema_update_is_the_running_average():
     g = build_generator(ModelConfig(), DIGITS)
-    ema = EMA(g, decay=0.9, z_dim=100, num_classes=10)
+    ema = EMA(g, decay=0.9, rampup=0.0, z_dim=100, num_classes=10)
     start = snapshot(ema.module)
     with torch.no_grad():
         for p in g.parameters():
             p.add_(1.0)
-    ema.update(g)
+    ema.update(g, step=1)
     for e, s, p in zip(ema.module.parameters(), start, g.parameters(), strict=True):
         torch.testing.assert_close(e, 0.9 * s + 0.1 * p)
     assert not any(p.requires_grad for p in ema.module.parameters())
 
 
+def test_ema_rampup_starts_as_a_copy_and_reaches_the_configured_decay():
+    g = build_generator(ModelConfig(), DIGITS)
+    ema = EMA(g, decay=0.999, rampup=0.05, z_dim=100, num_classes=10)
+    assert ema.decay_at(1) < 1e-5  # the first update all but copies G
+    half_lives = [math.log(0.5) / math.log(ema.decay_at(step)) for step in (100, 500, 2000)]
+    assert half_lives == pytest.approx([5.0, 25.0, 100.0])  # at most 5% of the steps done
+    assert ema.decay_at(13_863) == 0.999 and ema.decay_at(10**6) == 0.999  # half-life 693 steps from there on
+    with torch.no_grad():
+        for p in g.parameters():
+            p.add_(1.0)
+    ema.update(g, step=1)
+    for e, p in zip(ema.module.parameters(), g.parameters(), strict=True):
+        torch.testing.assert_close(e, p)
+
+
 def test_ema_batchnorm_statistics_are_measured_for_the_averaged_weights():
     g = build_generator(model_config("dcgan"), DIGITS)
-    ema = EMA(g, decay=0.5, z_dim=100, num_classes=10, calibration_samples=512)
+    ema = EMA(g, decay=0.5, rampup=0.0, z_dim=100, num_classes=10, calibration_samples=512)
     with torch.no_grad():
         for p in g.parameters():
             p.mul_(1.5)
     g.train()(torch.randn(64, 100), torch.randint(0, 10, (64,)))  # the live G's statistics: other weights, inputs
-    ema.update(g)
+    ema.update(g, step=1)
     module = ema.calibrated()
     assert not module.training
     # One calibration batch: eval mode now normalises like train mode on that batch.

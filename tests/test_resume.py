@@ -75,12 +75,19 @@ STREAMED_FOLDER = {"data.name": "folder", "data.split": "train", "data.resolutio
 """An RGB image folder fed by a DataLoader worker from the memory-mapped cache, with flips."""
 
 
-@pytest.mark.parametrize("source", ["idx_resident", "idx_resident_r1", "folder_streamed"])
+RESNET = {"model.arch": "resnet", "model.resnet.g_width": 8, "model.resnet.d_width": 8, "model.resnet.z_chunks": True,
+          "model.spectral_norm": True, "model.conditioning": "projection", "loss.kind": "hinge", "ema.enabled": True}
+"""The residual pair with its options, and an EMA that ramps up: both must resume on the step's own schedule."""
+
+
+@pytest.mark.parametrize("source", ["idx_resident", "idx_resident_r1", "idx_resident_resnet", "folder_streamed"])
 def test_sigkill_mid_epoch_then_resume_is_bit_exact(tmp_path, idx_root, start, source):
     """R1 (lazy, under the CPU's autocast default) resumes on its own schedule: it is a function of the step."""
     root, data = idx_root, {}
     if source.endswith("r1"):
         data = {"loss.r1.gamma": 1.0, "loss.r1.every": 3, "amp.enabled": True}
+    if source.endswith("resnet"):
+        data = RESNET
     if source == "folder_streamed":  # 231 training images: 7 steps per epoch
         root, data = tmp_path / "images", STREAMED_FOLDER
         write_folder(root, {"a": 86, "b": 85, "c": 85}, size=16)

@@ -50,21 +50,28 @@ def test_missing_data_exits_2_with_one_clear_line(tmp_path):
 # ------------------------------------------------------------------------------------- any dataset
 
 SMALL_DCGAN = {"model.arch": "dcgan", "model.dcgan.width": 8, "train.max_steps": 4, "data.split": "train"}
+SMALL_RESNET = {"model.arch": "resnet",  # replaces SMALL_DCGAN's model keys "model.resnet.g_width": 8, "model.resnet.d_width": 8,
+                "model.resnet.attention": 8, "model.spectral_norm": True, "loss.kind": "hinge", "ema.enabled": True}
 
 
 def folder_run(tmp_path, classes: dict[str, int] | None, **extra: object) -> tuple[list[str], object]:
     """Overrides for a tiny run on a 16×16 image folder written here, and the run's outcome."""
     root = tmp_path / "images"
     write_folder(root, classes, size=16, n=48)
+    small = {k: v for k, v in SMALL_DCGAN.items() if "model.arch" not in extra or not k.startswith("model.")}
     overrides = base_overrides(tmp_path / "run", root, **{"data.name": "folder", "data.resolution": 16}
-                               | SMALL_DCGAN | extra)
+                               | small | extra)
     return overrides, run([sys.executable, "-m", "gan_dist.train", *overrides])
 
 
-def test_rgb_folder_trains_then_samples_and_scores_from_the_checkpoint(tmp_path):
-    _, proc = folder_run(tmp_path, {"cat": 40, "dog": 40, "owl": 40}, **{"model.conditioning": "projection"})
+@pytest.mark.parametrize("arch", ["dcgan", "resnet"])
+def test_rgb_folder_trains_then_samples_and_scores_from_the_checkpoint(tmp_path, arch):
+    extra = SMALL_RESNET if arch == "resnet" else {}
+    _, proc = folder_run(tmp_path, {"cat": 40, "dog": 40, "owl": 40}, **{"model.conditioning": "projection"} | extra)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "folder train (108 images, 3×16×16, 3 classes)" in proc.stdout
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 <= r["z_spread_min"] <= r["z_spread"] for r in logged) and len(logged) == 2
     checkpoint = tmp_path / "run" / "checkpoints" / "step_4.pt"
     grid, npz = tmp_path / "grid.png", tmp_path / "samples.npz"
     sampled = run([sys.executable, "-m", "gan_dist.sample", "--checkpoint", checkpoint, "--grid", grid,

@@ -45,7 +45,8 @@ def test_two_ranks_make_one_offline_run_with_scalars_and_images(tmp_path, idx_ro
     rows = history(files[0])
     scalars = [r for r in rows if "train/d_loss" in r]
     assert [r["_step"] for r in scalars] == [2, 4, 6]
-    assert {"train/g_loss", "train/d_real", "train/d_fake", "train/images_per_s", "lr/g", "lr/d"} <= scalars[0].keys()
+    assert {"train/g_loss", "train/d_real", "train/d_fake", "train/images_per_s", "lr/g", "lr/d",
+            "train/z_spread", "train/z_spread_min"} <= scalars[0].keys()
     images = [r for r in rows if "samples/grid.path" in r]
     assert [r["_step"] for r in images] == [3, 6]
     digits = ", ".join(f"{c} - {name}" for c, name in enumerate(

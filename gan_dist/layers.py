@@ -1,0 +1,62 @@
+"""Layers the convolutional networks share: class-conditional BatchNorm, self-attention, orthogonal init."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class ConditionalBatchNorm2d(nn.Module):
+    """BatchNorm whose gain and bias are linear functions of a conditioning vector (a class embedding,
+    and a chunk of z in BigGAN), as SNGAN and BigGAN condition G. With no conditioning (``cond_dim``
+    0) it is a plain BatchNorm with its own affine.
+
+    The gain is ``1 + W_g·c`` so a fresh layer starts as the identity affine, whatever c is.
+    """
+
+    def __init__(self, channels: int, cond_dim: int) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(channels, affine=cond_dim == 0)
+        self.gain = nn.Linear(cond_dim, channels, bias=False) if cond_dim else None
+        self.bias = nn.Linear(cond_dim, channels, bias=False) if cond_dim else None
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        x = self.norm(x)
+        if self.gain is None:
+            return x
+        return x * (1 + self.gain(cond))[:, :, None, None] + self.bias(cond)[:, :, None, None]
+
+
+class SelfAttention(nn.Module):
+    """Non-local self-attention (SAGAN, Zhang et al. 2019), with BigGAN's 2×2-pooled keys and values.
+
+    The output joins the input through a gain that starts at 0: a fresh block is the identity, and the
+    network learns how much attention to use.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.query = nn.Conv2d(channels, channels // 8, 1, bias=False)
+        self.key = nn.Conv2d(channels, channels // 8, 1, bias=False)
+        self.value = nn.Conv2d(channels, channels // 2, 1, bias=False)
+        self.out = nn.Conv2d(channels // 2, channels, 1, bias=False)
+        self.gamma = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        q = self.query(x).flatten(2)  # [B, C/8, HW]
+        k = F.max_pool2d(self.key(x), 2).flatten(2)  # [B, C/8, HW/4]
+        v = F.max_pool2d(self.value(x), 2).flatten(2)  # [B, C/2, HW/4]
+        attention = torch.softmax(q.transpose(1, 2) @ k, dim=-1)  # [B, HW, HW/4]
+        o = (v @ attention.transpose(1, 2)).view(b, c // 2, h, w)
+        return x + self.gamma * self.out(o)
+
+
+def orthogonal_init(module: nn.Module) -> None:
+    """Orthogonal weights and zero biases for every conv, linear and embedding layer (BigGAN's init)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear, nn.Embedding)):
+            nn.init.orthogonal_(m.weight)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
