@@ -9,10 +9,15 @@ Usage (from the repository root; trailing key=value are config overrides, as for
                                                                 # all cases beside 2 busy processes
     python benchmarks/bench.py --device cuda --nproc 1 --batch 4096     # one GPU: (a) and (b) only
 
+    python benchmarks/bench.py --config configs/folder_small.yaml --reference plain data.root=/data/emoji
+
 Cases, each in a fresh process (so that peak memory is its own), alternating A B C A B C for --rounds:
-  (a) reference: the tutorial's loop as written (``benchmarks/tutorial.py``), fixed only so that G learns.
-      It keeps the tutorial's models, BCELoss and Adam(lr=1e-4) whatever the config says; it shares the
-      data, the batch and the thread count with (b).
+  (a) reference, one of two (``--reference``; auto: tutorial for the tutorial's MLP on data it fits, else plain):
+      tutorial: the tutorial's loop as written (``benchmarks/tutorial.py``), fixed only so that G learns.
+        It keeps the tutorial's models, BCELoss and Adam(lr=1e-4) whatever the config says.
+      plain: the config's own G and D trained by a hand-written PyTorch loop at the same precision
+        (``benchmarks/plain.py``): no DDP, checkpoints or logging. Its bar is like for like.
+      Either shares the data, the batch and the thread count with (b).
   (b) gan_dist on one process: dist.setup, then ``gan_dist.train.build`` (config -> env -> data -> engine),
       the trainer's own wiring (``--compare data.resident=off`` times streamed batches beside resident ones).
   (c) gan_dist on --nproc ranks under torchrun, the same batch per rank (skipped when --nproc is 1).
@@ -64,6 +69,7 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms
 
+from benchmarks.plain import PlainLoop, plain_misfit
 from benchmarks.tutorial import (
     TutorialDataset,
     TutorialDiscriminator,
@@ -92,7 +98,8 @@ MATMUL_SIZE = {"cpu": 1024, "cuda": 8192}  # side of the square matmul timed as 
 ALONE_ON_CPU = DistEnv(0, 0, 1, 1, torch.device("cpu"))  # for reading data outside a process group
 # (numerator, denominator, bar) per device: medians of per-round images/s ratios. The bars are the
 # documented targets; docs/BENCHMARKS.md says what each means. They are reported, never enforced.
-TARGETS = {"cpu": [("b", "a", 1.6), ("c", "b", 0.95)], "cuda": [("b", "a", 30.0)]}
+TARGETS = {"tutorial": {"cpu": [("b", "a", 1.6), ("c", "b", 0.95)], "cuda": [("b", "a", 30.0)]},
+           "plain": {"cpu": [("b", "a", 0.95), ("c", "b", 0.95)], "cuda": [("b", "a", 0.95)]}}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -245,6 +252,29 @@ class TutorialWorkload(Workload):
         return batch_size
 
 
+class PlainWorkload(Workload):
+    """(a) with ``--reference plain``: the config's networks in ``benchmarks/plain.py``'s hand-written loop."""
+
+    def __init__(self, cfg: Config, device: torch.device) -> None:
+        self.device = device
+        if device.type == "cpu":
+            torch.set_num_threads(usable_cores())  # the threads dist.setup gives (b)
+        split = load_split(cfg.data, ALONE_ON_CPU)
+        images, labels = split.tensors(device)
+        self.loop = PlainLoop(cfg, split.info, images, labels, device)
+        self.precision = str(self.loop.dtype).removeprefix("torch.")
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.loop.opt_d, self.loop.opt_g]
+
+    def next_batch(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return self.loop.next_batch()
+
+    def train_step(self, step: int, batch: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+        self.loop.step(batch)
+        return sum(real.shape[0] for real, _ in batch)
+
+
 class EngineWorkload(Workload):
     """(b) and (c): gan_dist's own components; a step is what ``Trainer.fit`` does per step on the
     hot path (``engine.iteration`` and the step agreement), minus the periodic logging."""
@@ -375,7 +405,8 @@ def run_worker(args: argparse.Namespace) -> int:
     """One benchmark process (or one rank of one): measure, then write ``<out>/rank<R>.json``."""
     cfg = worker_config(args)
     device = torch.device(args.device)
-    work = TutorialWorkload(cfg, device) if args.worker == "ref" else EngineWorkload(cfg)
+    work = {"ref": lambda: TutorialWorkload(cfg, device), "plain": lambda: PlainWorkload(cfg, device),
+            "gan": lambda: EngineWorkload(cfg)}[args.worker]()
     try:
         result = measure(work, args.steps, args.warmup)
     finally:
@@ -393,7 +424,7 @@ def run_worker(args: argparse.Namespace) -> int:
 class Case:
     key: str  # a, b, c, then b', c' for the --compare twins
     label: str
-    kind: str  # "ref" or "gan"
+    kind: str  # "ref" (the tutorial), "plain" or "gan"
     nproc: int
     overrides: tuple[str, ...] = ()
     env: tuple[str, ...] = ()  # NAME=VALUE for the case's processes
@@ -409,9 +440,23 @@ def compare_tag(compare_env: Sequence[str], compare: Sequence[str]) -> str:
     return " ".join([*compare_env, *compare])
 
 
-def plan(args: argparse.Namespace, info: DatasetInfo) -> list[Case]:
-    """(a) when the data fits the tutorial's networks, (b), (c) with --nproc > 1, then the twins."""
-    cases = [] if tutorial_misfit(info) else [Case("a", "(a) reference: tutorial loop", "ref", 1)]
+def reference_of(args: argparse.Namespace, cfg: Config, info: DatasetInfo) -> str:
+    """``--reference``, with auto resolved: the tutorial's loop for its own MLP on data it takes, else plain."""
+    if args.reference != "auto":
+        return args.reference
+    return "tutorial" if cfg.model.arch == "mlp" and not tutorial_misfit(info) else "plain"
+
+
+def reference_misfit(reference: str, cfg: Config, info: DatasetInfo) -> str | None:
+    """Why the reference (a) cannot run on this config and data, or None."""
+    return plain_misfit(cfg) if reference == "plain" else tutorial_misfit(info)
+
+
+def plan(args: argparse.Namespace, cfg: Config, info: DatasetInfo) -> list[Case]:
+    """(a) when the reference can run, (b), (c) with --nproc > 1, then the twins."""
+    reference = reference_of(args, cfg, info)
+    kind, label = ("plain", "plain PyTorch loop") if reference == "plain" else ("ref", "tutorial loop")
+    cases = [] if reference_misfit(reference, cfg, info) else [Case("a", f"(a) reference: {label}", kind, 1)]
     cases.append(Case("b", "(b) gan_dist, 1 process", "gan", 1))
     if args.nproc > 1:
         cases.append(Case("c", f"(c) gan_dist, {args.nproc} ranks", "gan", args.nproc))
@@ -512,10 +557,11 @@ def ratio(results: dict[str, list[list[dict[str, Any]]]], num: str, den: str) ->
     return statistics.median(n / d for n, d in pairs)
 
 
-def check_targets(device: str, results: dict[str, list[list[dict[str, Any]]]]) -> list[dict[str, Any]]:
+def check_targets(reference: str, device: str, results: dict[str, list[list[dict[str, Any]]]]
+                  ) -> list[dict[str, Any]]:
     """The bars of TARGETS between the cases that ran."""
     return [{"ratio": f"({num}) / ({den})", "value": value, "target": bar, "met": value >= bar}
-            for num, den, bar in TARGETS[device] if num in results and den in results
+            for num, den, bar in TARGETS[reference][device] if num in results and den in results
             for value in [ratio(results, num, den)]]
 
 
@@ -572,6 +618,9 @@ def render(report: dict[str, Any]) -> str:
     lines += [f"twin {t['ratio']} = {t['value']:.2f} ({tag})" for t in report["twins"]]
     lines += [f"target {t['ratio']} = {t['value']:.2f} (bar ≥ {t['target']}): "
               f"{'met' if t['met'] else 'NOT met'}" for t in report["targets"]]
+    first = next((t for t in report["targets"] if t["ratio"] == "(b) / (a)"), None)
+    if first is not None:
+        lines.append(f"gan_dist/{s['reference']}: {first['value']:.2f}")
     return "\n".join(lines)
 
 
@@ -612,8 +661,9 @@ def busy_processes(n: int) -> Iterator[None]:
 def run_parent(args: argparse.Namespace) -> int:
     cfg = worker_config(args)
     info = load_split(cfg.data, ALONE_ON_CPU).info  # fail fast here, and download and convert only once
-    cases = plan(args, info)
-    misfit = tutorial_misfit(info)
+    reference = reference_of(args, cfg, info)
+    cases = plan(args, cfg, info)
+    misfit = reference_misfit(reference, cfg, info)
     if misfit:
         print(f"(a) skipped: {misfit}", file=sys.stderr)
     load_before = os.getloadavg()
@@ -632,6 +682,7 @@ def run_parent(args: argparse.Namespace) -> int:
                     "load_after": [round(x, 1) for x in os.getloadavg()]},
         "settings": {"steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "batch": args.batch,
                      "nproc": args.nproc, "device": args.device, "config": str(args.config),
+                     "reference": reference,
                      "matmul_size": MATMUL_SIZE[args.device],
                      "overrides": args.overrides, "compare": args.compare, "compare_env": args.compare_env,
                      "background_load": args.load,
@@ -640,7 +691,7 @@ def run_parent(args: argparse.Namespace) -> int:
         "cases": [{"key": c.key, "label": c.label, "overrides": list(c.overrides),
                    "summary": summarise(c, results[c.key], results.get("a")), "rounds": results[c.key]}
                   for c in cases],
-        "targets": check_targets(args.device, results),
+        "targets": check_targets(reference, args.device, results),
         "twins": twin_ratios(cases, results),
     }
     table = render(report)
@@ -668,7 +719,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--load", type=cli.integer(0), default=0, metavar="N",
                         help="run every case beside N busy-looping processes: a loaded machine")
     parser.add_argument("--json", default="runs/bench.json", help="report file ('' for none)")
-    parser.add_argument("--worker", choices=("ref", "gan"), help=argparse.SUPPRESS)
+    parser.add_argument("--reference", choices=("auto", "tutorial", "plain"), default="auto",
+                        help="case (a): the tutorial's loop, or the config's networks in a plain PyTorch loop; "
+                             "auto: the tutorial for its own MLP on data it takes, else plain")
+    parser.add_argument("--worker", choices=("ref", "plain", "gan"), help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     args = parser.parse_args(argv)

@@ -94,7 +94,7 @@ class Sizes:
     agreement_calls: int
     bench: tuple[str, ...]  # benchmarks/bench.py's --steps and --warmup
     sweep: tuple[int, ...]  # batch sizes
-    rgb_batch: int  # batch of the RGB DCGAN's throughput
+    rgb_batch: int  # batch of the RGB recipes' throughput
     n_per_class: int  # evaluated samples per class
     judge: JudgeSpec
 
@@ -104,7 +104,8 @@ SIZES = {
                   log_every=10, worlds=(2, 4), agreement_calls=300, bench=("--steps", "200", "--warmup", "30"),
                   sweep=tuple(64 * 2**i for i in range(9)), rgb_batch=256, n_per_class=200, judge=DEFAULT_SPEC),
     "cpu": Sizes(batch=16, model={"mlp": ("model.mlp.g_hidden=[32]", "model.mlp.d_hidden=[32]"),
-                                  "dcgan": ("model.dcgan.width=8",)},
+                                  "dcgan": ("model.dcgan.width=8",),
+                                  "resnet": ("model.resnet.g_width=8", "model.resnet.d_width=8")},
                  warmup=1, steps=2, resumed=("mlp",), run_steps=24, signal_after=8, log_every=2, worlds=(2,),
                  agreement_calls=50, bench=("--steps", "1", "--warmup", "0"), sweep=(8, 16), rgb_batch=16,
                  n_per_class=10, judge=JudgeSpec(width=4, features=16, samples=2000, batch_size=32, lr=1e-2)),
@@ -767,17 +768,18 @@ def throughput(mode: Mode, report: Report, compile_mode: str | None = None) -> N
             report.target(f"{case['label']}: x(a)", case["summary"]["x_ref"], SPEED_BARS["x_ref"])
 
 
-def rgb_throughput(mode: Mode, report: Report) -> None:
-    """configs/cifar10_dcgan.yaml (3x32x32; projection D under spectral norm, hinge, EMA) at ``rgb_batch``,
-    on an image folder the stage colours from the mode's data. The tutorial's loop takes no RGB input,
-    so the bench reports gan_dist alone: img/s, the step's split and FLOP/s."""
+def rgb_throughput(mode: Mode, report: Report, arch: str) -> None:
+    """The 32x32 RGB recipe of ``arch`` (configs/cifar10_<arch>.yaml: projection D under spectral norm, hinge,
+    EMA) at ``rgb_batch``, on an image folder the stage colours from the mode's data, against the same
+    networks in the bench's plain PyTorch loop: img/s, x(a), the step's split and FLOP/s."""
     data = load_config(None, list(mode.data)).data
-    folder = mode.work / "rgb"
+    folder = mode.work / f"rgb_{arch}"
     n = write_split(IdxSource(data), data.split, 8 * mode.sizes.rgb_batch, np.random.default_rng(0), folder)
     report.note(f"{n} images of {data.name} {data.split}, padded to 32x32 and coloured, in {folder}")
-    run_bench(mode, report, "rgb32", "--config", REPO / "configs" / "cifar10_dcgan.yaml", "--batch",
-              mode.sizes.rgb_batch, "data.name=folder", f"data.root={folder}", "data.split=train",
-              "data.download=false", *mode.model("dcgan"))
+    run_bench(mode, report, f"rgb32_{arch}", "--config", REPO / "configs" / f"cifar10_{arch}.yaml", "--batch",
+              mode.sizes.rgb_batch, "--reference", "plain", "data.name=folder", f"data.root={folder}",
+              "data.split=train", "data.download=false", *mode.model(arch))
+
 
 
 def batch_sweep(mode: Mode, report: Report) -> None:
@@ -821,6 +823,11 @@ def bench_stage(compile_mode: str | None, timeout_s: int) -> Stage:
                  timeout_s, speed=True)
 
 
+def rgb_stage(arch: str, batch: int, timeout_s: int) -> Stage:
+    return Stage(f"throughput_rgb32_{arch}_b{batch}", functools.partial(rgb_throughput, arch=arch), timeout_s,
+                 speed=True)
+
+
 def plan(device: str) -> list[Stage]:
     """The stages in order of importance: when the time budget runs out, the last ones are skipped."""
     cuda = device == "cuda"
@@ -834,10 +841,10 @@ def plan(device: str) -> list[Stage]:
         Stage("ddp_gloo", ddp_gloo, 75 if cuda else 150),
     ]
     sweep = Stage("batch_sweep", batch_sweep, 40 if cuda else 90, speed=True)
-    rgb = Stage(f"throughput_rgb32_dcgan_b{SIZES[device].rgb_batch}", rgb_throughput, 75 if cuda else 150, speed=True)
+    rgb = [rgb_stage(arch, SIZES[device].rgb_batch, 75 if cuda else 150) for arch in ("dcgan", "resnet")]
     if not cuda:  # compiling on a small CPU takes minutes; the eager bench keeps the stage's code alive
-        return [*checks, sweep, bench_stage(None, 150), rgb]
-    return [*checks, sweep, rgb, bench_stage("reduce-overhead", 90), bench_stage("default", 75),
+        return [*checks, sweep, bench_stage(None, 150), *rgb]
+    return [*checks, sweep, *rgb, bench_stage("reduce-overhead", 90), bench_stage("default", 75),
             bench_stage("max-autotune", 120)]
 
 

@@ -1,4 +1,5 @@
-"""Mixed precision: the compute dtype a device does natively, autocast in it, and fp16's GradScaler.
+"""Mixed precision: the compute dtype a device does natively, autocast in it, and fp16's GradScaler;
+and the memory layout its convolutions run fastest in.
 
 bf16 pays only where the hardware computes it (CUDA with bf16, x86 AVX512-BF16 or AMX, Arm BF16):
 emulated bf16 is slower than float32, so ``amp.dtype=auto`` reads the device's own capability.
@@ -51,20 +52,37 @@ def choose_dtype(cfg: AmpConfig, device_type: str, bf16: tuple[bool, str]) -> tu
     return torch.float32, f"auto: {evidence}, so float32"
 
 
-class Amp:
-    """Autocast in the dtype chosen for the device, plus, for float16, the one GradScaler of both optimizers."""
+def choose_layout(cfg: AmpConfig, device_type: str, dtype: torch.dtype, convolutional: bool) -> str:
+    """``amp.memory_format`` resolved: channels_last where tensor cores want it (CUDA, 16-bit) for conv
+    networks. On CPU the conv recipes ran no faster in it (docs/BENCHMARKS.md), and an MLP has no images
+    to lay out."""
+    if cfg.memory_format != "auto":
+        return cfg.memory_format
+    fast = convolutional and device_type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+    return "channels_last" if fast else "contiguous"
 
-    def __init__(self, cfg: AmpConfig, device: torch.device) -> None:
+
+class Amp:
+    """Autocast in the dtype chosen for the device, plus, for float16, the one GradScaler of both optimizers;
+    and the layout of conv weights and images."""
+
+    def __init__(self, cfg: AmpConfig, device: torch.device, convolutional: bool = True) -> None:
         bf16 = native_bf16(device) if cfg.enabled and cfg.dtype == "auto" else (False, "")
         self.dtype, self.reason = choose_dtype(cfg, device.type, bf16)
         self.enabled = self.dtype != torch.float32
         self.device_type = device.type
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+        self.layout = choose_layout(cfg, device.type, self.dtype, convolutional)
+        self.memory_format = torch.channels_last if self.layout == "channels_last" else torch.contiguous_format
 
     @property
     def config(self) -> AmpConfig:
         """The resolved section, as a run's config records it: ``auto`` replaced by what it chose."""
-        return AmpConfig(enabled=self.enabled, dtype=str(self.dtype).removeprefix("torch."))
+        return AmpConfig(enabled=self.enabled, dtype=str(self.dtype).removeprefix("torch."), memory_format=self.layout)
+
+    def laid_out(self, images: torch.Tensor) -> torch.Tensor:
+        """A batch of images in the chosen layout (a no-op when it already is)."""
+        return images.contiguous(memory_format=self.memory_format)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)

@@ -202,6 +202,9 @@ class AmpConfig:
         "auto", "auto: bfloat16 where the device computes it natively (CUDA: else float16 with a GradScaler; "
         "CPU: AVX512-BF16 or AMX, else float32); float16 is CUDA only"
     )
+    memory_format: Literal["auto", "contiguous", "channels_last"] = opt(
+        "auto", "layout of conv networks' weights and images; auto: channels_last on CUDA in a 16-bit dtype, "
+        "contiguous on CPU (measured there in docs/BENCHMARKS.md) and for the MLP")
 
 
 @dataclass(frozen=True)

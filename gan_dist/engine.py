@@ -48,8 +48,9 @@ class GANEngine:
 
     def __init__(self, cfg: Config, env: DistEnv, info: DatasetInfo) -> None:
         self.info, self.num_classes = info, label_count(cfg.model, info)
+        self.amp = Amp(cfg.amp, env.device, convolutional=cfg.model.arch != "mlp")
         torch.manual_seed(cfg.train.seed)  # identical init on every rank; DDP also broadcasts rank 0's
-        g, d = build_models(cfg.model, info)
+        g, d = (m.to(memory_format=self.amp.memory_format) for m in build_models(cfg.model, info))
         # Before any SyncBatchNorm conversion: calibrating the average never needs the other ranks.
         self.ema = EMA(g.to(env.device), cfg.ema.decay, cfg.ema.rampup, cfg.model.z_dim, self.num_classes) \
             if cfg.ema.enabled else None
@@ -64,7 +65,6 @@ class GANEngine:
         self.graphed = cfg.train.compile == "reduce-overhead" and env.device.type == "cuda"
         self.opt_g = _adam(self.generator, cfg.optim.g_lr, cfg.optim.g_betas)
         self.opt_d = _adam(self.discriminator, cfg.optim.d_lr, cfg.optim.d_betas)
-        self.amp = Amp(cfg.amp, env.device)
         self.loss = GANLoss(cfg.loss, self.amp)
         self.n_critic = cfg.train.n_critic
         self.noise = NoiseStream(cfg.train.seed, env.rank, cfg.model.z_dim, self.num_classes, env.device)
@@ -96,7 +96,7 @@ class GANEngine:
                d_step: int) -> Metrics:
         with torch.no_grad(), self.amp.autocast():
             fake = self.fake_G(z, fake_labels)
-        loss, metrics = self.loss.d_terms(self.D, real, labels, fake, fake_labels, d_step)
+        loss, metrics = self.loss.d_terms(self.D, self.amp.laid_out(real), labels, fake, fake_labels, d_step)
         self.amp.step(loss, self.opt_d)
         return metrics
 

@@ -7,25 +7,24 @@ from torch import nn
 from torch.nn import functional as F
 
 
-class ConditionalBatchNorm2d(nn.Module):
+class ConditionalBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm whose gain and bias are linear functions of a conditioning vector (a class embedding,
     and a chunk of z in BigGAN), as SNGAN and BigGAN condition G. With no conditioning (``cond_dim``
-    0) it is a plain BatchNorm with its own affine.
+    0) it is a plain BatchNorm with its own affine, and its state dict is a BatchNorm's.
 
     The gain is ``1 + W_g·c`` so a fresh layer starts as the identity affine, whatever c is.
     """
 
     def __init__(self, channels: int, cond_dim: int) -> None:
-        super().__init__()
-        self.norm = nn.BatchNorm2d(channels, affine=cond_dim == 0)
-        self.gain = nn.Linear(cond_dim, channels, bias=False) if cond_dim else None
-        self.bias = nn.Linear(cond_dim, channels, bias=False) if cond_dim else None
+        super().__init__(channels, affine=cond_dim == 0)
+        self.to_gain = nn.Linear(cond_dim, channels, bias=False) if cond_dim else None
+        self.to_bias = nn.Linear(cond_dim, channels, bias=False) if cond_dim else None
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
-        x = self.norm(x)
-        if self.gain is None:
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        x = super().forward(x)
+        if self.to_gain is None:
             return x
-        return x * (1 + self.gain(cond))[:, :, None, None] + self.bias(cond)[:, :, None, None]
+        return x * (1 + self.to_gain(cond))[:, :, None, None] + self.to_bias(cond)[:, :, None, None]
 
 
 class SelfAttention(nn.Module):

@@ -20,7 +20,6 @@ from typing import Literal
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
 from gan_dist.config import ARCHITECTURES, ConfigError, ModelConfig, opt
@@ -100,7 +99,7 @@ class DCGANGenerator(nn.Module):
     """z → s×s → ... → resolution: transposed convolutions and BatchNorm, a 3×3 conv to C.
 
     The label's embedding joins z at the input (``g_label: input``), or sets the gain and bias of
-    every BatchNorm (``batchnorm``).
+    every BatchNorm (``batchnorm``, class-conditional BatchNorm).
     """
 
     def __init__(self, cfg: ModelConfig, info: DatasetInfo) -> None:
@@ -111,21 +110,26 @@ class DCGANGenerator(nn.Module):
         self.embed = nn.Embedding(classes, cfg.embed_dim) if classes else None
         self.at_input = cfg.options.g_label == "input"
         cond_dim = cfg.embed_dim if classes and not self.at_input else 0
-        z_in = cfg.z_dim + (cfg.embed_dim if classes and self.at_input else 0)
-        self.project = nn.Sequential(nn.Linear(z_in, widths[0] * size * size, bias=False),
-                                     nn.Unflatten(1, (widths[0], size, size)))
-        self.ups = nn.ModuleList(nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False)
-                                 for c_in, c_out in itertools.pairwise(widths))
-        self.norms = nn.ModuleList(ConditionalBatchNorm2d(c, cond_dim) for c in widths)
-        self.out = nn.Sequential(nn.Conv2d(widths[-1], info.channels, 3, 1, 1), nn.Tanh())
+        self.project = nn.Sequential(
+            nn.Linear(cfg.z_dim + (cfg.embed_dim if classes and self.at_input else 0), widths[0] * size * size,
+                      bias=False),
+            nn.Unflatten(1, (widths[0], size, size)),
+            ConditionalBatchNorm2d(widths[0], cond_dim),
+            nn.ReLU(),
+        )
+        layers: list[nn.Module] = []
+        for c_in, c_out in itertools.pairwise(widths):
+            layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), ConditionalBatchNorm2d(c_out, cond_dim),
+                       nn.ReLU()]
+        self.net = nn.Sequential(*layers, nn.Conv2d(widths[-1], info.channels, 3, 1, 1), nn.Tanh())
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         label = self.embed(labels) if self.embed is not None else None
-        h = self.project(z if label is None or not self.at_input else torch.cat([z, label], 1))
+        h = z if label is None or not self.at_input else torch.cat([z, label], 1)
         cond = None if self.at_input else label
-        for i, norm in enumerate(self.norms):
-            h = F.relu(norm(h if i == 0 else self.ups[i - 1](h), cond))
-        return self.out(h)
+        for layer in (*self.project, *self.net):
+            h = layer(h, cond) if isinstance(layer, ConditionalBatchNorm2d) else layer(h)
+        return h
 
 
 def _with_label(z: torch.Tensor, labels: torch.Tensor, embed: nn.Embedding | None) -> torch.Tensor:

@@ -194,7 +194,7 @@ class Trainer:
             self._say(f"resuming from {resumed} at {self.pos}{note}")
         classes = self.engine.num_classes
         self._say(f"data: {describe_data(self.info, built.split.name, classes)}; {self.data}")
-        self._say(f"precision: {self.cfg.amp.dtype} ({self.engine.amp.reason})")
+        self._say(f"precision: {self.cfg.amp.dtype} ({self.engine.amp.reason}); layout: {self.cfg.amp.memory_format}")
         if env.is_main:  # only once the resume check has passed: a refused start changes nothing
             (self.run_dir / "config.yaml").write_text(f"# amp.dtype: {self.engine.amp.reason}\n" + to_yaml(self.cfg))
         self.evaluator = Evaluator(self.cfg, env) if cfg.eval.every_steps > 0 else None

@@ -12,10 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, run, write_folder
-from shapes import DIGITS
+from shapes import DIGITS, info
 
 from benchmarks import bench
 from gan_dist.amp import native_bf16
+from gan_dist.config import load_config
+
+MLP = load_config(None, [])
 
 BY_PATH = [sys.executable, REPO / "benchmarks" / "bench.py"]
 AS_MODULE = [sys.executable, "-m", "benchmarks.bench"]
@@ -47,7 +50,7 @@ def test_bench_runs_every_case_and_writes_json(idx_root: Path, tmp_path: Path) -
 
 def test_compare_adds_twins_that_carry_the_override(tmp_path: Path) -> None:
     args = bench.parse_args([*TINY, "--compare", "amp.enabled=false", "data.split=test"])
-    cases = bench.plan(args, DIGITS)
+    cases = bench.plan(args, MLP, DIGITS)
     assert [c.key for c in cases] == ["a", "b", "c", "b'", "c'"]
     twin = bench.worker_argv(args, cases[-1], tmp_path)
     assert "torch.distributed.run" in twin and "--nproc_per_node=2" in twin
@@ -56,7 +59,7 @@ def test_compare_adds_twins_that_carry_the_override(tmp_path: Path) -> None:
     assert "amp.enabled=false" not in bench.worker_argv(args, cases[1], tmp_path)
 
 
-def test_an_rgb_folder_skips_the_reference_and_compares_streamed_with_resident(tmp_path: Path) -> None:
+def test_a_conv_recipe_is_held_against_a_plain_loop_and_compares_streamed_with_resident(tmp_path: Path) -> None:
     write_folder(tmp_path / "images", {"a": 12, "b": 12}, size=16)
     report_path = tmp_path / "bench.json"
     proc = run([*AS_MODULE, *TINY[:-2], "--nproc", "1", "--json", report_path, "--compare", "data.resident=off",
@@ -64,16 +67,29 @@ def test_an_rgb_folder_skips_the_reference_and_compares_streamed_with_resident(t
                 "data.resolution=16", f"data.cache_dir={tmp_path / 'cache'}", "data.workers=0",
                 "model.dcgan.width=8"], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "(a) skipped: the tutorial's networks need 28×28 grayscale images of 10 classes" in proc.stderr
     report = json.loads(report_path.read_text())
-    assert [c["key"] for c in report["cases"]] == ["b", "b'"] and report["cases"][0]["summary"]["x_ref"] is None
+    assert [c["key"] for c in report["cases"]] == ["a", "b", "b'"] and report["settings"]["reference"] == "plain"
+    assert report["cases"][0]["label"] == "(a) reference: plain PyTorch loop"
+    assert report["cases"][0]["summary"]["precision"] == report["cases"][1]["summary"]["precision"]
+    assert [t["ratio"] for t in report["targets"]] == ["(b) / (a)"] and report["targets"][0]["target"] == 0.95
+    assert proc.stdout.rstrip().splitlines()[-1] == f"gan_dist/plain: {report['targets'][0]['value']:.2f}"
     assert [t["ratio"] for t in report["twins"]] == ["(b') / (b)"] and report["twins"][0]["value"] > 0
     assert "twin (b') / (b) = " in proc.stdout and "(data.resident=off)" in proc.stdout
 
 
+def test_the_tutorial_reference_refuses_data_it_cannot_take() -> None:
+    args = bench.parse_args([*TINY, "--reference", "tutorial"])
+    rgb = info(3, 32, 10)
+    assert [c.key for c in bench.plan(args, MLP, rgb)] == ["b", "c"]
+    assert bench.reference_misfit("tutorial", MLP, rgb).startswith("the tutorial's networks need 28×28 grayscale")
+    dcgan = load_config(None, ["model.arch=dcgan"])
+    assert bench.reference_of(bench.parse_args(TINY), dcgan, DIGITS) == "plain"  # like for like
+    assert bench.reference_of(bench.parse_args(TINY), MLP, DIGITS) == "tutorial"
+
+
 def test_compare_env_gives_the_twins_its_variables_only(tmp_path: Path) -> None:
     args = bench.parse_args([*TINY, "--compare-env", "OMP_WAIT_POLICY=PASSIVE", "--load", "1"])
-    cases = bench.plan(args, DIGITS)
+    cases = bench.plan(args, MLP, DIGITS)
     assert [c.key for c in cases] == ["a", "b", "c", "b'", "c'"] and args.load == 1
     assert [c.env for c in cases] == [(), (), (), ("OMP_WAIT_POLICY=PASSIVE",), ("OMP_WAIT_POLICY=PASSIVE",)]
     with pytest.raises(SystemExit):

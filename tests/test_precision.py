@@ -10,7 +10,7 @@ import torch
 import yaml
 from conftest import base_overrides, run
 
-from gan_dist.amp import NATIVE_BF16_CPU_FLAGS, Amp, choose_dtype, cpu_flags
+from gan_dist.amp import NATIVE_BF16_CPU_FLAGS, Amp, choose_dtype, choose_layout, cpu_flags
 from gan_dist.config import AmpConfig
 
 NATIVE, EMULATED = (True, "has it"), (False, "lacks it")
@@ -57,6 +57,36 @@ def test_resolved_section_round_trips():
     assert Amp(resolved, torch.device("cpu")).dtype == getattr(torch, resolved.dtype)
 
 
+@pytest.mark.parametrize(("setting", "device", "dtype", "conv", "chosen"), [
+    ("auto", "cuda", torch.bfloat16, True, "channels_last"),
+    ("auto", "cuda", torch.float16, True, "channels_last"),
+    ("auto", "cuda", torch.float32, True, "contiguous"),
+    ("auto", "cuda", torch.bfloat16, False, "contiguous"),
+    ("auto", "cpu", torch.bfloat16, True, "contiguous"),
+    ("channels_last", "cpu", torch.float32, False, "channels_last"),
+    ("contiguous", "cuda", torch.bfloat16, True, "contiguous"),
+])
+def test_layout_follows_the_device_the_dtype_and_the_network(setting, device, dtype, conv, chosen):
+    assert choose_layout(AmpConfig(memory_format=setting), device, dtype, conv) == chosen
+
+
+def test_channels_last_trains_the_same_networks_in_another_layout():
+    from shapes import RGB32, batch
+
+    from gan_dist.config import load_config
+    from gan_dist.dist import DistEnv
+    from gan_dist.engine import GANEngine
+
+    cfg = load_config(None, ["model.arch=resnet", "model.resnet.g_width=8", "model.resnet.d_width=8",
+                             "amp.memory_format=channels_last", "amp.enabled=false"])
+    eng = GANEngine(cfg, DistEnv(0, 0, 1, 1, torch.device("cpu")), RGB32)
+    conv = next(m for m in eng.discriminator.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    real, labels = batch(4, RGB32)
+    metrics = eng.iteration(0, [(real, labels)])
+    assert torch.isfinite(metrics["d_loss"]) and torch.isfinite(metrics["g_loss"])
+
+
 def test_run_prints_and_records_the_choice(tmp_path: Path, idx_root: Path):
     overrides = base_overrides(tmp_path / "run", idx_root, **{"train.max_steps": 2})
     result = run([sys.executable, "-m", "gan_dist.train", *overrides])
@@ -65,6 +95,7 @@ def test_run_prints_and_records_the_choice(tmp_path: Path, idx_root: Path):
     written = (tmp_path / "run" / "config.yaml").read_text()
     recorded = yaml.safe_load(written)["amp"]
     assert recorded["dtype"] in ("bfloat16", "float32") and f"precision: {recorded['dtype']} (auto: " in line
-    assert written.startswith(f"# amp.dtype: {line.split('(', 1)[1].rstrip(')')}\n")
+    assert written.startswith(f"# amp.dtype: {line.split('(', 1)[1].split(')')[0]}\n")
+    assert recorded["memory_format"] == "contiguous" and line.endswith("; layout: contiguous")  # an MLP
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "step_2.pt", weights_only=True)
     assert checkpoint["run"]["config"]["amp"] == recorded

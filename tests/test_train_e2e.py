@@ -50,7 +50,8 @@ def test_missing_data_exits_2_with_one_clear_line(tmp_path):
 # ------------------------------------------------------------------------------------- any dataset
 
 SMALL_DCGAN = {"model.arch": "dcgan", "model.dcgan.width": 8, "train.max_steps": 4, "data.split": "train"}
-SMALL_RESNET = {"model.arch": "resnet",  # replaces SMALL_DCGAN's model keys "model.resnet.g_width": 8, "model.resnet.d_width": 8,
+# replaces SMALL_DCGAN's model keys
+SMALL_RESNET = {"model.arch": "resnet", "model.resnet.g_width": 8, "model.resnet.d_width": 8,
                 "model.resnet.attention": 8, "model.spectral_norm": True, "loss.kind": "hinge", "ema.enabled": True}
 
 
