@@ -37,14 +37,15 @@ class ZSpread:
     def __init__(self, split: Split, num_classes: int, z_dim: int, seed: int, device: torch.device,
                  warn: float) -> None:
         self.classes = grid_classes(num_classes) or [0]
-        self.names = row_names(split.info, grid_classes(num_classes)).split(", ") if num_classes > 1 else ["all"]
+        self.names = [row_names(split.info, [c]) for c in self.classes] if num_classes > 1 else ["all"]
         self.warn, self.flagged = warn, ()
         picks = np.random.default_rng(seed)
         self.real = []
         for c in self.classes:
             members = np.flatnonzero(split.labels == c) if num_classes > 1 else np.arange(len(split))
+            members = members if len(members) > 1 else np.arange(len(split))  # one image has no spread
             members = np.sort(picks.permutation(members)[:REAL_PER_CLASS])
-            self.real.append(pixel_spread(to_unit(torch.from_numpy(np.asarray(split.images[members])))))
+            self.real.append(max(pixel_spread(to_unit(torch.from_numpy(np.asarray(split.images[members])))), 1e-3))
         n = len(self.classes)
         self.z = latents(z_dim, n * LATENTS, seed, STREAM).to(device)
         self.labels = torch.tensor(self.classes, device=device).repeat_interleave(LATENTS)

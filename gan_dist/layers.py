@@ -53,9 +53,11 @@ class SelfAttention(nn.Module):
 
 
 def orthogonal_init(module: nn.Module) -> None:
-    """Orthogonal weights and zero biases for every conv, linear and embedding layer (BigGAN's init)."""
+    """Orthogonal weights and zero biases for every conv, linear and embedding layer (BigGAN's init).
+
+    An embedding's rows become unit vectors: a class starts far weaker than z (norm √z_dim) at G's input."""
     for m in module.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear, nn.Embedding)):
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.Embedding)):
             nn.init.orthogonal_(m.weight)
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)

@@ -44,6 +44,9 @@ class DCGANOptions:
     g_label: Literal["input", "batchnorm"] = opt(
         "input", "how G takes the label: its embedding joined to z at the input, or as the gains and biases of "
         "every BatchNorm (class-conditional BatchNorm, as SNGAN and BigGAN)")
+    g_init: Literal["default", "orthogonal"] = opt(
+        "default", "G's initial weights: PyTorch's defaults, or orthogonal (BigGAN), which keeps the DCGAN G from "
+        "collapsing within each class on RGB data (docs/QUALITY.md)")
 
 
 def _leaky() -> nn.Module:
@@ -122,6 +125,8 @@ class DCGANGenerator(nn.Module):
             layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), ConditionalBatchNorm2d(c_out, cond_dim),
                        nn.ReLU()]
         self.net = nn.Sequential(*layers, nn.Conv2d(widths[-1], info.channels, 3, 1, 1), nn.Tanh())
+        if cfg.options.g_init == "orthogonal":
+            orthogonal_init(self)
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         label = self.embed(labels) if self.embed is not None else None

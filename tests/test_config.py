@@ -85,7 +85,8 @@ def test_registered_names_and_their_sections(overrides, message):
 def test_chosen_options_round_trip_under_their_name():
     cfg = load_config(None, ["model.arch=dcgan", "model.dcgan.width=16", "loss.r1.gamma=1"])
     tree = to_dict(cfg)
-    assert tree["model"]["dcgan"] == {"width": 16, "d_depth": 1, "g_label": "input"} and "mlp" not in tree["model"]
+    assert tree["model"]["dcgan"] == {"width": 16, "d_depth": 1, "g_label": "input", "g_init": "default"}
+    assert "mlp" not in tree["model"]
     assert tree["loss"]["bce"] == {"label_smoothing": 0.0} and tree["loss"]["r1"]["gamma"] == 1.0
     assert from_dict(Config, tree) == cfg
 
