@@ -74,7 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         counts = write_folder(args.tarball, args.out)
     except (OSError, tarfile.TarError, KeyError, json.JSONDecodeError) as e:
-        print(f"error: {args.tarball}: not an emoji-datasource tarball ({type(e).__name__}: {e})", file=sys.stderr)
+        reason = (str(e).splitlines() or [""])[0]
+        print(f"error: {args.tarball}: not an emoji-datasource tarball ({type(e).__name__}: {reason})", file=sys.stderr)
         return 2
     print(f"{sum(counts.values())} images in {len(counts)} classes under {args.out}: "
           + ", ".join(f"{c} {n}" for c, n in sorted(counts.items())))
