@@ -83,6 +83,7 @@ from gan_dist.amp import native_bf16
 from gan_dist.config import Config, load_config
 from gan_dist.data import load_split
 from gan_dist.dist import DistEnv, StepAgreement, setup, teardown, usable_cores
+from gan_dist.diversity import ZSpread
 from gan_dist.models import build_models
 from gan_dist.sources import DataError, DatasetInfo
 from gan_dist.train import build
@@ -200,6 +201,10 @@ class Workload:
         """Train on ``batch``; returns the real images it consumed."""
         raise NotImplementedError
 
+    def log_step_extra_ms(self) -> float | None:
+        """What a log step adds on rank 0 beyond the metrics' all-reduce (None: nothing)."""
+        return None
+
     def close(self) -> None:
         """Leave the process as found (process groups)."""
 
@@ -286,6 +291,8 @@ class EngineWorkload(Workload):
         self.times_comm = self.env.distributed and self.device.type == "cpu"
         built = build(cfg, self.env)
         self.shards, self.engine = built.data, built.engine
+        self.z_spread = ZSpread(built.split, self.engine.num_classes, cfg.model.z_dim, cfg.train.seed, self.device,
+                                cfg.log.z_spread_warn) if cfg.log.z_spread and self.rank == 0 else None
         self.batches = _forever(self.shards.epoch)
         self.n_critic = cfg.train.n_critic
         self.precision = built.cfg.amp.dtype  # what amp.dtype=auto resolved to
@@ -310,6 +317,19 @@ class EngineWorkload(Workload):
         with self.clock.phase("comm") if self.times_comm else contextlib.nullcontext():
             self.agreement.exchange(False, False)
         return sum(real.shape[0] for real, _ in batch)
+
+    def log_step_extra_ms(self) -> float | None:
+        """rank 0's z_spread measurement, the median of 5 (it runs at every log step)."""
+        if self.z_spread is None:
+            return None
+        sync, times = device_sync(self.device), []
+        for _ in range(5):
+            sync()
+            start = time.perf_counter()
+            self.z_spread.measure(self.engine.generator)
+            sync()
+            times.append(time.perf_counter() - start)
+        return 1e3 * statistics.median(times)
 
     def close(self) -> None:
         self.agreement.drain()
@@ -398,6 +418,7 @@ def measure(work: Workload, steps: int, warmup: int) -> dict[str, Any]:
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
         "cuda_max_allocated_mb": torch.cuda.max_memory_allocated(work.device) / 2**20
         if work.device.type == "cuda" else None,
+        "z_spread_ms": work.log_step_extra_ms(),
     }
 
 
@@ -547,6 +568,7 @@ def summarise(case: Case, rounds: list[list[dict[str, Any]]],
         "ceiling_gflop_per_s": ceiling / 1e9,
         "pct_of_ceiling": 100 * achieved / ceiling,
         "peak_rss_mb_per_rank": max(max(r["peak_rss_mb"] for r in ranks) for ranks in rounds),
+        "z_spread_ms": _median(ranks[0].get("z_spread_ms") for ranks in rounds),
         "cuda_max_allocated_mb_per_rank": cuda_mb if first["device"].startswith("cuda") else None,
     }
 
@@ -614,6 +636,9 @@ def render(report: dict[str, Any]) -> str:
         "1st s: the first step (lazy init; under train.compile, compiling); step ms split per rank: data | "
         "fwd/bwd (the rest) | optim (Adam.step) | comm (all-reduce in flight + step agreement; gloo only)",
     ]
+    lines += [f"z_spread (rank 0, each log step) in {c['key']}: {c['summary']['z_spread_ms']:.1f} ms = "
+              f"{c['summary']['z_spread_ms'] / c['summary']['step_ms']:.2f} steps"
+              for c in report["cases"] if c["summary"].get("z_spread_ms") is not None]
     tag = compare_tag(s["compare_env"], s["compare"])
     lines += [f"twin {t['ratio']} = {t['value']:.2f} ({tag})" for t in report["twins"]]
     lines += [f"target {t['ratio']} = {t['value']:.2f} (bar ≥ {t['target']}): "
