@@ -68,6 +68,8 @@ class GBlock(nn.Module):
 
 
 class ResNetGenerator(nn.Module):
+    """z (or its first chunk) → linear → s×s, one GBlock per stage (attention after one), BN-ReLU-conv-Tanh."""
+
     def __init__(self, cfg: ModelConfig, info: DatasetInfo, classes: int, start: int, stages: int) -> None:
         super().__init__()
         options: ResNetOptions = cfg.options
@@ -79,9 +81,9 @@ class ResNetGenerator(nn.Module):
                               "(model.resnet.z_chunks); raise it or turn the chunks off")
         self.embed = nn.Embedding(classes, cfg.embed_dim) if classes else None
         cond_dim = (cfg.embed_dim if classes else 0) + self.chunk
-        first = cfg.z_dim - self.chunk * stages  # the input chunk takes what the blocks leave
+        self.split = [cfg.z_dim - self.chunk * stages] + [self.chunk] * stages  # the input takes what blocks leave
         self.start, self.width = start, widths[0]
-        self.project = nn.Linear(first, widths[0] * start * start)
+        self.project = nn.Linear(self.split[0], widths[0] * start * start)
         self.blocks = nn.ModuleList(GBlock(c_in, c_out, cond_dim) for c_in, c_out in itertools.pairwise(widths))
         self.attention = nn.ModuleDict({
             str(i): SelfAttention(widths[i + 1]) for i in range(stages)
@@ -91,8 +93,7 @@ class ResNetGenerator(nn.Module):
         orthogonal_init(self)
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        chunks = z.split([z.shape[1] - self.chunk * len(self.blocks)] + [self.chunk] * len(self.blocks), 1) \
-            if self.chunk else (z,)
+        chunks = z.split(self.split, 1) if self.chunk else (z,)
         h = self.project(chunks[0]).view(-1, self.width, self.start, self.start)
         label = self.embed(labels) if self.embed is not None else None
         for i, block in enumerate(self.blocks):
@@ -127,6 +128,8 @@ class DBlock(nn.Module):
 
 
 class ResNetTrunk(nn.Module):
+    """D's features: DBlocks down to s×s (attention after one), one more DBlock, ReLU, a sum over positions."""
+
     def __init__(self, cfg: ModelConfig, info: DatasetInfo, label_in: int, start: int, stages: int) -> None:
         super().__init__()
         options: ResNetOptions = cfg.options
