@@ -257,3 +257,46 @@ def test_r1_composes_with_autocast():
     eng = engine("loss.r1.gamma=1", "loss.r1.every=1", "amp.enabled=true", "amp.dtype=bfloat16")
     metrics = eng.iteration(0, [batch(8)])
     assert set(metrics) == set(eng.loss.names) and all(torch.isfinite(v) for v in metrics.values())
+
+
+@pytest.mark.parametrize(("described", "extra"), [
+    (info(1, 28, 10), ["model.resnet.attention=14"]),
+    (info(3, 32, 10), ["model.resnet.z_chunks=true", "model.resnet.attention=16"]),
+    (info(3, 64, 10), ["model.resnet.attention=32"]),
+    (info(3, 128, 10), ["model.resnet.z_chunks=true"]),
+    (info(3, 32, 0), []),
+])
+def test_resnet_is_built_from_the_description(described, extra):
+    """Any stage layout; class-conditional BatchNorm with classes, plain BatchNorm without them."""
+    from gan_dist.layers import ConditionalBatchNorm2d
+
+    conditioning = "projection" if described.num_classes else "none"
+    cfg = load_config(None, ["model.arch=resnet", "model.resnet.g_width=8", "model.resnet.d_width=8",
+                             f"model.conditioning={conditioning}", "model.spectral_norm=true", *extra]).model
+    g, d = build_generator(cfg, described), Discriminator(cfg, described)
+    images, labels = batch(4, described)
+    with torch.no_grad():
+        assert g(torch.randn(4, cfg.z_dim), labels).shape == images.shape
+        assert d(images, labels).shape == (4,)
+    norms = [m for m in g.modules() if isinstance(m, ConditionalBatchNorm2d)]
+    assert norms and all((m.to_gain is not None) == bool(described.num_classes) for m in norms)
+    assert all(m.affine != bool(described.num_classes) for m in norms)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["model.resnet.attention=32"], "model.resnet.attention: 32 is not a stage of this resolution; use one of 8, 16"),
+    (["model.resnet.z_chunks=true", "model.z_dim=3"], "model.z_dim: 3 cannot be split into 4 chunks"),
+])
+def test_resnet_options_that_do_not_fit_the_data_name_their_key(overrides, message):
+    cfg = load_config(None, ["model.arch=resnet", *overrides]).model
+    with pytest.raises(ConfigError, match=message):
+        build_generator(cfg, RGB32)
+
+
+def test_dcgan_orthogonal_init_gives_unit_class_embeddings_and_orthonormal_weights():
+    cfg = load_config(None, ["model.arch=dcgan", "model.dcgan.width=8", "model.dcgan.g_init=orthogonal",
+                             "model.embed_dim=16"]).model
+    g = build_generator(cfg, RGB32)
+    torch.testing.assert_close(g.embed.weight.norm(dim=1), torch.ones(10))
+    w = g.project[0].weight  # [8·8·4·4, z + embedding]: orthonormal columns
+    torch.testing.assert_close(w.T @ w, torch.eye(w.shape[1]), atol=1e-5, rtol=0)
