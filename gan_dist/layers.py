@@ -1,10 +1,18 @@
-"""Layers the convolutional networks share: class-conditional BatchNorm, self-attention, orthogonal init."""
+"""What the convolutional networks share: their widths per stage, class-conditional BatchNorm,
+self-attention, orthogonal init."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+MAX_WIDTH_MULTIPLE = 8  # the widest stage has 8 × the full-resolution width
+
+
+def stage_widths(width: int, stages: int) -> list[int]:
+    """Channels from the finest stage to the coarsest: width, 2·width, ... capped at 8·width."""
+    return [width * min(2 ** i, MAX_WIDTH_MULTIPLE) for i in range(stages + 1)]
 
 
 class ConditionalBatchNorm2d(nn.BatchNorm2d):

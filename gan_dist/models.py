@@ -23,11 +23,9 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from gan_dist.config import ARCHITECTURES, ConfigError, ModelConfig, opt
-from gan_dist.layers import ConditionalBatchNorm2d, orthogonal_init
+from gan_dist.layers import ConditionalBatchNorm2d, orthogonal_init, stage_widths
 from gan_dist.resnet import ResNetGenerator, ResNetOptions, ResNetTrunk
 from gan_dist.sources import DatasetInfo
-
-MAX_WIDTH_MULTIPLE = 8  # the widest DCGAN stage has 8 × model.dcgan.width channels
 
 
 @dataclass(frozen=True)
@@ -74,11 +72,6 @@ def dcgan_stages(resolution: int) -> tuple[int, int]:
     return size, stages
 
 
-def _stage_widths(width: int, stages: int) -> list[int]:
-    """Channels from the finest stage to the coarsest: width, 2·width, ... capped at 8·width."""
-    return [width * min(2 ** i, MAX_WIDTH_MULTIPLE) for i in range(stages + 1)]
-
-
 class MLPGenerator(nn.Module):
     """z ⊕ label embedding → 256-512-1024 → C·H·W, Tanh."""
 
@@ -109,7 +102,7 @@ class DCGANGenerator(nn.Module):
         super().__init__()
         classes = label_count(cfg, info)
         size, stages = dcgan_stages(info.resolution)
-        widths = _stage_widths(cfg.options.width, stages)[::-1]  # coarsest first
+        widths = stage_widths(cfg.options.width, stages)[::-1]  # coarsest first
         self.embed = nn.Embedding(classes, cfg.embed_dim) if classes else None
         self.at_input = cfg.options.g_label == "input"
         cond_dim = cfg.embed_dim if classes and not self.at_input else 0
@@ -198,7 +191,7 @@ def _conv_trunk(cfg: ModelConfig, info: DatasetInfo, label_in: int) -> tuple[nn.
     size, stages = dcgan_stages(info.resolution)
     layers: list[nn.Module] = []
     channels = info.channels + label_in
-    for stage, width in enumerate(_stage_widths(cfg.options.width, stages)[:-1]):
+    for stage, width in enumerate(stage_widths(cfg.options.width, stages)[:-1]):
         for _ in range(cfg.options.d_depth - 1):
             layers += [nn.Conv2d(channels, width, 3, 1, 1), _leaky()]
             channels = width

@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from gan_dist.config import ConfigError, ModelConfig, opt
-from gan_dist.layers import ConditionalBatchNorm2d, SelfAttention, orthogonal_init
+from gan_dist.layers import ConditionalBatchNorm2d, SelfAttention, orthogonal_init, stage_widths
 from gan_dist.sources import DatasetInfo
 
 
@@ -36,11 +36,6 @@ class ResNetOptions:
                                 "conditional BatchNorm")
     attention: int = opt(0, "self-attention in G and D at this resolution (0: none), above the coarsest and "
                             "below the image's (32 px: 8 or 16)", ge=0)
-
-
-def stage_widths(width: int, stages: int) -> list[int]:
-    """Channels from the finest stage to the coarsest: width, 2·width, ... capped at 8·width."""
-    return [width * min(2 ** i, 8) for i in range(stages + 1)]
 
 
 def check_attention(options: ResNetOptions, start: int, stages: int) -> None:
