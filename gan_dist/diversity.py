@@ -4,7 +4,8 @@ A collapsed conditional G draws one image per class whatever z is: each row of t
 one image repeated. This measures it in pixels: for each class of the grid, the spread of G's
 images over fixed latents (the per-pixel standard deviation, averaged over pixels), divided by the
 spread of the real images of that class. Near 1, G varies as much as the data does; near 0, z no
-longer matters. It costs one forward pass of a few hundred latents on rank 0, and no collective.
+longer matters. It costs one forward pass of a few hundred latents. Every rank makes it alike (the
+same latents and weights; a SyncBatchNorm in G is a collective), and rank 0 reports it.
 """
 
 from __future__ import annotations

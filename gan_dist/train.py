@@ -206,8 +206,10 @@ class Trainer:
             self.record.wandb_id = wandb_run.id
         self.logger = MetricLogger(cfg.log, env, self.run_dir, wandb_run, cfg.train.batch_size,
                                    self.engine.loss.names)
+        # Every rank measures (the same latents, the same weights): G's BatchNorm may be a SyncBatchNorm,
+        # whose training-mode forward is a collective.
         self.z_spread = ZSpread(built.split, classes, cfg.model.z_dim, cfg.train.seed, env.device,
-                                cfg.log.z_spread_warn) if cfg.log.z_spread and env.is_main else None
+                                cfg.log.z_spread_warn) if cfg.log.z_spread else None
         self.samples = SampleWriter(cfg.log, env, self.run_dir, cfg.model.z_dim, cfg.train.seed,
                                     self.logger.log_image, self.info, classes)
 
@@ -216,7 +218,7 @@ class Trainer:
             print(message, flush=True)
 
     def flush(self) -> None:
-        """Log the window's metrics, with rank 0's within-class spread of the raw G beside them."""
+        """Log the window's metrics, with the within-class spread of the raw G beside them (rank 0 writes)."""
         if self.z_spread is None:
             self.logger.flush(self.pos.step, self.pos.epoch, self.engine.learning_rates)
             return
@@ -224,7 +226,7 @@ class Trainer:
         local = {"z_spread": sum(ratios) / len(ratios), "z_spread_min": min(ratios)}
         self.logger.flush(self.pos.step, self.pos.epoch, self.engine.learning_rates, local)
         warning = self.z_spread.check(ratios)
-        if warning:
+        if warning and self.env.is_main:
             print(warning, file=sys.stderr, flush=True)
 
     def save(self, name: str | None = None) -> Path:
