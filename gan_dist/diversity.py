@@ -63,7 +63,7 @@ class ZSpread:
             images = functional_call(generator, state, (self.z, self.labels))
         finally:
             generator.train(was_training)
-        images = images.float().view(len(self.classes), LATENTS, -1)
+        images = images.float().reshape(len(self.classes), LATENTS, -1)
         return [pixel_spread(own) / real for own, real in zip(images, self.real, strict=True)]
 
     def check(self, ratios: list[float]) -> str | None:
