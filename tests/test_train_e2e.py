@@ -50,9 +50,10 @@ def test_missing_data_exits_2_with_one_clear_line(tmp_path):
 # ------------------------------------------------------------------------------------- any dataset
 
 SMALL_DCGAN = {"model.arch": "dcgan", "model.dcgan.width": 8, "train.max_steps": 4, "data.split": "train"}
-# replaces SMALL_DCGAN's model keys
+# replaces SMALL_DCGAN's model keys; channels_last runs the whole loop, z_spread included, in the other layout
 SMALL_RESNET = {"model.arch": "resnet", "model.resnet.g_width": 8, "model.resnet.d_width": 8,
-                "model.resnet.attention": 8, "model.spectral_norm": True, "loss.kind": "hinge", "ema.enabled": True}
+                "model.resnet.attention": 8, "model.spectral_norm": True, "loss.kind": "hinge", "ema.enabled": True,
+                "amp.memory_format": "channels_last"}
 
 
 def folder_run(tmp_path, classes: dict[str, int] | None, **extra: object) -> tuple[list[str], object]:
