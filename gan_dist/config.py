@@ -203,8 +203,8 @@ class AmpConfig:
         "CPU: AVX512-BF16 or AMX, else float32); float16 is CUDA only"
     )
     memory_format: Literal["auto", "contiguous", "channels_last"] = opt(
-        "auto", "layout of conv networks' weights and images; auto: channels_last on CUDA in a 16-bit dtype, "
-        "contiguous on CPU (measured there in docs/BENCHMARKS.md) and for the MLP")
+        "auto", "layout of conv networks' weights and images; auto: channels_last on CUDA in a 16-bit dtype and on "
+        "AVX-512 CPUs (measured faster there, docs/BENCHMARKS.md), else contiguous; always contiguous for the MLP")
 
 
 @dataclass(frozen=True)

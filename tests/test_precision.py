@@ -57,17 +57,20 @@ def test_resolved_section_round_trips():
     assert Amp(resolved, torch.device("cpu")).dtype == getattr(torch, resolved.dtype)
 
 
-@pytest.mark.parametrize(("setting", "device", "dtype", "conv", "chosen"), [
-    ("auto", "cuda", torch.bfloat16, True, "channels_last"),
-    ("auto", "cuda", torch.float16, True, "channels_last"),
-    ("auto", "cuda", torch.float32, True, "contiguous"),
-    ("auto", "cuda", torch.bfloat16, False, "contiguous"),
-    ("auto", "cpu", torch.bfloat16, True, "contiguous"),
-    ("channels_last", "cpu", torch.float32, False, "channels_last"),
-    ("contiguous", "cuda", torch.bfloat16, True, "contiguous"),
+@pytest.mark.parametrize(("setting", "device", "dtype", "conv", "isa", "chosen"), [
+    ("auto", "cuda", torch.bfloat16, True, None, "channels_last"),
+    ("auto", "cuda", torch.float16, True, None, "channels_last"),
+    ("auto", "cuda", torch.float32, True, None, "contiguous"),
+    ("auto", "cuda", torch.bfloat16, False, None, "contiguous"),
+    ("auto", "cpu", torch.bfloat16, True, "AVX512", "channels_last"),
+    ("auto", "cpu", torch.float32, True, "AVX512", "channels_last"),
+    ("auto", "cpu", torch.float32, True, "AVX2", "contiguous"),
+    ("auto", "cpu", torch.bfloat16, False, "AVX512", "contiguous"),
+    ("channels_last", "cpu", torch.float32, False, "AVX2", "channels_last"),
+    ("contiguous", "cuda", torch.bfloat16, True, None, "contiguous"),
 ])
-def test_layout_follows_the_device_the_dtype_and_the_network(setting, device, dtype, conv, chosen):
-    assert choose_layout(AmpConfig(memory_format=setting), device, dtype, conv) == chosen
+def test_layout_follows_the_device_the_dtype_and_the_network(setting, device, dtype, conv, isa, chosen):
+    assert choose_layout(AmpConfig(memory_format=setting), device, dtype, conv, isa) == chosen
 
 
 def test_channels_last_trains_the_same_networks_in_another_layout():
