@@ -388,6 +388,13 @@ def in_queue(job: submitit.Job) -> bool:
     return bool(out.strip())
 
 
+def requeued_and_over(job: submitit.Job) -> Callable[[], bool]:
+    """Whether a job that was requeued has left the queue and every task is done. squeue must agree
+    with sacct: between the requeue and the next run, sacct alone once reported the job CANCELLED."""
+    done = finished(job)
+    return lambda: not in_queue(job) and done()
+
+
 def trains_20_steps(run: Run) -> submitit.Job:
     """Submit a 20-step run and check that it ran to the end on 2 ranks, as ``--dry-run`` showed it."""
     job = run.submit(20)
@@ -410,8 +417,8 @@ def preempted_and_resumed(run: Run, job: submitit.Job, steps: int, urgent: str, 
     wait_for("a checkpoint at preemption", lambda: bool(run.checkpoints()), 60, job)
     saved = run.checkpoints()[0]
     assert saved < steps
-    wait_for("the requeued job to finish", finished(job), 240, job)
-    assert job.results() == [0, 0], log_of(job)
+    wait_for("the requeued job to finish", requeued_and_over(job), 240, job)
+    assert job.results() == [0, 0], f"{states(job)}\n{log_of(job)}"
     assert run.checkpoints() == [saved, steps]
     assert f"resuming from {run.dir}/checkpoints/step_{saved}.pt at step {saved} " in job.task(0).stdout()
     assert states(job)[:-1] == ["REQUEUED"]  # once; the last run may still be leaving
