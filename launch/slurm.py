@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import os
 import shlex
 import shutil
@@ -38,6 +39,7 @@ from submitit.slurm.slurm import _make_sbatch_string  # private: see Submission.
 from gan_dist import cli
 from gan_dist.config import ConfigError, from_dict, load_config, opt
 from launch import netif
+from launch.sbatch_options import SBATCH_OPTIONS
 
 EXIT_USAGE = cli.EXIT_USAGE
 EXIT_NO_SLURM = 1  # no sbatch here, or sbatch refused the job
@@ -48,6 +50,11 @@ OWN_FLAGS = {"job-name": "job_name", "nodes": "nodes", "gpus-per-node": "gpus_pe
              "partition": "partition", "account": "account", "qos": "qos", "constraint": "constraint",
              "time": "time", "signal": "signal_delay_s"}
 """The sbatch options that SlurmConfig's own keys set: ``sbatch`` may not set them around the checks."""
+SAME_AS = {"gpus": "gpus_per_node", "gpus-per-socket": "gpus_per_node", "gpus-per-task": "gpus_per_node",
+           "gres": "gpus_per_node", "ntasks": "tasks_per_node", "ntasks-per-gpu": "tasks_per_node",
+           "cpus-per-gpu": "cpus_per_task", "mem-per-cpu": "mem", "mem-per-gpu": "mem"}
+"""sbatch options that ask for what an own key's option asks, in other terms (``gres``: its ``gpu`` entries).
+Slurm would get both, so ``sbatch`` may not give them while the script has that key's option."""
 
 
 @dataclass(frozen=True)
@@ -92,10 +99,28 @@ class SlurmConfig:
         if self.apptainer_image and self.pyxis_image:
             raise ConfigError("apptainer_image and pyxis_image: choose one container runtime")
         for option in self.sbatch:
-            name = option.removeprefix("--").partition("=")[0].replace("_", "-")
+            name, _, value = option.removeprefix("--").partition("=")
+            name = name.replace("_", "-")
+            if name not in SBATCH_OPTIONS:
+                close = difflib.get_close_matches(name, SBATCH_OPTIONS, n=1)
+                raise ConfigError(f"sbatch: {option!r}: no such sbatch option (its long names, spelled out)"
+                                  + (f"; did you mean {close[0]}?" if close else ""))
             if name in OWN_FLAGS:
                 raise ConfigError(f"sbatch: {option!r} is set by its own key, {OWN_FLAGS[name]} "
                                   f"(--{OWN_FLAGS[name].replace('_', '-')}), which is checked; give it there")
+            if key := self.asked_already(name, value):
+                raise ConfigError(f"sbatch: {option!r} asks Slurm for what {key} (--{key.replace('_', '-')}) "
+                                  "already asks; give only one of them")
+
+    def asked_already(self, name: str, value: str) -> str | None:
+        """The own key whose sbatch option asks for what sbatch option ``name=value`` asks, if the script has
+        that option: ``mem`` and GPUs only when set, so that ``mem-per-cpu`` or GPUs by ``gres`` stay open."""
+        key = SAME_AS.get(name)
+        if name == "gres" and not any(g.partition(":")[0].removeprefix("gres/") == "gpu" for g in value.split(",")):
+            return None
+        if key in ("mem", "gpus_per_node") and not getattr(self, key):
+            return None
+        return key
 
     @property
     def tasks(self) -> int:

@@ -17,7 +17,8 @@
 #
 # Arguments go to gan_dist.train unchanged. run_dir must be one shared folder (rank 0 writes it).
 # SIGTERM to torchrun on every node stops the ranks at the next step with a checkpoint saved
-# (exit 75); launching again with the same run_dir resumes.
+# (exit 75); launching again with the same run_dir resumes. On a node cut off from the rendezvous
+# host, torchrun is killed a minute after its ranks have all exited 4 (lost a peer), saying why.
 set -euo pipefail
 
 : "${NNODES:?set NNODES: the number of nodes}"
@@ -43,6 +44,55 @@ if route=$("${PYTHON:-python}" "$(dirname "$0")/netif.py" "${host%]}"); then
     export GLOO_SOCKET_IFNAME="${GLOO_SOCKET_IFNAME-$ifname}" NCCL_SOCKET_IFNAME="${NCCL_SOCKET_IFNAME-$ifname}"
     [[ $where == local ]] && rdzv_conf=(--rdzv-conf=is_host=true)
 fi
+
+# torchrun's agent on a node cut off from the rendezvous host blocks in a read from the store, which
+# ends only when the kernel gives the connection up (net.ipv4.tcp_retries2: about 15 minutes), long
+# after its ranks have exited 4 (lost a peer). An agent that is not blocked reaps an exited rank within
+# its monitor interval (0.1 s), so ranks that all exited 4 and stay unreaped for STUCK_S (beyond the
+# store's own 60 s read timeout) mean a blocked agent, and the watchdog below kills it: SIGTERM would
+# not end it, as Python runs the handler only once the read returns.
+STUCK_S=60
+LOST_PEER=4
+agent=$$  # torchrun, which keeps this script's PID
+
+# Whether torchrun has children, and every one has exited with LOST_PEER and is still unreaped.
+ranks_lost_a_peer() {
+    local file stat fields ranks=0
+    for file in /proc/[0-9]*/stat; do
+        read -r stat 2>/dev/null <"$file" || continue
+        fields=(${stat##*) })  # the fields after the command name, which may hold spaces: state, ppid, ...
+        [[ ${fields[1]} == "$agent" ]] || continue
+        # Field 52, exit_code, is the status as waitpid reports it.
+        [[ ${fields[0]} == Z ]] && ((fields[49] == LOST_PEER << 8)) || return 1
+        ranks=$((ranks + 1))
+    done
+    ((ranks > 0))
+}
+
+watch_agent() {
+    local stuck_since=
+    while true; do
+        read -r -t 5 && continue
+        (($? > 128)) || return 0  # not a timeout but the end of the pipe: torchrun has ended
+        if ! ranks_lost_a_peer; then
+            stuck_since=
+        elif ((SECONDS - ${stuck_since:=$SECONDS} >= STUCK_S)); then
+            echo "torchrun_multinode.sh: every rank on $HOSTNAME exited $LOST_PEER (lost a peer), and torchrun," \
+                "blocked on the rendezvous store that this node cannot reach, has not noticed in ${STUCK_S}s:" \
+                "killing it" >&2
+            kill -KILL "$agent"
+            return 0
+        fi
+    done
+}
+# The watchdog reads a pipe whose only writer is torchrun (fd 9), so it ends with torchrun. It is
+# detached (its subshell ends at once), so that torchrun's only children are its ranks.
+pipe=$(mktemp -d)
+mkfifo "$pipe/agent"
+exec 9<>"$pipe/agent" 8<"$pipe/agent"
+rm -r "$pipe"
+(watch_agent <&8 8<&- 9>&- >/dev/null &)
+exec 8<&-
 
 exec "${PYTHON:-python}" -m torch.distributed.run \
     --nnodes="$NNODES" \
