@@ -45,7 +45,7 @@ from gan_dist.dist import DistEnv, setup, teardown, usable_cores
 from gan_dist.judge import DEFAULT_SPEC, JudgeSpec
 from gan_dist.losses import Metrics
 from gan_dist.sources import DataError, DatasetInfo, IdxSource
-from gan_dist.train import build
+from gan_dist.trainer import build
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -244,7 +244,7 @@ def torchrun(nproc: int) -> list[str]:
 
 
 class Run:
-    """A run built as the trainer builds it (``gan_dist.train.build``) on the mode's device with its real
+    """A run built as the trainer builds it (``gan_dist.trainer.build``) on the mode's device with its real
     data, stepped as ``Trainer.fit`` steps it."""
 
     def __init__(self, cfg: Config, env: DistEnv) -> None:

@@ -15,7 +15,7 @@ from torch.nn import functional as F
 from gan_dist.amp import Amp
 from gan_dist.config import Config
 from gan_dist.data import to_unit
-from gan_dist.models import build_models, label_count
+from gan_dist.models import build_models, convolutional, label_count
 from gan_dist.sources import DatasetInfo
 
 
@@ -38,7 +38,7 @@ class PlainLoop:
         self.classes = max(label_count(cfg.model, info), 1)
         self.z_dim, self.batch, self.n_critic = cfg.model.z_dim, cfg.train.batch_size, cfg.train.n_critic
         self.hinge = cfg.loss.kind == "hinge"
-        amp = Amp(cfg.amp, device, convolutional=cfg.model.arch != "mlp")
+        amp = Amp(cfg.amp, device, convolutional=convolutional(cfg.model))
         self.G, self.D = (m.to(device, memory_format=amp.memory_format) for m in build_models(cfg.model, info))
         self.ema = [p.detach().clone() for p in self.G.parameters()] if cfg.ema.enabled else None
         self.decay = cfg.ema.decay

@@ -1,9 +1,7 @@
 """gan_dist: distributed, resumable training of conditional GANs.
 
-Importing the package registers the built-in architectures, losses and datasets, so a config is
-always checked against every name it may use.
+Importing the package, or its config, loads no torch: the built-in architectures, losses and datasets
+register themselves when a config first looks one up.
 """
 
 __version__ = "0.1.0"
-
-from gan_dist import losses, models, sources  # noqa: E402, F401  (registration)

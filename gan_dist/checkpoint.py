@@ -14,15 +14,15 @@ import contextlib
 import math
 import os
 import re
+import sys
 import time
-import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
-from gan_dist.config import CheckpointConfig, UsageError
+from gan_dist.config import CheckpointConfig, UsageError, write_reason
 from gan_dist.dist import DistEnv
 from gan_dist.sources import idx_description
 
@@ -78,11 +78,14 @@ def atomic_save(obj: Any, path: Path) -> None:
         fsync_dir(path.parent)
     except (OSError, RuntimeError) as e:  # torch.save's zip writer reports a failed write as RuntimeError
         tmp.unlink(missing_ok=True)
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
-        raise CheckpointError(f"saving checkpoint {path} failed (disk full?): {reason}") from e
+        raise CheckpointError(f"saving checkpoint {path} failed (disk full?): {write_reason(e)}") from e
     except BaseException:  # an abort (a second Ctrl-C) mid-write leaves no partial file either
         tmp.unlink(missing_ok=True)
         raise
+
+
+ZIP_MAGIC = b"PK\x03\x04"
+"""How every torch.save file begins (a zip archive, since torch 1.6); a truncated one still does."""
 
 
 def _reason(e: Exception) -> str:
@@ -90,7 +93,8 @@ def _reason(e: Exception) -> str:
     text = str(e)
     _, refused, why = text.partition("WeightsUnpickler error: ")
     if refused:
-        return f"weights_only refused it: {why.splitlines()[0].split('. ')[0]}"
+        first = next((line for line in why.splitlines() if line.strip()), "")
+        return f"it holds objects other than tensors and builtins: {first.split('. ')[0]}"
     lines = text.strip().splitlines()
     return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
 
@@ -99,11 +103,16 @@ def load_file(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
     """Read and sanity-check one checkpoint, an older format migrated; ``CheckpointError`` if it is not
     usable at all."""
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        state = torch.load(path, map_location=device, weights_only=True) if magic == ZIP_MAGIC else None
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist") from None
     except Exception as e:  # truncated zip, bad pickle opcode, non-allowlisted global, ...
         raise CheckpointError(f"checkpoint {path} is unreadable ({_reason(e)})") from None
+    if state is None:
+        raise CheckpointError(f"{path} is not a gan_dist checkpoint: not a torch.save archive (a plain pickle, "
+                              "or another file)")
     if isinstance(state, dict) and state.get("format_version") in (1, 2):
         state = _from_flat(path, state)
     missing = [k for k in REQUIRED if not isinstance(state, dict) or k not in state]
@@ -335,4 +344,5 @@ def _move_aside(path: Path, why: CheckpointError) -> None:
         path.rename(target)
     except OSError as e:
         raise CheckpointError(f"{why}; moving it aside to {target.name} failed: {e.strerror}") from None
-    warnings.warn(f"{why}; moved it aside to {target.name}, resuming from an older checkpoint", stacklevel=1)
+    print(f"warning: {why}; moved it aside to {target.name}, resuming from an older checkpoint", file=sys.stderr,
+          flush=True)

@@ -12,6 +12,7 @@ after it (``model.dcgan.width``): a section of one that is not chosen is an erro
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import operator
 import types
@@ -35,13 +36,26 @@ class ConfigError(UsageError, ValueError):
     """A bad key or value; the message names the key."""
 
 
+def write_reason(e: BaseException) -> str:
+    """Why a write failed, in words: torch.save reports a cut-short write as its own internals."""
+    return e.strerror if isinstance(e, OSError) and e.strerror else "the write was cut short"
+
+
+class WriteError(UsageError):
+    """A file of the run could not be written (a full disk, a quota): one line, exit 2."""
+
+    def __init__(self, path: Path, e: BaseException) -> None:
+        super().__init__(f"writing {path} failed: {write_reason(e)} (disk full?); every checkpoint on disk "
+                         "is complete")
+
+
 class Registry:
     """The names a config key may take, each with its builder and the dataclass of its own options
-    (None: it has none). The modules that define the builders register them when imported, and
-    importing ``gan_dist`` imports them all."""
+    (None: it has none). The module that defines the built-in builders registers them when imported;
+    the registry imports it at its first lookup, so this module (the config) loads no torch."""
 
-    def __init__(self, key: str, what: str) -> None:
-        self.key, self.what = key, what
+    def __init__(self, key: str, what: str, builtins: str) -> None:
+        self.key, self.what, self.builtins = key, what, builtins
         self._entries: dict[str, tuple[Any, type | None]] = {}
 
     def register(self, name: str, options: type | None = None) -> Callable[[T], T]:
@@ -52,25 +66,30 @@ class Registry:
             return builder
         return add
 
+    @property
+    def entries(self) -> dict[str, tuple[Any, type | None]]:
+        importlib.import_module(self.builtins)  # registers on first import; a no-op after
+        return self._entries
+
     def names(self) -> tuple[str, ...]:
-        return tuple(self._entries)
+        return tuple(self.entries)
 
     def check(self, name: str) -> None:
-        if name not in self._entries:
-            raise ConfigError(f"{self.key}: unknown {self.what} {name!r}; known: {', '.join(self._entries)}")
+        if name not in self.entries:
+            raise ConfigError(f"{self.key}: unknown {self.what} {name!r}; known: {', '.join(self.entries)}")
 
     def __getitem__(self, name: str) -> Any:
         self.check(name)
-        return self._entries[name][0]
+        return self.entries[name][0]
 
     def options(self, name: str) -> type | None:
         self.check(name)
-        return self._entries[name][1]
+        return self.entries[name][1]
 
 
-ARCHITECTURES = Registry("model.arch", "architecture")
-LOSSES = Registry("loss.kind", "loss")
-DATASETS = Registry("data.name", "dataset")
+ARCHITECTURES = Registry("model.arch", "architecture", "gan_dist.models")
+LOSSES = Registry("loss.kind", "loss", "gan_dist.losses")
+DATASETS = Registry("data.name", "dataset", "gan_dist.sources")
 
 
 def opt(default: Any, help: str, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
@@ -118,6 +137,9 @@ class DataConfig:
                          gt=0.0, le=0.5)
     skip_bad: bool = opt(False, "skip (and count) unreadable images instead of stopping")
     cache_dir: str = opt("~/.cache/gan_dist/data", "where converted uint8 datasets are cached")
+    verify: Literal["names", "content"] = opt(
+        "names", "what keys the cache to the files: names (path, size, mtime: instant) or content (hashes every "
+        "file at each start: catches a file rewritten at its old size with its mtime kept, as cp -p and rsync -a do)")
     resident: Literal["auto", "on", "off"] = opt(
         "auto", "on: the split as one tensor on the training device; off: streamed from the memory-mapped "
         "cache by DataLoader workers; auto: on when it fits data.resident_max_gb"
@@ -437,6 +459,9 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
             loaded = yaml.safe_load(Path(path).read_text())
         except OSError as e:
             raise ConfigError(f"--config: cannot read {path}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"--config: {path} is not UTF-8 text (byte {e.start} is {e.object[e.start]:#04x}); "
+                              "name a YAML file") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"--config: {path} is not valid YAML: {e}") from None
         if loaded is not None and not isinstance(loaded, dict):

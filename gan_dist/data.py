@@ -78,12 +78,24 @@ def to_device(array: np.ndarray, device: torch.device | str) -> torch.Tensor:
 
 # ---- the cache ---------------------------------------------------------------------------------
 
+CHECKS = {"names": "names, sizes and mtimes", "content": "content hashes"}
+"""What ``data.verify`` keys the cache to, as the data line says it."""
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def cache_path(cfg: DataConfig, source: Source) -> Path:
-    """``<cache_dir>/<name>-<key>``: the key hashes the source's files (relative path, size, mtime),
-    its root and everything the conversion depends on."""
+    """``<cache_dir>/<name>-<key>``: the key hashes the source's files (relative path, size, and mtime or
+    with ``data.verify=content`` a hash of the bytes), its root and everything the conversion depends on."""
     try:
-        listing = [[str(p.relative_to(source.root)), st.st_size, st.st_mtime_ns]
-                   for p in source.files() for st in [p.stat()]]
+        listing = [[str(p.relative_to(source.root)), p.stat().st_size,
+                    _file_digest(p) if cfg.verify == "content" else p.stat().st_mtime_ns] for p in source.files()]
     except OSError as e:
         raise DataError(f"cannot list {source.root}: {e}") from None
     recipe = {"format": CACHE_FORMAT, "name": cfg.name, "root": str(source.root.resolve()), "files": listing,

@@ -19,11 +19,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gan_dist.amp import Amp
-from gan_dist.checkpoint import check_shapes
+from gan_dist.checkpoint import check_finite, check_shapes
 from gan_dist.config import Config, ConfigError
 from gan_dist.dist import DistEnv
 from gan_dist.losses import GANLoss, Metrics
-from gan_dist.models import EMA, build_models, label_count
+from gan_dist.models import EMA, build_models, convolutional, label_count
 from gan_dist.seeds import NoiseStream
 from gan_dist.sources import DatasetInfo
 
@@ -48,7 +48,7 @@ class GANEngine:
 
     def __init__(self, cfg: Config, env: DistEnv, info: DatasetInfo) -> None:
         self.info, self.num_classes = info, label_count(cfg.model, info)
-        self.amp = Amp(cfg.amp, env.device, convolutional=cfg.model.arch != "mlp")
+        self.amp = Amp(cfg.amp, env.device, convolutional=convolutional(cfg.model))
         torch.manual_seed(cfg.train.seed)  # identical init on every rank; DDP also broadcasts rank 0's
         g, d = (m.to(memory_format=self.amp.memory_format) for m in build_models(cfg.model, info))
         # Before any SyncBatchNorm conversion: calibrating the average never needs the other ranks.
@@ -159,8 +159,13 @@ class GANEngine:
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        check_shapes("generator", state["generator"], self.generator)
-        check_shapes("discriminator", state["discriminator"], self.discriminator)
+        """Refuses weights of other shapes, and non-finite ones: resuming a diverged G would only
+        diverge again, after a log step's worth of training."""
+        for name, network in (("generator", self.generator), ("discriminator", self.discriminator)):
+            check_shapes(name, state[name], network)
+            check_finite(name, state[name])
+        if "generator_ema" in state:
+            check_finite("generator_ema", state["generator_ema"])
         self.generator.load_state_dict(state["generator"])
         self.discriminator.load_state_dict(state["discriminator"])
         for opt, saved in ((self.opt_g, state["opt_g"]), (self.opt_d, state["opt_d"])):

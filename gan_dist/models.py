@@ -66,10 +66,21 @@ def dcgan_stages(resolution: int) -> tuple[int, int]:
     size, stages = resolution, 0
     while size % 2 == 0 and size > 7:
         size, stages = size // 2, stages + 1
-    if stages == 0 or size < 3:
-        raise ConfigError(f"data.resolution: dcgan needs a size of the form s·2^k with s in 3..7 and k >= 1 "
-                          f"(e.g. 28, 32, 64, 128), got {resolution}")
+    if stages == 0:
+        raise ConfigError(f"data.resolution: the conv architectures need an even size above 7 (they halve it while it "
+                          f"is even and above 7: 28 → 7, 32 → 4, 18 → 9), got {resolution}")
     return size, stages
+
+
+def convolutional(cfg: ModelConfig) -> bool:
+    """Whether ``model.arch`` sees images as images (its memory layout then matters)."""
+    return not ARCHITECTURES[cfg.arch].flat
+
+
+def check_resolution(cfg: ModelConfig, resolution: int) -> None:
+    """Refuse a size that ``model.arch`` cannot be built for, before any data is read."""
+    if convolutional(cfg):
+        dcgan_stages(resolution)
 
 
 class MLPGenerator(nn.Module):

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from gan_dist.config import LogConfig, WandbConfig
+from gan_dist.config import LogConfig, WandbConfig, WriteError
 from gan_dist.dist import DistEnv
 
 NEVER = 2**62  # "no non-finite value yet", as a first-bad step
@@ -138,29 +138,40 @@ class MetricLogger:
             t.zero_()
         self.steps = 0
         self.window_start = time.perf_counter()
-        if self.env.is_main:
-            self._write(record, lrs)
+        self.env.raise_together(self._write(record, lrs) if self.env.is_main else None)
         return record
 
     def _append(self, record: dict[str, Any]) -> bool:
         """One JSON line; returns whether the step is a replay (then W&B must not see it)."""
         replayed = record["step"] <= self.replay_until
-        with self.path.open("a") as f:
-            f.write(json.dumps(record | ({"replayed": True} if replayed else {})) + "\n")
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record | ({"replayed": True} if replayed else {})) + "\n")
+        except OSError as e:
+            raise WriteError(self.path, e) from None
         return replayed
 
     def log_eval(self, step: int, epoch: int, scores: dict[str, float]) -> None:
         """Evaluation scores (already equal on every rank) as ``eval/*`` keys; rank 0 writes them."""
-        if not self.env.is_main:
-            return
-        record = {"step": step, "epoch": epoch} | {f"eval/{k}": v for k, v in scores.items()}
-        replayed = self._append(record)
-        print(f"eval  {step:>7} | " + " ".join(f"{k} {v:.4g}" for k, v in scores.items()), flush=True)
-        if self.wandb is not None and not replayed:
-            self.wandb.log({k: v for k, v in record.items() if k.startswith("eval/")}, step=step)
+        error = None
+        if self.env.is_main:
+            record = {"step": step, "epoch": epoch} | {f"eval/{k}": v for k, v in scores.items()}
+            try:
+                replayed = self._append(record)
+            except WriteError as e:
+                error = e
+            else:
+                print(f"eval  {step:>7} | " + " ".join(f"{k} {v:.4g}" for k, v in scores.items()), flush=True)
+                if self.wandb is not None and not replayed:
+                    self.wandb.log({k: v for k, v in record.items() if k.startswith("eval/")}, step=step)
+        self.env.raise_together(error)
 
-    def _write(self, record: dict[str, Any], lrs: dict[str, float]) -> None:
-        replayed = self._append(record)
+    def _write(self, record: dict[str, Any], lrs: dict[str, float]) -> WriteError | None:
+        """Rank 0's record of a log step; a failed write is returned, for every rank to raise together."""
+        try:
+            replayed = self._append(record)
+        except WriteError as e:
+            return e
         shown = " ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("step", "epoch", "images_per_s"))
         print(f"step {record['step']:>7} epoch {record['epoch']:>3} | {shown} | "
               f"{record['images_per_s']:.0f} img/s" + (" (replayed)" if replayed else ""), flush=True)
@@ -170,6 +181,7 @@ class MetricLogger:
                 extra["gpu/max_allocated_gb"] = torch.cuda.max_memory_allocated(self.env.device) / 2**30
             train = {f"train/{k}": v for k, v in record.items() if k != "step"}
             self.wandb.log(train | extra, step=record["step"])
+        return None
 
     def log_image(self, step: int, key: str, path: Path, caption: str) -> None:
         if self.wandb is not None and step > self.replay_until:

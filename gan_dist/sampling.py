@@ -13,7 +13,7 @@ from torch import nn
 from torchvision.utils import make_grid, save_image
 
 from gan_dist.checkpoint import IncompatibleCheckpoint, check_finite, check_shapes, load_file, naming
-from gan_dist.config import Config, ConfigError, LogConfig, from_dict
+from gan_dist.config import Config, ConfigError, LogConfig, WriteError, from_dict
 from gan_dist.dist import DistEnv
 from gan_dist.models import build_generator
 from gan_dist.seeds import derive_seed
@@ -132,9 +132,16 @@ class SampleWriter:
         return self.every > 0 and step % self.every == 0
 
     def write(self, step: int, generator: nn.Module) -> Path | None:
-        if not self.env.is_main:
-            return None
-        path = save_grid(generate(generator, self.z, self.labels), self.folder / f"step_{step}.png", self.COLUMNS)
-        what = f"one class per row ({self.rows}), the same latent down each column" if self.classes else self.rows
-        self.log_image(step, "samples/grid", path, f"step {step}: {what}; fixed noise")
-        return path
+        """Every rank calls this at the same step; rank 0 writes, and if it cannot, every rank raises."""
+        path, error = self.folder / f"step_{step}.png", None
+        if self.env.is_main:
+            try:
+                save_grid(generate(generator, self.z, self.labels), path, self.COLUMNS)
+            except OSError as e:
+                error = WriteError(path, e)
+            else:
+                what = f"one class per row ({self.rows}), the same latent down each column" if self.classes \
+                    else self.rows
+                self.log_image(step, "samples/grid", path, f"step {step}: {what}; fixed noise")
+        self.env.raise_together(error)
+        return path if self.env.is_main else None

@@ -249,9 +249,18 @@ class IdxSource(Source):
         arrays = {split: self.arrays(split) for split in SPLITS if self.has(split)}
         names = self.class_names
         if names is None:
-            top = max((int(labels.max()) for _, labels in arrays.values() if len(labels)), default=0)
-            names = tuple(str(c) for c in range(top + 1))
+            names = self._counted_classes(arrays)
         return convert_arrays(self.cfg, arrays, names, str(self.root))
+
+    def _counted_classes(self, arrays: dict[str, tuple[np.ndarray, np.ndarray]]) -> tuple[str, ...]:
+        """Classes 0..K-1 from the labels; a gap (one stray label) would build empty classes, so it is refused."""
+        seen = np.unique(np.concatenate([labels for _, labels in arrays.values()]))
+        if len(seen) and (seen[0] < 0 or len(seen) != seen[-1] + 1):
+            shown = ", ".join(str(v) for v in seen[:12]) + (", ..." if len(seen) > 12 else "")
+            raise DataError(f"{self.root}: labels must be the class ids 0..K-1 with every class present; they take "
+                            f"{len(seen)} values ({shown}), so {int(seen[-1]) + 1 - len(seen)} of the classes "
+                            f"0..{int(seen[-1])} would be empty")
+        return tuple(str(c) for c in range(len(seen) or 1))
 
 
 # ---- CIFAR: cifar10, cifar100 ------------------------------------------------------------------
@@ -485,6 +494,8 @@ class FolderSource(Source):
 def fit(img: Image.Image, resolution: int, channels: int) -> np.ndarray:
     """One image as uint8 [C, R, R]: transparency composited on black, then the centre square
     (the shorter side) resized to R with an antialiasing filter, then converted to L or RGB."""
+    if img.mode in ("I", "I;16", "I;16B", "I;16L"):
+        img = _from_16_bit(img)
     if img.mode in ("RGBA", "LA", "La", "RGBa", "PA") or "transparency" in img.info:
         img = Image.alpha_composite(Image.new("RGBA", img.size, (0, 0, 0, 255)), img.convert("RGBA"))
     img = img.convert("L" if channels == 1 else "RGB")
@@ -496,6 +507,14 @@ def fit(img: Image.Image, resolution: int, channels: int) -> np.ndarray:
                          box=(left, top, left + side, top + side), reducing_gap=3.0)
     pixels = np.asarray(img, dtype=np.uint8)
     return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
+
+
+def _from_16_bit(img: Image.Image) -> Image.Image:
+    """16-bit greyscale (PNG's I;16, or I holding such values) scaled to 8 bits: PIL's convert clips it."""
+    values = np.asarray(img).astype(np.int64)
+    if values.size and (values.min() < 0 or values.max() > 65535):
+        raise DataError(f"{img.mode} pixels span {values.min()}..{values.max()}: not 16-bit greyscale")
+    return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), "L")
 
 
 def convert_arrays(cfg: DataConfig, arrays: dict[str, tuple[np.ndarray, np.ndarray]], names: tuple[str, ...],

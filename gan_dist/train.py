@@ -7,7 +7,8 @@ Several ranks on one machine (NCCL on GPUs, gloo on CPU):
 Offline, on Debian's Fashion-MNIST (apt-get install dataset-fashion-mnist):
     python -m gan_dist.train data.name=fashion_mnist data.root=/usr/share/datasets/fashion-mnist
 Slurm: python -m launch.slurm (it ends up in ``main`` below, with the same arguments).
-In Python: ``Trainer(cfg, env, StopFlag()).fit()``; ``build(cfg, env)`` gives the data and the engine alone.
+In Python: ``gan_dist.trainer.Trainer(cfg, env, StopFlag()).fit()``; ``gan_dist.trainer.build(cfg, env)`` gives
+the data and the engine alone.
 
 ``--help`` lists every config key; ``--dry-run`` prints the resolved config and exits.
 Exit status: 0 done; 2 bad config, data, checkpoint or run_dir; 3 diverged (non-finite losses or
@@ -20,28 +21,13 @@ Under torchrun these arrive as torchrun's exit 1; its summary table lists each r
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import math
 import os
 import signal
 import sys
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 from gan_dist import cli
-from gan_dist.checkpoint import Checkpointer, IncompatibleCheckpoint
-from gan_dist.config import Config, ConfigError, UsageError, describe, load_config, to_dict, to_yaml
-from gan_dist.data import DataError, ShardedBatches, Split, load_split, make_batches
-from gan_dist.dist import DistEnv, PeerFailed, StepAgreement, lost_peer, setup, teardown
-from gan_dist.diversity import ZSpread
-from gan_dist.engine import GANEngine
-from gan_dist.evaluate import Evaluator
-from gan_dist.monitor import Diverged, MetricLogger, Progress, start_wandb
-from gan_dist.sampling import SampleWriter
-from gan_dist.sources import DatasetInfo
+from gan_dist.config import describe, load_config, to_yaml
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
 
@@ -49,19 +35,29 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
 class StopFlag:
     """Set by SIGTERM, SIGUSR1, SIGUSR2 or a first SIGINT (Ctrl-C). The handler only records the
     signal: the ranks agree on it at a step boundary, outside any handler, then save and exit
-    together. A second SIGINT aborts at once (``KeyboardInterrupt``)."""
+    together. A second SIGINT aborts at once (``KeyboardInterrupt``), until the run's exit status is
+    settled: a signal during shutdown then changes nothing."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.settled = False
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame) -> None:
+        # os.write: print() is not safe inside a signal handler
+        if self.settled:
+            os.write(sys.stderr.fileno(), b"interrupt: the run is already ending; its exit status stands\n")
+            return
         if signum == signal.SIGINT and self.signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
-        if signum == signal.SIGINT:  # os.write: print() is not safe inside a signal handler
+        if signum == signal.SIGINT:
             os.write(sys.stderr.fileno(), b"interrupt: saving at the next step boundary; interrupt again to abort\n")
+
+    def settle(self) -> None:
+        """The exit status is decided: from now on a signal only says so."""
+        self.settled = True
 
     @property
     def name(self) -> str:
@@ -69,277 +65,8 @@ class StopFlag:
         return signal.Signals(self.signum).name if self.signum is not None else "on another rank"
 
 
-@dataclass
-class Built:
-    """What a config makes on one rank: its split's batches and the engine, and the config as resolved."""
-
-    cfg: Config
-    """``amp`` replaced by what ``auto`` chose: what the run records."""
-    info: DatasetInfo
-    split: Split
-    data: ShardedBatches
-    engine: GANEngine
-
-
-def build(cfg: Config, env: DistEnv) -> Built:
-    """config → env → data → engine: the one wiring of the trainer, the benchmark and the GPU check."""
-    split = load_split(cfg.data, env)
-    data = make_batches(split, cfg.data, env, cfg.train.batch_size, cfg.train.seed)
-    engine = GANEngine(cfg, env, split.info)
-    return Built(dataclasses.replace(cfg, amp=engine.amp.config), split.info, split, data, engine)
-
-
-class Position:
-    """Where a run is: the steps done, the epoch, and the next batch of this rank inside that epoch."""
-
-    def __init__(self, steps_per_epoch: int, n_critic: int, batch_size: int, world_size: int) -> None:
-        self.steps_per_epoch, self.n_critic = steps_per_epoch, n_critic
-        self.batch_size, self.world_size = batch_size, world_size
-        self.step = self.epoch = self.batch = 0
-        self.resharded_from: int | None = None
-        """The world size of the checkpoint, when it was another one."""
-
-    def advance(self) -> None:
-        self.step += 1
-        self.batch += self.n_critic
-        self._roll()
-
-    def _roll(self) -> None:
-        if self.batch >= self.steps_per_epoch * self.n_critic:
-            self.epoch, self.batch = self.epoch + 1, 0
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "epoch": self.epoch, "batch": self.batch, "world_size": self.world_size,
-                "batch_size": self.batch_size}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Another world size re-shards from the same point of the epoch, counted in samples seen, to the
-        step boundary at or before it; the run is then no longer bit-exact."""
-        self.step, self.epoch, self.batch = state["step"], state["epoch"], state["batch"]
-        if state["world_size"] != self.world_size:
-            seen = state["batch"] * state["world_size"] * state["batch_size"]
-            self.batch = seen // (self.world_size * self.batch_size * self.n_critic) * self.n_critic
-            self._roll()
-            self.resharded_from = state["world_size"]
-
-    def __str__(self) -> str:
-        return f"step {self.step} (epoch {self.epoch}, batch {self.batch})"
-
-
-class BestScore:
-    """The best FID so far: ``best.pt`` is rewritten only when an evaluation beats it."""
-
-    def __init__(self) -> None:
-        self.fid = math.inf
-
-    def improves(self, fid: float) -> bool:
-        if fid < self.fid:
-            self.fid = fid
-            return True
-        return False
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"fid": self.fid}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.fid = state["fid"]
-
-
-class RunRecord:
-    """What a checkpoint says of its run: the resolved config, the data's description and the W&B run id.
-
-    Resuming on other data is refused, not mixed in; the W&B id lets a requeued run log into the same run.
-    """
-
-    def __init__(self, cfg: Config, info: DatasetInfo) -> None:
-        self.cfg, self.info = cfg, info
-        self.wandb_id: str | None = None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"config": to_dict(self.cfg), "data": self.info.to_dict(), "wandb_run_id": self.wandb_id,
-                "rng": {"seed": self.cfg.train.seed, "scheme": "blake2b(seed/rank/step/phase) reseeded every step"}}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        saved = DatasetInfo.from_dict(state["data"])
-        if any(getattr(saved, f) != getattr(self.info, f) for f in ("name", "shape", "num_classes")):
-            def show(i: DatasetInfo) -> str:
-                return f"{i.name}, {i.channels}×{i.resolution}×{i.resolution}, {i.num_classes} classes"
-            raise IncompatibleCheckpoint(f"trained on {show(saved)}; this run's data is {show(self.info)}; "
-                                         "use another run_dir, or the data it was trained on")
-        self.wandb_id = state.get("wandb_run_id")
-
-
-class Trainer:
-    """Wires the components of one run and drives the loop; every rank runs the same calls."""
-
-    def __init__(self, cfg: Config, env: DistEnv, stop: StopFlag) -> None:
-        self.env, self.stop = env, stop
-        self.run_dir = Path(cfg.run_dir)
-        env.raise_together(_prepare_run_dir(self.run_dir) if env.is_main else None)
-        built = build(cfg, env)
-        self.cfg, self.info, self.data, self.engine = built.cfg, built.info, built.data, built.engine
-        self.pos = Position(len(self.data) // cfg.train.n_critic, cfg.train.n_critic, cfg.train.batch_size,
-                            env.world_size)
-        if self.pos.steps_per_epoch == 0:
-            raise DataError(f"{len(self.data)} batches per rank cannot feed train.n_critic={cfg.train.n_critic}")
-        total = cfg.train.epochs * self.pos.steps_per_epoch
-        self.total_steps = min(total, cfg.train.max_steps or total)
-        self.best, self.record = BestScore(), RunRecord(self.cfg, self.info)
-        self.checkpointer = Checkpointer(cfg.checkpoint, self.run_dir, env, {
-            "run": self.record, "position": self.pos, "engine": self.engine, "best": self.best})
-        resumed = self.checkpointer.restore(cfg.train.resume)
-        if resumed is not None:
-            note = (f"; world size {self.pos.resharded_from} -> {env.world_size}: data re-sharded, the run is no "
-                    "longer bit-exact") if self.pos.resharded_from else ""
-            self._say(f"resuming from {resumed} at {self.pos}{note}")
-        classes = self.engine.num_classes
-        self._say(f"data: {describe_data(self.info, built.split.name, classes)}; {self.data}")
-        self._say(f"precision: {self.cfg.amp.dtype} ({self.engine.amp.reason}); layout: {self.cfg.amp.memory_format}")
-        if env.is_main:  # only once the resume check has passed: a refused start changes nothing
-            (self.run_dir / "config.yaml").write_text(f"# amp.dtype: {self.engine.amp.reason}\n" + to_yaml(self.cfg))
-        self.evaluator = Evaluator(self.cfg, env) if cfg.eval.every_steps > 0 else None
-        self.eval_seconds = 0.0
-        wandb_config = to_dict(self.cfg) | {"resolved": {"amp": self.engine.amp.reason, "data": self.info.to_dict()}}
-        wandb_run = start_wandb(cfg.log.wandb, self.run_dir, wandb_config, self.record.wandb_id) \
-            if env.is_main else None
-        if wandb_run is not None:
-            self.record.wandb_id = wandb_run.id
-        self.logger = MetricLogger(cfg.log, env, self.run_dir, wandb_run, cfg.train.batch_size,
-                                   self.engine.loss.names)
-        # Every rank measures (the same latents, the same weights): G's BatchNorm may be a SyncBatchNorm,
-        # whose training-mode forward is a collective.
-        self.z_spread = ZSpread(built.split, classes, cfg.model.z_dim, cfg.train.seed, env.device,
-                                cfg.log.z_spread_warn) if cfg.log.z_spread else None
-        self.samples = SampleWriter(cfg.log, env, self.run_dir, cfg.model.z_dim, cfg.train.seed,
-                                    self.logger.log_image, self.info, classes)
-
-    def _say(self, message: str) -> None:
-        if self.env.is_main:
-            print(message, flush=True)
-
-    def flush(self) -> None:
-        """Log the window's metrics, with the within-class spread of the raw G beside them (rank 0 writes)."""
-        if self.z_spread is None:
-            self.logger.flush(self.pos.step, self.pos.epoch, self.engine.learning_rates)
-            return
-        ratios = self.z_spread.measure(self.engine.generator)
-        local = {"z_spread": sum(ratios) / len(ratios), "z_spread_min": min(ratios)}
-        self.logger.flush(self.pos.step, self.pos.epoch, self.engine.learning_rates, local)
-        warning = self.z_spread.check(ratios)
-        if warning and self.env.is_main:
-            print(warning, file=sys.stderr, flush=True)
-
-    def save(self, name: str | None = None) -> Path:
-        """Every rank calls this at the same step; weights that are not finite are never written."""
-        if self.env.any(not self.engine.finite()):
-            raise Diverged(f"non-finite weights at step {self.pos.step}")
-        path = self.checkpointer.save(self.pos.step, name=name)
-        self._say(f"saved {path}")
-        return path
-
-    def evaluate(self, train_seconds: float) -> None:
-        """Score the sampling G on every rank; keep ``best.pt`` when FID improves."""
-        scores = self.evaluator.run(self.engine.sampler)
-        self.eval_seconds += scores["seconds"]
-        scores["share_of_time"] = self.eval_seconds / max(train_seconds, 1e-9)
-        self.logger.log_eval(self.pos.step, self.pos.epoch, scores)
-        if self.best.improves(scores["fid"]):
-            self._say(f"new best FID {self.best.fid:.3f}")
-            self.save(name="best.pt")
-
-    def fit(self) -> int:
-        """Train to the last step, or until a stop signal (exit 75) or divergence (exit 3)."""
-        cfg, pos = self.cfg, self.pos
-        group = f" ({self.env.backend} process group)" if self.env.distributed else ""
-        self._say(f"world size {self.env.world_size} on {self.env.device}{group}; global batch "
-                  f"{cfg.train.batch_size * self.env.world_size}; {pos.steps_per_epoch} steps per epoch; "
-                  f"training to step {self.total_steps}")
-        if self.env.any(self.stop.signum is not None):
-            self._say(f"stopped by signal ({self.stop.name}) before step {pos.step + 1}: nothing new to save; "
-                      f"exit {cli.EXIT_REQUEUE} to requeue")
-            return cli.EXIT_REQUEUE
-        agreement = StepAgreement(self.env)
-        try:
-            code = self._loop(agreement)
-        except Diverged as e:
-            agreement.drain()
-            last = self.checkpointer.last_saved
-            kept = f"{last} is the newest and last good checkpoint" if last else "no checkpoint was saved"
-            self._say(f"training diverged: {e}; nothing non-finite was saved; {kept}; exit {cli.EXIT_DIVERGED}")
-            return cli.EXIT_DIVERGED
-        agreement.drain()
-        return code
-
-    def _loop(self, agreement: StepAgreement) -> int:
-        cfg, pos = self.cfg, self.pos
-        progress = Progress(cfg.log, self.env, self.total_steps, pos.step, cfg.train.batch_size * self.env.world_size)
-        start = time.perf_counter()
-        try:
-            while pos.step < self.total_steps:
-                epoch = pos.epoch
-                batches = self.data.epoch(epoch, start=pos.batch)
-                while pos.epoch == epoch and pos.step < self.total_steps:
-                    if self._step(agreement, batches, start):
-                        return cli.EXIT_REQUEUE
-                    progress.update(pos.step)
-                if pos.epoch != epoch and not self.samples.due(pos.step):
-                    self.samples.write(pos.step, self.engine.sampler)
-        finally:
-            progress.close()
-        self.flush()
-        if not self.samples.due(pos.step) and pos.batch != 0:
-            self.samples.write(pos.step, self.engine.sampler)
-        self.save()
-        self._say(f"done: {pos.step} steps in {self.run_dir}")
-        return 0
-
-    def _step(self, agreement: StepAgreement, batches, start: float) -> bool:
-        """One iteration and the callbacks due after it; returns whether the ranks agreed to stop."""
-        pos = self.pos
-        metrics = self.engine.iteration(pos.step, [next(batches) for _ in range(self.cfg.train.n_critic)])
-        pos.advance()
-        self.logger.update(pos.step, metrics)
-        if self.logger.due(pos.step):
-            self.flush()
-        if self.samples.due(pos.step):
-            self.samples.write(pos.step, self.engine.sampler)
-        if self.evaluator is not None and self.evaluator.due(pos.step):
-            self.evaluate(time.perf_counter() - start)
-        stopping, timed = agreement.exchange(self.stop.signum is not None, self.checkpointer.time_due())
-        if stopping or ((timed or self.checkpointer.due(pos.step)) and pos.step < self.total_steps):
-            self.save()
-        if stopping:
-            self.flush()
-            self._say(f"stopped by signal ({self.stop.name}) at step {pos.step}; exit {cli.EXIT_REQUEUE} to requeue")
-        return stopping
-
-    def close(self) -> None:
-        if self.logger.wandb is not None:
-            self.logger.wandb.finish()
-
-
-def describe_data(info: DatasetInfo, split: str, classes: int) -> str:
-    """One line for the start of a run: what the networks were built for."""
-    labels = f"{classes} classes" if classes else "unconditional"
-    c, h, w = info.shape
-    return f"{info.name} {split} ({info.sizes.get(split, '?')} images, {c}×{h}×{w}, {labels}) from {info.source}"
-
-
-def _prepare_run_dir(run_dir: Path) -> ConfigError | None:
-    """Create ``run_dir``, or say why it cannot hold a run (a file, read-only, no permission)."""
-    if run_dir.exists() and not run_dir.is_dir():
-        return ConfigError(f"run_dir: {run_dir} exists and is not a folder")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        return ConfigError(f"run_dir: cannot create {run_dir}: {e.strerror or e}")
-    if not os.access(run_dir, os.W_OK):
-        return ConfigError(f"run_dir: {run_dir} is not writable (read-only file system or permissions)")
-    return None
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = cli.Parser(
         prog="python -m gan_dist.train",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -348,46 +75,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", help="YAML file layered over the defaults")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-    return parser.parse_args(argv)
-
-
-def train(cfg: Config, stop: StopFlag) -> int:
-    """Join the process group, train, leave it. An error names its rank and is printed last, after the
-    group is gone, so it is the line right above a launcher's summary."""
-    env = trainer = None
-    reason = None
-    try:
-        env = setup(cfg.dist)
-        trainer = Trainer(cfg, env, stop)
-        return trainer.fit()
-    except UsageError as e:
-        reason = cli.error_line(e, env.rank if env else int(os.environ.get("RANK", 0)))
-        return cli.EXIT_USAGE
-    except PeerFailed as e:  # every rank is here: the ranks that failed say why before any rank exits
-        if e.cause is not None:
-            print(cli.error_line(e.cause, env.rank), file=sys.stderr, flush=True)
-        env.barrier()
-        return cli.EXIT_USAGE
-    except RuntimeError as e:
-        if env is None or not env.distributed or not lost_peer(e):
-            raise
-        reason = cli.error_line(f"lost a peer: a collective failed ({str(e).splitlines()[0]}); every checkpoint "
-                                "on disk is complete, and relaunching resumes from the newest", env.rank)
-        return cli.EXIT_LOST_PEER
-    except KeyboardInterrupt:
-        reason = "aborted by a second interrupt; every checkpoint on disk is complete"
-        return cli.EXIT_ABORTED
-    finally:
-        if trainer is not None:
-            trainer.close()
-        if env is not None:
-            teardown(env)
-        if reason:
-            print(reason, file=sys.stderr, flush=True)
+    return parser.parse_intermixed_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    stop = StopFlag()  # first of all: a signal during start-up is a clean stop, not a silent death
+    # First of all, before torch loads (seconds): a signal during start-up is a clean stop, not a
+    # silent death. This module imports nothing heavy for that reason; the trainer comes below.
+    stop = StopFlag()
     args = parse_args(argv)
 
     def body() -> int:
@@ -395,6 +89,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.dry_run:
             print(to_yaml(cfg), end="")
             return 0
+        from gan_dist.evaluate import check_features
+        from gan_dist.trainer import train
+
+        if cfg.eval.every_steps > 0:
+            check_features(cfg.eval)  # Inception's weights, before any data or process group
         return train(cfg, stop)
 
     return cli.run(body)

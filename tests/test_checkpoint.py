@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import resource
 import signal
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -66,18 +68,21 @@ def truncate(path: Path) -> None:
 
 def test_corrupt_newest_is_moved_aside_with_a_warning(trained, idx_root, capsys):
     truncate(trained / "checkpoints" / "step_5.pt")
-    with pytest.warns(UserWarning, match=r"step_5.pt is unreadable .*moved it aside to step_5.pt.corrupt"):
-        assert train(trained, idx_root, **{"train.max_steps": 6}) == 0
-    assert f"resuming from {trained / 'checkpoints' / 'step_4.pt'}" in capsys.readouterr().out
+    assert train(trained, idx_root, **{"train.max_steps": 6}) == 0
+    out, err = capsys.readouterr()
+    assert f"resuming from {trained / 'checkpoints' / 'step_4.pt'}" in out
+    notice = [line for line in err.splitlines() if "moved it aside" in line]  # one line, no source line after it
+    assert len(notice) == 1 and notice[0].startswith(f"warning: checkpoint {trained / 'checkpoints' / 'step_5.pt'} "
+                                                     "is unreadable") and "warn(" not in err
     assert (trained / "checkpoints" / "step_5.pt.corrupt").is_file()
 
 
-def test_a_broken_later_checkpoint_never_prunes_fresh_saves(trained, idx_root):
+def test_a_broken_later_checkpoint_never_prunes_fresh_saves(trained, idx_root, capsys):
     """A garbage step_9.pt ahead of the run: moved aside, so the saves of steps 6 and 7 are both kept."""
     (trained / "checkpoints" / "step_9.pt").write_bytes(b"garbage")
-    with pytest.warns(UserWarning, match="step_9.pt"):
-        assert train(trained, idx_root, **{"train.max_steps": 7, "checkpoint.every_steps": 1,
-                                           "checkpoint.keep_last": 2}) == 0
+    assert train(trained, idx_root, **{"train.max_steps": 7, "checkpoint.every_steps": 1,
+                                       "checkpoint.keep_last": 2}) == 0
+    assert "step_9.pt is not a gan_dist checkpoint" in capsys.readouterr().err
     assert sorted(p.name for p in (trained / "checkpoints").iterdir()) == ["step_6.pt", "step_7.pt",
                                                                            "step_9.pt.corrupt"]
 
@@ -127,6 +132,25 @@ def test_resume_from_an_explicit_path(trained, idx_root, tmp_path, capsys):
     other = tmp_path / "other"
     assert train(other, idx_root, **{"train.max_steps": 6, "train.resume": trained / "checkpoints" / "step_4.pt"}) == 0
     assert "at step 4" in capsys.readouterr().out
+
+
+def test_resume_from_a_plain_pickle_says_it_is_not_a_checkpoint(trained, idx_root, tmp_path, capsys):
+    with open(tmp_path / "weights.pkl", "wb") as f:
+        pickle.dump({"generator": [0.0]}, f)
+    assert train(tmp_path / "other", idx_root, **{"train.resume": tmp_path / "weights.pkl"}) == 2
+    err = capsys.readouterr().err
+    assert err == f"error (rank 0): {tmp_path / 'weights.pkl'} is not a gan_dist checkpoint: not a torch.save " \
+                  "archive (a plain pickle, or another file)\n"
+
+
+def test_resume_from_non_finite_weights_is_refused_at_load(trained, idx_root, tmp_path, capsys):
+    state = torch.load(trained / "checkpoints" / "step_5.pt", weights_only=True)
+    next(iter(state["engine"]["discriminator"].values())).view(-1)[0] = float("nan")
+    torch.save(state, tmp_path / "diverged.pt")
+    assert train(tmp_path / "other", idx_root, **{"train.resume": tmp_path / "diverged.pt"}) == 2
+    err = capsys.readouterr().err
+    assert "discriminator has non-finite values in 1 tensor(s)" in err and "diverged.pt" in err
+    assert len(err.splitlines()) == 1 and not list((tmp_path / "other").rglob("*.pt"))
 
 
 def test_other_model_shape_exits_2_saying_what_differs(trained, idx_root, capsys):
@@ -199,7 +223,8 @@ def test_disk_full_names_the_path_and_keeps_older_checkpoints(trained, idx_root)
                 *base_overrides(trained, idx_root, **{"train.max_steps": 8, "checkpoint.every_steps": 1})],
                preexec_fn=limit)
     assert proc.returncode == 2
-    assert f"saving checkpoint {trained / 'checkpoints' / 'step_6.pt'} failed" in proc.stderr
+    assert f"saving checkpoint {trained / 'checkpoints' / 'step_6.pt'} failed (disk full?): " in proc.stderr
+    assert "enforce fail" not in proc.stderr and "inline_container" not in proc.stderr  # no torch internals
     after = {p.name: p.read_bytes() for p in (trained / "checkpoints").iterdir()}
     assert after == before  # old files intact, no step_6.pt, no temporary left behind
 
@@ -220,9 +245,20 @@ def test_refused_pickle_shows_the_whole_reason(tmp_path):
     torch.save(fake_state(1) | {"generator": Opaque()}, tmp_path / "x.pt")
     with pytest.raises(CheckpointError) as refused:
         load_file(tmp_path / "x.pt")
-    assert str(refused.value) == (f"checkpoint {tmp_path / 'x.pt'} is unreadable (weights_only refused it: "
-                                  "Unsupported global: GLOBAL test_checkpoint.Opaque was not an allowed global "
-                                  "by default)")
+    assert str(refused.value) == (f"checkpoint {tmp_path / 'x.pt'} is unreadable (it holds objects other than "
+                                  "tensors and builtins: Unsupported global: GLOBAL test_checkpoint.Opaque was not "
+                                  "an allowed global by default)")
+
+
+def test_a_plain_pickle_is_named_as_not_a_checkpoint_without_torch_warnings(tmp_path):
+    with open(tmp_path / "x.pkl", "wb") as f:
+        pickle.dump({"generator": [1.0, 2.0]}, f, protocol=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(CheckpointError) as refused:
+            load_file(tmp_path / "x.pkl")
+    assert str(refused.value) == (f"{tmp_path / 'x.pkl'} is not a gan_dist checkpoint: not a torch.save archive "
+                                  "(a plain pickle, or another file)")
 
 
 # ------------------------------------------------------------------ two ranks, one resume file

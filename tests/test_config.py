@@ -99,6 +99,34 @@ def test_cli_exits_2_with_one_line(override):
     assert len(lines) == 1 and override.split("=")[0] in lines[0] and "Traceback" not in proc.stderr
 
 
+def test_a_config_that_is_not_text_is_one_line_and_exit_2(tmp_path):
+    (tmp_path / "model.pt").write_bytes(bytes(range(256)))
+    proc = run([sys.executable, "-m", "gan_dist.train", "--config", tmp_path / "model.pt", "--dry-run"], timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr == f"config error: --config: {tmp_path / 'model.pt'} is not UTF-8 text (byte 128 is 0x80); " \
+                          "name a YAML file\n"
+
+
+@pytest.mark.parametrize(("entry", "args"), [
+    ("gan_dist.train", ["--dry-run"]),
+    ("gan_dist.evaluate", ["--npz", "missing.npz", "data.download=false"]),
+])
+def test_overrides_may_stand_on_both_sides_of_config(tmp_path, entry, args):
+    """argparse's plain parse refuses positionals after an option ("unrecognized arguments"). (sample
+    takes no config.)"""
+    (tmp_path / "c.yaml").write_text("train:\n  batch_size: 7\n")
+    proc = run([sys.executable, "-m", entry, "run_dir=elsewhere", "--config", tmp_path / "c.yaml",
+                "train.max_steps=2", *args], timeout=60, cwd=tmp_path)
+    assert "unrecognized arguments" not in proc.stderr
+    if entry == "gan_dist.train":
+        assert proc.returncode == 0, proc.stderr
+        resolved = yaml.safe_load(proc.stdout)
+        assert (resolved["run_dir"], resolved["train"]["batch_size"], resolved["train"]["max_steps"]) == \
+            ("elsewhere", 7, 2)
+    else:  # parsed: what stops it is the missing data
+        assert proc.returncode == 2 and proc.stderr.startswith("error: "), proc.stderr
+
+
 def test_dry_run_prints_resolved_config_and_help_lists_keys():
     proc = run([sys.executable, "-m", "gan_dist.train", "train.batch_size=7", "--dry-run"], timeout=60)
     assert proc.returncode == 0

@@ -174,6 +174,15 @@ def test_out_of_range_labels_stop_training_with_exit_2(tmp_path, capsys):
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
 
 
+def test_idx_labels_with_a_gap_are_refused_naming_the_values(tmp_path, cache):
+    write_idx(tmp_path, 30)
+    spoil_labels(tmp_path, {i: i % 3 for i in range(30)} | {7: 200})
+    with pytest.raises(DataError) as err:
+        load_split(config(tmp_path, cache, name="idx", split="test"), CPU)
+    assert str(err.value) == (f"{tmp_path}: labels must be the class ids 0..K-1 with every class present; they take "
+                              "4 values (0, 1, 2, 200), so 197 of the classes 0..200 would be empty")
+
+
 # ---- CIFAR -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["cifar10", "cifar100"])
@@ -288,6 +297,17 @@ def test_one_and_many_class_folders(tmp_path, cache, classes):
     assert np.bincount(got.labels).tolist() == [2] * classes
 
 
+def test_16_bit_grey_images_are_scaled_not_clipped(tmp_path, cache):
+    ramp = (np.arange(8 * 8).reshape(8, 8) * 1000).astype(np.uint16)  # 0..63000 of 65535
+    (tmp_path / "images" / "a").mkdir(parents=True)
+    Image.fromarray(ramp).save(tmp_path / "images" / "a" / "0.png")
+    with Image.open(tmp_path / "images" / "a" / "0.png") as img:
+        assert img.mode == "I;16"
+    got = load_split(config(tmp_path / "images", cache, name="folder", split="train", holdout=0.5), CPU)
+    expected = (ramp.astype(np.int64) * 255 + 32767) // 65535
+    assert np.array_equal(got.images[0, 0], expected) and got.images.max() == 245
+
+
 # ---- the cache -------------------------------------------------------------------------------------
 
 def test_cache_layout_reuse_and_invalidation(tmp_path, cache, capsys):
@@ -315,6 +335,22 @@ def test_cache_layout_reuse_and_invalidation(tmp_path, cache, capsys):
     load_split(cfg, CPU)
     load_split(dataclasses.replace(cfg, resolution=4), CPU)  # another conversion
     assert len(list(cache.iterdir())) == 6
+
+
+def test_content_check_sees_a_rewrite_that_keeps_size_and_mtime(tmp_path, cache):
+    """cp -p and rsync -a keep the mtime: only data.verify=content notices new bytes of the same size."""
+    root = tmp_path / "images"
+    files = write_folder(root, {"a": 4, "b": 4}, size=8, modes=("RGB",), formats=("bmp",))  # one size in bytes
+    by_names, by_content = (config(root, cache, name="folder", holdout=0.25, verify=v) for v in ("names", "content"))
+    first = load_split(by_names, CPU), load_split(by_content, CPU)
+    st = files[0].stat()
+    files[0].write_bytes(files[4].read_bytes())  # class b's image, the same size in bytes
+    os.utime(files[0], ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert files[0].stat().st_size == st.st_size
+    again = load_split(by_names, CPU), load_split(by_content, CPU)
+    assert np.array_equal(again[0].images, first[0].images)  # the stale cache, as documented
+    assert not np.array_equal(again[1].images, first[1].images)
+    assert len(list(cache.iterdir())) == 3
 
 
 def test_failed_build_leaves_no_cache(tmp_path, cache, monkeypatch):

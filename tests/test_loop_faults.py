@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -117,6 +118,61 @@ def test_stop_during_start_up_exits_75_before_step_1(tmp_path, idx_root):
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 75, out[-3000:]
     assert "stopped by signal (SIGTERM) before step 1: nothing new to save" in out and "Traceback" not in out
+
+
+def signal_caught(pid: int, sig: signal.Signals) -> bool:
+    """Whether the process has a handler for ``sig`` (its SigCgt mask in /proc)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    caught = int(re.search(r"^SigCgt:\s*([0-9a-f]+)$", status, re.MULTILINE).group(1), 16)
+    return bool(caught >> (sig - 1) & 1)
+
+
+def test_the_stop_handlers_come_before_torch_and_a_sigterm_then_exits_75(tmp_path, idx_root):
+    """The entry imports nothing heavy before it installs its handlers (test_imports.py), so torch's
+    seconds of loading are covered: a SIGTERM sent the moment the handler is there stops the run cleanly."""
+    proc = start([*TRAIN, *base_overrides(tmp_path / "run", idx_root)])
+    while not signal_caught(proc.pid, signal.SIGTERM):
+        assert proc.poll() is None
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 75, out[-3000:]
+    assert "stopped by signal (SIGTERM) before step 1: nothing new to save" in out and "Traceback" not in out
+
+
+def test_a_second_ctrl_c_during_shutdown_keeps_the_decided_status(tmp_path, idx_root):
+    run_dir = tmp_path / "run"
+    # W&B's offline finish takes a second or more: the second interrupt lands while the run shuts down.
+    proc = start([*TRAIN, *base_overrides(run_dir, idx_root, **{"train.max_steps": 10**6, "log.every_steps": 1,
+                                                                  "log.wandb.mode": "offline"})])
+    read_until(proc, "step       3")
+    proc.send_signal(signal.SIGINT)
+    read_until(proc, "stopped by signal (SIGINT)")
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 75, out[-3000:]
+    assert "interrupt: the run is already ending; its exit status stands" in out and "Traceback" not in out
+
+
+@pytest.mark.parametrize(("what", "limit", "extra"), [
+    ("samples/step_2.png", 64 << 10, {"log.samples_every_steps": 2}),
+    ("metrics.jsonl", 2000, {"log.every_steps": 1}),
+])
+def test_a_full_disk_under_any_file_of_the_run_is_one_line_and_exit_2(tmp_path, idx_root, what, limit, extra):
+    """A file-size limit fails the write as a full disk would; the data cache and a checkpoint exist before it."""
+    run_dir = tmp_path / "run"
+    assert run([*TRAIN, *base_overrides(run_dir, idx_root, **{"train.max_steps": 1})]).returncode == 0
+    before = (run_dir / "checkpoints" / "step_1.pt").read_bytes()
+
+    def limited() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG from write() instead of death by signal
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    result = run([*TRAIN, *base_overrides(run_dir, idx_root, **{"train.max_steps": 50, **extra})],
+                 preexec_fn=limited)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert result.stderr == (f"error (rank 0): writing {run_dir / what} failed: File too large (disk full?); "
+                             "every checkpoint on disk is complete\n")
+    assert saved_steps(run_dir) == [1] and (run_dir / "checkpoints" / "step_1.pt").read_bytes() == before
 
 
 def test_refused_resume_leaves_config_yaml_alone(tmp_path, idx_root):

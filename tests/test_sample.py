@@ -275,7 +275,7 @@ def bad_checkpoint(case: str, run_dir: Path, folder: Path) -> Path:
 
 @pytest.mark.parametrize(("case", "message"), [
     ("missing", "does not exist"),
-    ("not torch", "is unreadable"),
+    ("not torch", "is not a gan_dist checkpoint: not a torch.save archive"),
     ("truncated", "is unreadable"),
     ("foreign", "is not a gan_dist checkpoint"),
     ("incompatible", "generator.net.0.weight has shape"),

@@ -110,6 +110,7 @@ def test_one_class_and_many_class_folders_train(tmp_path, classes):
     _, proc = folder_run(tmp_path, {f"c{i:02d}": 40 // classes + 8 for i in range(classes)}, **{"data.channels": 1})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"1×16×16, {classes} classes" in proc.stdout
+    assert ("data: one class: conditioning on it changes nothing" in proc.stdout) == (classes == 1)
 
 
 def test_cifar10_batches_train_through_torchvision(tmp_path):
@@ -133,6 +134,30 @@ def test_a_corrupt_image_exits_2_naming_it_and_keeps_the_run_dir(tmp_path):
     skipped = run([sys.executable, "-m", "gan_dist.train", *overrides, "train.max_steps=6", "data.skip_bad=true"])
     assert skipped.returncode == 0, skipped.stderr[-3000:]
     assert "skipped 1 unreadable" in skipped.stdout and "resuming from" in skipped.stdout
+
+
+def test_resuming_on_a_folder_that_shrank_below_the_saved_position_says_so_and_goes_on(tmp_path):
+    """Saved at batch 5 of 6 (96 training images, batch 16); 40 images gone: the epoch now ends before it."""
+    overrides, first = folder_run(tmp_path, {"a": 60, "b": 60}, **{"data.holdout": 0.2, "train.max_steps": 5,
+                                                                     "data.verify": "content"})
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "6 steps per epoch" in first.stdout and "cache keyed by content hashes" in first.stdout
+    for path in sorted((tmp_path / "images" / "a").iterdir())[:40]:
+        path.unlink()
+    proc = run([sys.executable, "-m", "gan_dist.train", *overrides, "train.max_steps=8"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "resuming from" in proc.stdout and "at step 5 (epoch 1, batch 0)" in proc.stdout
+    assert "data: differs from the checkpoint's (train: 96 images then, 64 now; test: 24 images then, 16 now); " \
+           "the run goes on from the same step, and is no longer bit-exact" in proc.stdout
+    assert "done: 8 steps" in proc.stdout
+
+
+def test_a_size_the_conv_nets_cannot_take_is_refused_before_the_data_is_read(tmp_path):
+    overrides, proc = folder_run(tmp_path, {"a": 8, "b": 8}, **{"data.resolution": 27})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr == ("error (rank 0): data.resolution: the conv architectures need an even size above 7 (they "
+                           "halve it while it is even and above 7: 28 → 7, 32 → 4, 18 → 9), got 27\n")
+    assert not (tmp_path / "data_cache").exists()
 
 
 def test_progress_without_a_terminal_prints_a_line_with_the_eta(capsys):
