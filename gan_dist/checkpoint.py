@@ -227,8 +227,15 @@ class Checkpointer:
         return self.cfg.every_steps > 0 and step % self.cfg.every_steps == 0
 
     def time_due(self) -> bool:
-        """A save by this rank's clock. Clocks differ, so only rank 0's answer may decide (``StepAgreement``)."""
-        return self.cfg.every_minutes > 0 and time.monotonic() - self.last_save >= 60 * self.cfg.every_minutes
+        """A save by this rank's clock. Clocks differ, so only rank 0's answer may decide (``StepAgreement``).
+
+        It answers yes once per interval: the agreement brings the save a step later, and asking
+        again meanwhile would save at two steps in a row."""
+        now = time.monotonic()
+        if self.cfg.every_minutes > 0 and now - self.last_save >= 60 * self.cfg.every_minutes:
+            self.last_save = now
+            return True
+        return False
 
     def state(self, step: int) -> dict[str, Any]:
         return {"format_version": FORMAT_VERSION, "step": step} | {

@@ -9,6 +9,7 @@ import pickle
 import resource
 import signal
 import sys
+import types
 import warnings
 from pathlib import Path
 
@@ -103,6 +104,18 @@ class Recorder:
 
     def load_state_dict(self, state: dict) -> None:
         self.state = state
+
+
+def test_a_timed_save_is_asked_for_once_per_interval(tmp_path, monkeypatch):
+    """The agreement brings the save one step after the ask: asked again meanwhile, it saved twice in a row."""
+    clock = [1000.0]
+    monkeypatch.setattr(checkpoint, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    checkpointer = Checkpointer(CheckpointConfig(every_minutes=1), tmp_path, ONE_RANK, {"run": Recorder()})
+    asked = []
+    for _ in range(4):
+        clock[0] += 40
+        asked.append(checkpointer.time_due())
+    assert asked == [False, True, False, True]
 
 
 def test_pruning_keeps_later_steps_and_counts_only_earlier_ones(tmp_path):
