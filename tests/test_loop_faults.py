@@ -94,16 +94,24 @@ def test_first_ctrl_c_saves_and_exits_75(tmp_path, idx_root):
     assert 5 <= stopped <= 5 + 2 + 1  # + 1: the line of step 5 is printed before the step boundary
 
 
-def test_second_ctrl_c_aborts_at_once_and_leaves_no_partial_file(tmp_path, idx_root):
-    run_dir = tmp_path / "run"
-    proc = start([*TRAIN, *base_overrides(run_dir, idx_root, **{"train.max_steps": 10**6, "log.every_steps": 1,
-                                                                  "checkpoint.every_steps": 1})])
-    read_until(proc, "saved ")
+def interrupt_twice(cmd: list[str], first_after: str, second_after: str) -> tuple[int, str]:
+    """Ctrl-C once a line starts with ``first_after``, again once one starts with ``second_after``:
+    the exit status and the output from there on."""
+    proc = start(cmd)
+    read_until(proc, first_after)
     proc.send_signal(signal.SIGINT)
-    read_until(proc, "interrupt: saving at the next step boundary")
+    read_until(proc, second_after)
     proc.send_signal(signal.SIGINT)
     out = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 130, out[-3000:]
+    return proc.returncode, out
+
+
+def test_second_ctrl_c_aborts_at_once_and_leaves_no_partial_file(tmp_path, idx_root):
+    run_dir = tmp_path / "run"
+    extra = {"train.max_steps": 10**6, "log.every_steps": 1, "checkpoint.every_steps": 1}
+    status, out = interrupt_twice([*TRAIN, *base_overrides(run_dir, idx_root, **extra)], "saved ",
+                                  "interrupt: saving at the next step boundary")
+    assert status == 130, out[-3000:]
     assert out.rstrip().endswith("aborted by a second interrupt; every checkpoint on disk is complete")
     assert "Traceback" not in out
     assert [p.name for p in (run_dir / "checkpoints").iterdir() if not p.name.startswith("step_")] == []
@@ -140,16 +148,11 @@ def test_the_stop_handlers_come_before_torch_and_a_sigterm_then_exits_75(tmp_pat
 
 
 def test_a_second_ctrl_c_during_shutdown_keeps_the_decided_status(tmp_path, idx_root):
-    run_dir = tmp_path / "run"
     # W&B's offline finish takes a second or more: the second interrupt lands while the run shuts down.
-    proc = start([*TRAIN, *base_overrides(run_dir, idx_root, **{"train.max_steps": 10**6, "log.every_steps": 1,
-                                                                  "log.wandb.mode": "offline"})])
-    read_until(proc, "step       3")
-    proc.send_signal(signal.SIGINT)
-    read_until(proc, "stopped by signal (SIGINT)")
-    proc.send_signal(signal.SIGINT)
-    out = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 75, out[-3000:]
+    extra = {"train.max_steps": 10**6, "log.every_steps": 1, "log.wandb.mode": "offline"}
+    status, out = interrupt_twice([*TRAIN, *base_overrides(tmp_path / "run", idx_root, **extra)], "step       3",
+                                  "stopped by signal (SIGINT)")
+    assert status == 75, out[-3000:]
     assert "interrupt: the run is already ending; its exit status stands" in out and "Traceback" not in out
 
 
