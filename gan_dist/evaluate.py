@@ -1,5 +1,5 @@
-"""Score a generator in the judge's feature space: FID, precision/recall, and for a conditional G
-intra-class FID and conditional accuracy.
+"""Score a generator: FID, KID and precision/recall, in the judge's feature space (with intra-class FID
+and conditional accuracy for a conditional G) or in Inception's (with IS).
 
 A checkpoint, on one process or many:
     python -m gan_dist.evaluate --checkpoint runs/mnist_cgan/checkpoints/step_4680.pt
@@ -10,11 +10,14 @@ channel or [N, H, W, 3] for RGB, int64 labels [N]):
 Trailing ``key=value`` overrides apply to the checkpoint's config (or to the defaults with ``--npz``),
 e.g. ``data.root=...`` when the data moved, or ``eval.judge_dir=...``.
 
-The reference is the ``test`` split of the dataset, always; the judge is ``gan_dist.judge``'s.
-The class metrics (``cond_acc``, ``intra_fid``) need a G conditioned on two or more classes; an
-unconditional one gets FID and precision/recall. Each rank generates and embeds its contiguous
-share of the samples; the features are all-gathered in rank order, so every rank holds the same
-features as a single process would, and computes the same metrics. Prints one JSON line (rank 0).
+The reference is the ``eval.reference`` split of the dataset (``test`` by default). The feature space
+is ``eval.features``: ``judge``, ``gan_dist.judge``'s classifier, or ``inception``, torch-fidelity's
+InceptionV3 (``gan_dist.inception``: the papers' FID, KID and IS), whose weights file is checked
+before any work. The class metrics (``cond_acc``, ``intra_fid``) need the judge and a G conditioned
+on two or more classes; an unconditional one gets FID, KID and precision/recall. Each rank generates
+and embeds its contiguous share of the samples; the features are all-gathered in rank order, so
+every rank holds the same features as a single process would, and computes the same metrics. Prints
+one JSON line (rank 0).
 Exit status: 0 done; 2 bad arguments, data or checkpoint.
 """
 
@@ -28,14 +31,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from gan_dist import cli, metrics
-from gan_dist.config import Config, ConfigError, UsageError, load_config, resolve, to_dict
+from gan_dist.config import Config, ConfigError, EvalConfig, UsageError, load_config, resolve, to_dict
 from gan_dist.data import DataError, Split, load_split, to_device
 from gan_dist.dist import DistEnv, setup, teardown
 from gan_dist.judge import DEFAULT_SPEC, JudgeSpec, load_or_train
@@ -44,20 +47,41 @@ from gan_dist.sampling import class_rows, generate, load_generator
 from gan_dist.seeds import derive_seed
 from gan_dist.sources import DatasetInfo
 
+if TYPE_CHECKING:
+    from gan_dist.inception import Inception
+
 NEIGHBOURS = 3  # k of the precision/recall manifolds, as in Kynkäänniemi et al. 2019
-METRICS = ("cond_acc", "fid", "intra_fid", "precision", "recall")
-"""Every metric, as a conditional G gets them."""
+METRICS = ("cond_acc", "fid", "intra_fid", "kid", "kid_std", "precision", "recall")
+"""Every metric in the judge's space, as a conditional G gets them."""
 CLASS_METRICS = ("cond_acc", "intra_fid")
+INCEPTION_METRICS = ("fid", "is", "is_std", "kid", "kid_std", "precision", "recall")
+"""Every metric in Inception's space: IS instead of the class metrics, which read the judge's classes."""
 
 
-def metric_names(num_classes: int) -> tuple[str, ...]:
-    """The metrics of a G conditioned on ``num_classes`` classes: the class ones need two or more."""
+def metric_names(num_classes: int, features: str = "judge") -> tuple[str, ...]:
+    """The metrics of a G conditioned on ``num_classes`` classes in the ``features`` space: the class
+    ones need the judge and two or more classes."""
+    if features == "inception":
+        return INCEPTION_METRICS
     return METRICS if num_classes >= 2 else tuple(m for m in METRICS if m not in CLASS_METRICS)
+
+
+def open_inception(cfg: EvalConfig, device: torch.device) -> Inception:
+    """``gan_dist.inception.Inception`` on ``device`` from ``eval.inception_weights``; a config error when
+    torch-fidelity is not installed or the weights file is not its InceptionV3's."""
+    try:
+        from gan_dist import inception
+    except ModuleNotFoundError as e:
+        if e.name != "torch_fidelity":
+            raise
+        raise ConfigError("eval.features=inception needs torch-fidelity: pip install -e '.[metrics]'") from None
+    return inception.Inception(cfg.inception_weights, device)
 
 
 @dataclass(frozen=True)
 class FeatureSet:
-    """Judge features, logits and the (conditioning or true) labels of one set of images."""
+    """Features, logits (the judge's classes, or Inception's for IS) and the (conditioning or true)
+    labels of one set of images."""
 
     features: torch.Tensor
     logits: torch.Tensor
@@ -67,15 +91,23 @@ class FeatureSet:
         return FeatureSet(self.features[index], self.logits[index], self.labels[index])
 
 
-def score(real: FeatureSet, fake: FeatureSet, num_classes: int,
+def score(real: FeatureSet, fake: FeatureSet, num_classes: int, features: str = "judge",
           real_radii: torch.Tensor | None = None) -> dict[str, float]:
-    """``metric_names(num_classes)`` of ``fake`` against ``real``; ``real_radii`` caches the real k-NN radii."""
+    """``metric_names(num_classes, features)`` of ``fake`` against ``real``; ``real_radii`` caches the real
+    k-NN radii. In Inception's space FID, KID and IS are torch-fidelity's; in the judge's, gan_dist's."""
     precision, recall = metrics.precision_recall(real.features, fake.features, NEIGHBOURS, real_radii)
-    scores = {"fid": metrics.fid(real.features, fake.features), "precision": precision, "recall": recall}
-    if num_classes >= 2:
-        scores["cond_acc"] = metrics.accuracy(fake.logits, fake.labels)
-        scores["intra_fid"] = metrics.intra_fid(real.features, real.labels, fake.features, fake.labels, num_classes)
-    return {k: scores[k] for k in metric_names(num_classes)}
+    scores = {"precision": precision, "recall": recall}
+    if features == "inception":
+        from gan_dist.inception import distances  # torch-fidelity, the metrics extra: only in Inception's space
+        scores |= distances(real.features, fake.features, fake.logits)
+    else:
+        kid, kid_std = metrics.kid(real.features, fake.features)
+        scores |= {"fid": metrics.fid(real.features, fake.features), "kid": kid, "kid_std": kid_std}
+        if num_classes >= 2:
+            scores["cond_acc"] = metrics.accuracy(fake.logits, fake.labels)
+            scores["intra_fid"] = metrics.intra_fid(real.features, real.labels, fake.features, fake.labels,
+                                                    num_classes)
+    return {k: scores[k] for k in metric_names(num_classes, features)}
 
 
 def shape_text(channels: int, height: int, width: int) -> str:
@@ -83,38 +115,41 @@ def shape_text(channels: int, height: int, width: int) -> str:
 
 
 class Evaluator:
-    """Scores generators against the held-out split, with fixed latents; every method is collective.
+    """Scores generators against the reference split, with fixed latents; every method is collective.
 
-    Building it loads the reference (the ``test`` split; ``reference`` when the caller has loaded it),
-    trains or loads the judge, and embeds the reference and its k-NN radii once. ``run`` then costs
-    one generation of ``eval.n_samples`` images and their features (split over the ranks), and the
-    metrics on the gathered features (on every rank alike: two 10k×10k distance passes and a few
-    128×128 eigendecompositions per class, seconds on one CPU core). Lower FID is better.
+    Building it opens Inception (``eval.features=inception``: its weights, before the data loads),
+    loads the reference (the ``eval.reference`` split; ``reference`` when the caller has loaded it),
+    or else trains or loads the judge, and embeds the reference (Inception's: cached) and its k-NN
+    radii once. ``run`` then costs one generation of ``eval.n_samples`` images and their features (split over
+    the ranks), and the metrics on the gathered features (on every rank alike: two 10k×10k distance
+    passes, KID's 100 subsets and a few 128×128 eigendecompositions per class, seconds on one CPU core
+    in the judge's 128 features). Lower FID and KID are better.
     """
 
     def __init__(self, cfg: Config, env: DistEnv, spec: JudgeSpec = DEFAULT_SPEC,
                  reference: Split | None = None) -> None:
-        reference = reference if reference is not None else load_split(cfg.data, env, "test")
+        features = cfg.eval.features
+        inception = open_inception(cfg.eval, env.device) if features == "inception" else None
+        reference = reference if reference is not None else load_split(cfg.data, env, cfg.eval.reference)
         self.data: DatasetInfo = reference.info
         self.num_classes = label_count(cfg.model, self.data)
-        self.metrics = metric_names(self.num_classes)
+        self.metrics = metric_names(self.num_classes, features)
         rows = class_rows(self.num_classes)
         n_per_class = cfg.eval.n_samples // rows
-        if self.num_classes >= 2 and n_per_class < 2:
+        intra = "intra_fid" in self.metrics
+        if intra and n_per_class < 2:
             raise ConfigError(f"eval.n_samples: needs at least {2 * self.num_classes} "
                               f"(2 per class of {self.num_classes} for intra-class FID)")
         if n_per_class * rows <= NEIGHBOURS:
             raise ConfigError(f"eval.n_samples: needs at least {NEIGHBOURS + 1} for the k-NN precision/recall")
-        if self.num_classes >= 2:
+        if intra:
             counts = np.bincount(reference.labels, minlength=self.num_classes)
             if counts.min() < 4:  # 2 per class in each half of the real-vs-real floor
-                raise DataError(f"{self.data.name} test split has {counts.min()} image(s) of class "
+                raise DataError(f"{self.data.name} {reference.name} split has {counts.min()} image(s) of class "
                                 f"{counts.argmin()}; intra-class FID and its floor need 4 or more of every class")
         self.cfg, self.env = cfg.eval, env
-        self.judge = load_or_train(cfg.data, cfg.eval.judge_dir, env, spec)
-        mine = env.shard(len(reference.labels))
-        self.real = self._embed(to_device(reference.images[mine], env.device),
-                                to_device(reference.labels[mine], env.device))
+        self.space = inception or load_or_train(cfg.data, cfg.eval.judge_dir, env, spec)
+        self.real, cache = self._reference(reference)
         self.real_radii = metrics.knn_radii(self.real.features, NEIGHBOURS)
         latents = torch.Generator().manual_seed(cfg.eval.seed)
         self.z = torch.randn(n_per_class * rows, cfg.model.z_dim, generator=latents)
@@ -124,15 +159,38 @@ class Evaluator:
             "shape": list(self.data.shape),
             "num_classes": self.data.num_classes,
             "conditioned_on": self.num_classes,
-            "reference": f"{cfg.data.name}/test",
+            "features": features,
+            "reference": f"{cfg.data.name}/{reference.name}",
             "n_reference": len(reference.labels),
-            "reference_is_training_data": cfg.data.split == "test",
-            "judge_trained_on": self.judge.info["trained_on"],
-            "judge_task": self.judge.info["task"],
-            "judge_accuracy": self.judge.info["accuracy"],
-            "judge_key": self.judge.info["key"],
-            "judge_cache": self.judge.info["cache"],
-        }
+            "reference_is_training_data": cfg.data.split == reference.name,
+            "kid_subsets": metrics.KID_SUBSETS,
+            "kid_subset_size": metrics.kid_subset_size(len(reference.labels), self.labels.shape[0]),
+        } | cache | (self._inception_info() if inception else self._judge_info())
+
+    def _judge_info(self) -> dict[str, Any]:
+        return {f"judge_{k}": self.space.info[k] for k in ("trained_on", "task", "accuracy", "key", "cache")}
+
+    def _inception_info(self) -> dict[str, Any]:
+        """The protocol beyond the sample count and the reference: what the images become, and the extractor."""
+        c, h, w = self.data.shape
+        return {"input": "uint8 RGB" if c == 3 else "uint8 RGB: the data's one channel replicated to three",
+                "resize": f"torch-fidelity's TensorFlow-1-compatible bilinear resize, {h}×{w} to 299×299",
+                **self.space.info}
+
+    def _reference(self, reference: Split) -> tuple[FeatureSet, dict[str, str]]:
+        """The reference's features (each rank embeds its share; Inception's are read from or written to the
+        cache), and in Inception's space where they came from."""
+        labels = to_device(reference.labels, self.env.device)
+        mine = self.env.shard(len(labels))
+
+        def embed() -> tuple[torch.Tensor, torch.Tensor]:
+            features, logits = self.space(to_device(reference.images[mine], self.env.device), self.cfg.batch_size)
+            return self.env.all_gather_cat(features), self.env.all_gather_cat(logits)
+
+        if self.cfg.features == "judge":
+            return FeatureSet(*embed(), labels), {}
+        features, logits, cache = self.space.reference(reference, self.cfg.features_dir, self.env, embed)
+        return FeatureSet(features, logits, labels), cache
 
     def due(self, step: int) -> bool:
         return self.cfg.every_steps > 0 and step % self.cfg.every_steps == 0
@@ -144,7 +202,7 @@ class Evaluator:
 
     def _embed(self, images: torch.Tensor, labels: torch.Tensor) -> FeatureSet:
         """Features of this rank's images (uint8, or float in [-1, 1]), then all ranks' features in rank order."""
-        return self._gather(*self.judge(images.to(self.env.device), self.cfg.batch_size), labels)
+        return self._gather(*self.space(images.to(self.env.device), self.cfg.batch_size), labels)
 
     def _agree(self, values: dict[str, float]) -> dict[str, float]:
         """Rank 0's numbers on every rank, by one all-reduce that all enter: all ranks then decide alike."""
@@ -155,7 +213,7 @@ class Evaluator:
 
     def _scores(self, fake: FeatureSet, start: float) -> dict[str, float]:
         """``self.metrics`` of gathered fakes, with their count and rank 0's wall time, equal on every rank."""
-        scores = score(self.real, fake, self.num_classes, self.real_radii)
+        scores = score(self.real, fake, self.num_classes, self.cfg.features, self.real_radii)
         return self._agree(scores | {"n_samples": float(fake.labels.shape[0]),
                                      "seconds": time.perf_counter() - start})
 
@@ -168,9 +226,9 @@ class Evaluator:
         start = time.perf_counter()
         mine, b, device = self.env.shard(self.labels.shape[0]), self.cfg.batch_size, self.env.device
         z, labels = self.z[mine].to(device), self.labels[mine].to(device)
-        parts = [self.judge(generate(generator, z[i:i + b], labels[i:i + b], b), b) for i in range(0, len(z), b)]
+        parts = [self.space(generate(generator, z[i:i + b], labels[i:i + b], b), b) for i in range(0, len(z), b)]
         if not parts:  # a rank with no samples still enters the gathers
-            parts = [self.judge(torch.empty(0, *self.data.shape, device=device), b)]
+            parts = [self.space(torch.empty(0, *self.data.shape, device=device), b)]
         features, logits = (torch.cat(p) for p in zip(*parts, strict=True))
         return self._scores(self._gather(features, logits, labels), start)
 
@@ -190,13 +248,13 @@ class Evaluator:
         order = torch.randperm(self.real.labels.shape[0], generator=torch.Generator().manual_seed(self.cfg.seed))
         order = order[self.real.labels.cpu()[order].argsort(stable=True)]  # by class, random within
         first, second = order[0::2].to(self.env.device), order[1::2].to(self.env.device)
-        real = score(self.real[first], self.real[second], self.num_classes)
+        real = score(self.real[first], self.real[second], self.num_classes, self.cfg.features)
         pixels = torch.Generator().manual_seed(derive_seed(self.cfg.seed, 0x401CE))
         mine = self.env.shard(self.labels.shape[0])
         noise_images = torch.randint(0, 256, (self.labels.shape[0], *self.data.shape), generator=pixels,
                                      dtype=torch.uint8)
         noise = score(self.real, self._embed(noise_images[mine], self.labels[mine]), self.num_classes,
-                      self.real_radii)
+                      self.cfg.features, self.real_radii)
         return self._agree({f"floor_real_{k}": real[k] for k in self.metrics}
                            | {f"floor_noise_{k}": noise[k] for k in self.metrics})
 
@@ -256,8 +314,9 @@ def read_npz(path: str | Path, info: DatasetInfo, num_classes: int) -> tuple[tor
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = cli.Parser(
         prog="python -m gan_dist.evaluate",
-        description="Score a generator: FID and precision/recall, and for a conditional one intra-class FID "
-                    "and conditional accuracy, in the judge's feature space (see the module docstring).",
+        description="Score a generator: FID, KID and precision/recall, in the judge's feature space (with "
+                    "intra-class FID and conditional accuracy for a conditional G) or with eval.features=inception "
+                    "in Inception's (with IS); see the module docstring.",
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="a gan_dist checkpoint (its EMA generator when it has one)")
@@ -271,7 +330,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-floors", action="store_true", help="skip the real-vs-real and noise floors")
     parser.add_argument("--out", type=cli.writable_file, help="also write the JSON line to this file")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     if args.npz and args.n_per_class is not None:
         parser.error("--n-per-class applies to --checkpoint; an .npz brings its own samples")
     if args.checkpoint and args.config:
@@ -282,14 +341,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def check_reference(path: str, trained_on: DatasetInfo, reference: DatasetInfo, num_classes: int) -> None:
+def check_reference(path: str, trained_on: DatasetInfo, reference: Split, num_classes: int) -> None:
     """The reference must be data of the shape (and classes) G was trained to make."""
-    if trained_on.shape != reference.shape or (num_classes and reference.num_classes != trained_on.num_classes):
+    info = reference.info
+    if trained_on.shape != info.shape or (num_classes and info.num_classes != trained_on.num_classes):
         def show(i: DatasetInfo) -> str:
             return f"{shape_text(*i.shape)} and {i.num_classes} classes"
         raise DataError(f"checkpoint {path}: its G makes {trained_on.name}'s {show(trained_on)}; the reference "
-                        f"({reference.name} test split) has {show(reference)}; point data.* at the data it "
+                        f"({info.name} {reference.name} split) has {show(info)}; point data.* at the data it "
                         "was trained on")
+
+
+def check_features(cfg: EvalConfig) -> None:
+    """``eval.features=inception``: torch-fidelity and its weights file, checked before any work, each a config
+    error naming its key. The judge needs the data first, and is trained or loaded with the evaluator."""
+    if cfg.features == "inception":
+        open_inception(cfg, torch.device("cpu"))
 
 
 def evaluate(args: argparse.Namespace, spec: JudgeSpec) -> dict[str, Any] | None:
@@ -302,14 +369,16 @@ def evaluate(args: argparse.Namespace, spec: JudgeSpec) -> dict[str, Any] | None
         cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, n_samples=n_samples))
     else:
         cfg = load_config(args.config, args.overrides)
+    check_features(cfg.eval)
     env = setup(cfg.dist)
     try:
-        reference = load_split(cfg.data, env, "test")
+        reference = load_split(cfg.data, env, cfg.eval.reference)
         if args.checkpoint:
-            check_reference(args.checkpoint, trained_on, reference.info, label_count(cfg.model, trained_on))
+            check_reference(args.checkpoint, trained_on, reference, label_count(cfg.model, trained_on))
         else:
-            # Unlabelled data scores unconditionally whatever model.conditioning says: there is no class to ask for.
-            if not reference.info.conditional:
+            # Unlabelled data scores unconditionally whatever model.conditioning says: there is no class to ask
+            # for; and Inception's scores read no labels.
+            if not reference.info.conditional or cfg.eval.features == "inception":
                 cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, conditioning="none"))
             classes = label_count(cfg.model, reference.info)
             images, labels = read_npz(args.npz, reference.info, classes)

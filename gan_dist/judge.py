@@ -1,11 +1,12 @@
-"""The judge: a small CNN whose penultimate layer is the feature space of every metric.
+"""The judge: a small CNN whose penultimate layer is the default feature space of every metric.
 
-Inception sees 299×299 photos and needs weights from the internet; a judge trained here on the real
-training split sees what matters in this data, at its own channels and resolution. It is built from
-the data's description (strided conv stages from the resolution down to 8 or less) and trained once
-per dataset, cached under ``<judge_dir>/<name>-<split>-<hash>.pt``, where the hash covers the uint8
-pixels and labels it was trained and tested on, the image shape, its task and its recipe: other
-data, or another recipe, is another file.
+Inception (``eval.features=inception``, ``gan_dist.inception``) sees 299×299 photos and needs its
+weights file; a judge trained here on the real training split sees what matters in this data, at its
+own channels and resolution. It is built from the data's description (strided conv stages from the
+resolution down to 8 or less) and trained once per dataset, cached under
+``<judge_dir>/<name>-<split>-<hash>.pt``, where the hash covers the uint8 pixels and labels it was
+trained and tested on, the image shape, its task and its recipe: other data, or another recipe, is
+another file.
 
 Its task: the data's classes when there are two or more. Without classes (a flat folder, or a
 single class) there is nothing to tell apart, so it learns a self-supervised proxy instead: which of
@@ -27,6 +28,7 @@ import hashlib
 import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,6 +113,15 @@ def as_unit(images: torch.Tensor) -> torch.Tensor:
     return to_unit(images) if images.dtype == torch.uint8 else images.float()
 
 
+@torch.no_grad()
+def in_batches(net: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], images: torch.Tensor,
+               batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A feature net's features and logits of ``images``, ``batch`` at a time, so a uint8 set never exists
+    converted at once; ``net`` converts its batch. A rank with no images still gets [0, F] and [0, outputs]."""
+    parts = [net(images[i:i + batch]) for i in range(0, images.shape[0], batch)] or [net(images)]
+    return torch.cat([f for f, _ in parts]), torch.cat([lg for _, lg in parts])
+
+
 @dataclass
 class Judge:
     """A trained judge in eval mode, with what is known about it (task, accuracy, data, cache file)."""
@@ -118,15 +129,9 @@ class Judge:
     net: JudgeNet
     info: dict[str, Any]
 
-    @torch.no_grad()
     def __call__(self, images: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features [N, F] and logits [N, outputs] in float32 of uint8 images, or float ones in [-1, 1].
-
-        Converted a batch at a time, so a uint8 set never exists as float32 at once.
-        """
-        parts = [self.net(as_unit(images[i:i + batch])) for i in range(0, images.shape[0], batch)]
-        parts = parts or [self.net(as_unit(images))]  # a rank with no samples still returns [0, F]
-        return torch.cat([f for f, _ in parts]), torch.cat([lg for _, lg in parts])
+        """Features [N, F] and logits [N, outputs] in float32 of uint8 images, or float ones in [-1, 1]."""
+        return in_batches(lambda x: self.net(as_unit(x)), images, batch)
 
 
 @dataclass(frozen=True)

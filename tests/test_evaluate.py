@@ -224,6 +224,9 @@ def test_evaluator_scores_a_good_generator_near_real_and_far_from_noise(data_roo
     assert set(good) == {*evaluate.METRICS, "n_samples", "seconds"} and good["n_samples"] == 200
     assert good["cond_acc"] > 0.9 and floors["floor_real_cond_acc"] > 0.9
     assert good["fid"] < floors["floor_noise_fid"] / 10 and floors["floor_real_fid"] < floors["floor_noise_fid"] / 10
+    noise_kid = floors["floor_noise_kid"]
+    assert abs(good["kid"]) < noise_kid / 10 and abs(floors["floor_real_kid"]) < noise_kid / 10
+    assert 0 < good["kid_std"] < noise_kid / 10
     assert good["intra_fid"] < floors["floor_noise_intra_fid"] / 10
     assert floors["floor_real_precision"] > 0.5 and floors["floor_noise_precision"] < 0.1
     assert evaluator.due(0) is False and evaluator.info["n_reference"] == 400
@@ -258,9 +261,9 @@ def test_evaluator_on_rgb_data(cifar_root: Path, tmp_path: Path) -> None:
     plain = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, conditioning="none"))
     evaluator = evaluate.Evaluator(plain, ONE_RANK, SPEC)
     assert evaluator.info["judge_task"] == "classes" and evaluator.info["judge_cache"] == "hit"  # the same judge
-    assert evaluator.metrics == ("fid", "precision", "recall") and not evaluator.labels.any()
+    assert evaluator.metrics == ("fid", "kid", "kid_std", "precision", "recall") and not evaluator.labels.any()
     scores = evaluator.run(BankGenerator(cfg.data, 0))
-    assert set(scores) == {"fid", "precision", "recall", "n_samples", "seconds"} and scores["n_samples"] == 200
+    assert set(scores) == {*evaluator.metrics, "n_samples", "seconds"} and scores["n_samples"] == 200
     assert set(evaluator.floors()) == {f"floor_{end}_{k}" for end in ("real", "noise") for k in evaluator.metrics}
 
 
@@ -269,8 +272,9 @@ def test_evaluator_on_unlabelled_data(flat_root: Path, tmp_path: Path) -> None:
     evaluator = evaluate.Evaluator(cfg, ONE_RANK, SPEC)
     assert evaluator.info["judge_task"] == "rotation" and evaluator.info["num_classes"] == 0
     good, floors = evaluator.run(BankGenerator(cfg.data, 0)), evaluator.floors()
-    assert set(good) == {"fid", "precision", "recall", "n_samples", "seconds"} and good["n_samples"] == 60
-    assert set(floors) == {f"floor_{end}_{k}" for end in ("real", "noise") for k in ("fid", "precision", "recall")}
+    unconditional = ("fid", "kid", "kid_std", "precision", "recall")
+    assert set(good) == {*unconditional, "n_samples", "seconds"} and good["n_samples"] == 60
+    assert set(floors) == {f"floor_{end}_{k}" for end in ("real", "noise") for k in unconditional}
     assert good["fid"] < floors["floor_noise_fid"] / 10 and floors["floor_noise_precision"] < 0.1
 
 
@@ -324,16 +328,20 @@ def test_read_npz_of_rgb_without_classes_needs_no_labels(tmp_path: Path) -> None
 # -------------------------------------------------------------------------------------------------- CLI
 
 
-@pytest.fixture
-def checkpoint(data_root: Path, tmp_path: Path) -> Path:
-    """A real gan_dist checkpoint: two steps of a tiny MLP GAN on the tiny split."""
+def train_tiny(data_root: Path, tmp_path: Path, *extra: str) -> Path:
+    """A real gan_dist checkpoint: two steps of a tiny MLP GAN on a test-written split (``extra``: overrides)."""
     run_dir = tmp_path / "run"
     status = train_main([f"run_dir={run_dir}", f"data.root={data_root}", "data.download=false",
                          f"data.cache_dir={tmp_path / 'cache'}", "log.wandb.mode=disabled", "log.progress=false",
                          "model.mlp.g_hidden=[16]", "model.mlp.d_hidden=[16]", "train.batch_size=16",
-                         "train.max_steps=2", "dist.device=cpu"])
+                         "train.max_steps=2", "dist.device=cpu", *extra])
     assert status == 0
     return run_dir / "checkpoints" / "step_2.pt"
+
+
+@pytest.fixture
+def checkpoint(data_root: Path, tmp_path: Path) -> Path:
+    return train_tiny(data_root, tmp_path)
 
 
 def run_cli(*args: str) -> dict:
