@@ -91,10 +91,11 @@ class Position:
 
 
 class BestScore:
-    """The best FID so far: ``best.pt`` is rewritten only when an evaluation beats it."""
+    """The best FID so far: ``best.pt`` is rewritten only when an evaluation beats it. FIDs of the two
+    feature spaces do not compare: a resume in the other space starts the best afresh."""
 
-    def __init__(self) -> None:
-        self.fid = math.inf
+    def __init__(self, features: str) -> None:
+        self.fid, self.features = math.inf, features
 
     def improves(self, fid: float) -> bool:
         if fid < self.fid:
@@ -103,10 +104,11 @@ class BestScore:
         return False
 
     def state_dict(self) -> dict[str, Any]:
-        return {"fid": self.fid}
+        return {"fid": self.fid, "features": self.features}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.fid = state["fid"]
+        if state.get("features", "judge") == self.features:
+            self.fid = state["fid"]
 
 
 class RunRecord:
@@ -156,7 +158,7 @@ class Trainer:
             raise DataError(f"{len(self.data)} batches per rank cannot feed train.n_critic={cfg.train.n_critic}")
         total = cfg.train.epochs * self.pos.steps_per_epoch
         self.total_steps = min(total, cfg.train.max_steps or total)
-        self.best, self.record = BestScore(), RunRecord(self.cfg, self.info)
+        self.best, self.record = BestScore(cfg.eval.features), RunRecord(self.cfg, self.info)
         self.checkpointer = Checkpointer(cfg.checkpoint, self.run_dir, env, {
             "run": self.record, "position": self.pos, "engine": self.engine, "best": self.best})
         resumed = self.checkpointer.restore(cfg.train.resume)

@@ -24,6 +24,7 @@ from gan_dist.config import CheckpointConfig
 from gan_dist.dist import DistEnv, teardown
 from gan_dist.sampling import load_generator
 from gan_dist.train import main
+from gan_dist.trainer import BestScore
 
 ONE_RANK = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"))
 
@@ -54,7 +55,7 @@ def test_contents_load_with_weights_only(trained):
     assert {"config", "data", "wandb_run_id", "rng"} == state["run"].keys()
     assert state["run"]["config"]["train"]["max_steps"] == 5
     assert state["engine"]["opt_d"]["state"]  # Adam moments are there
-    assert state["best"] == {"fid": math.inf}
+    assert state["best"] == {"fid": math.inf, "features": "judge"}
 
 
 def test_auto_resume_says_so_and_continues(trained, idx_root, capsys):
@@ -104,6 +105,17 @@ class Recorder:
 
     def load_state_dict(self, state: dict) -> None:
         self.state = state
+
+
+def test_a_best_fid_of_the_other_feature_space_is_not_kept():
+    """Judge and Inception FIDs do not compare: best.pt restarts when eval.features changed."""
+    best = BestScore("inception")
+    best.load_state_dict({"fid": 3.0, "features": "judge"})
+    assert best.fid == math.inf
+    best.load_state_dict({"fid": 3.0})  # a checkpoint from before the key: the judge's
+    assert best.fid == math.inf
+    best.load_state_dict({"fid": 3.0, "features": "inception"})
+    assert best.fid == 3.0
 
 
 def test_a_timed_save_is_asked_for_once_per_interval(tmp_path, monkeypatch):
