@@ -135,13 +135,11 @@ class SampleWriter:
         """Every rank calls this at the same step; rank 0 writes, and if it cannot, every rank raises."""
         path, error = self.folder / f"step_{step}.png", None
         if self.env.is_main:
+            what = f"one class per row ({self.rows}), the same latent down each column" if self.classes else self.rows
             try:
                 save_grid(generate(generator, self.z, self.labels), path, self.COLUMNS)
+                self.log_image(step, "samples/grid", path, f"step {step}: {what}; fixed noise")  # W&B copies it
             except OSError as e:
-                error = WriteError(path, e)
-            else:
-                what = f"one class per row ({self.rows}), the same latent down each column" if self.classes \
-                    else self.rows
-                self.log_image(step, "samples/grid", path, f"step {step}: {what}; fixed noise")
+                error = WriteError(e.filename or path, e)
         self.env.raise_together(error)
         return path if self.env.is_main else None
