@@ -306,6 +306,7 @@ def _resume_worker(rank: int, store: Path, run_dir: Path, fault: str) -> None:
     except CheckpointError as e:
         got = str(e)
     (run_dir / f"rank{rank}.json").write_text(json.dumps(got))
+    env.barrier()  # neither rank leaves the group while the other is still in the agreement's collective
     teardown(env)
 
 
