@@ -80,12 +80,12 @@ from benchmarks.tutorial import (
 )
 from gan_dist import cli
 from gan_dist.amp import native_bf16
-from gan_dist.config import Config, load_config
+from gan_dist.config import Config, DataError, DatasetInfo
+from gan_dist.configio import load_config
 from gan_dist.data import load_split
 from gan_dist.dist import DistEnv, StepAgreement, setup, teardown, usable_cores
 from gan_dist.diversity import ZSpread
 from gan_dist.models import build_models
-from gan_dist.sources import DataError, DatasetInfo
 from gan_dist.trainer import build
 
 REPO = Path(__file__).resolve().parents[1]
@@ -304,7 +304,7 @@ class EngineWorkload(Workload):
     def instrument(self, clock: PhaseClock) -> None:
         super().instrument(clock)
         if self.times_comm:
-            for module in (self.engine.G, self.engine.D):
+            for module in (self.engine.nets.G, self.engine.nets.D):
                 module = getattr(module, "_orig_mod", module)  # under train.compile, the DDP it compiled
                 if isinstance(module, DDP):
                     module.register_comm_hook(AllReduceTimer(clock), timed_allreduce)

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from gan_dist.config import DataConfig
-from gan_dist.sources import DataError, IdxSource
+from gan_dist.config import DataConfig, DataError
+from gan_dist.sources import IdxSource
 
 SATURATION = 0.85
 

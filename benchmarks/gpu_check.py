@@ -40,11 +40,12 @@ from benchmarks import bench
 from benchmarks.colour_fashion import write_split
 from gan_dist import dist as gan_dist_dist
 from gan_dist import evaluate
-from gan_dist.config import Config, load_config
+from gan_dist.config import Config, DataError, DatasetInfo
+from gan_dist.configio import load_config
 from gan_dist.dist import DistEnv, setup, teardown, usable_cores
 from gan_dist.judge import DEFAULT_SPEC, JudgeSpec
 from gan_dist.losses import Metrics
-from gan_dist.sources import DataError, DatasetInfo, IdxSource
+from gan_dist.sources import IdxSource
 from gan_dist.trainer import build
 
 REPO = Path(__file__).resolve().parents[1]
@@ -488,7 +489,7 @@ def fixed_step(mode: Mode, recipe: str, device: str) -> dict[str, Any]:
     inputs = fixed_inputs(cfg.train.batch_size, cfg.model.z_dim, built.info)
     real, labels, z_d, y_d, z_g, y_g = (t.to(env.device) for t in inputs)
     metrics = engine.d_step(real, labels, z_d, y_d, 0)
-    metrics |= engine.g_step(z_g, y_g)  # D is frozen here: its .grad stays the D step's
+    metrics |= engine.g_step(z_g, y_g, 0)  # D is frozen here: its .grad stays the D step's
     names = [n for n in engine.loss.names if n in metrics]
     named = [*(("G." + k, p) for k, p in engine.generator.named_parameters()),
              *(("D." + k, p) for k, p in engine.discriminator.named_parameters())]
@@ -666,11 +667,11 @@ def ddp_option(mode: Mode, env: DistEnv, cfg: Config) -> dict[str, int]:
     and D's gradients never all-reduced in the G step."""
     run = Run(cfg, env)
     eng, counts = run.engine, Counter()
-    eng.G.register_comm_hook(None, counting_hook(counts, "G"))
-    eng.D.register_comm_hook(None, counting_hook(counts, "D"))
+    eng.nets.G.register_comm_hook(None, counting_hook(counts, "G"))
+    eng.nets.D.register_comm_hook(None, counting_hook(counts, "D"))
     run.train(mode.sizes.steps)
     before = dict(counts)
-    eng.g_step(*eng.noise.draw(run.step, 0, cfg.train.batch_size))
+    eng.g_step(*eng.noise.draw(run.step, 0, cfg.train.batch_size), run.step)
     weights = [*eng.generator.parameters(), *eng.discriminator.parameters(),
                *(eng.ema.module.parameters() if eng.ema else ())]
     return {"mismatched": mismatches_with_rank0(weights, env), "elements": sum(w.numel() for w in weights),

@@ -2,7 +2,8 @@
 
 What a user would write by hand for the same training: the same networks (``build_models``), the same
 Adam (fused) and learning rates, the same loss on logits, ``n_critic`` D steps per G step, the same
-autocast dtype and memory layout, the same EMA update. Nothing else: no DDP, no checkpoints, no logging, no per-step
+autocast dtype and memory layout, DiffAugment's operations on every image D sees (``augment.kind=diffaug``),
+the same EMA update. Nothing else: no DDP, no checkpoints, no logging, no per-step
 reseeding of the noise, no metric accumulation on the device. ``benchmarks/bench.py --reference plain``
 drives it as its case (a), so that (b)/(a) is what gan_dist's machinery costs.
 """
@@ -13,10 +14,10 @@ import torch
 from torch.nn import functional as F
 
 from gan_dist.amp import Amp
-from gan_dist.config import Config
+from gan_dist.augment import OPERATIONS, Draws
+from gan_dist.config import Config, DatasetInfo
 from gan_dist.data import to_unit
 from gan_dist.models import build_models, convolutional, label_count
-from gan_dist.sources import DatasetInfo
 
 
 def plain_misfit(cfg: Config) -> str | None:
@@ -25,6 +26,8 @@ def plain_misfit(cfg: Config) -> str | None:
         return "the plain loop has no R1 penalty (loss.r1.gamma > 0)"
     if cfg.train.compile != "off":
         return "the plain loop does not compile (train.compile)"
+    if cfg.augment.kind == "ada" or cfg.loss.lecam.weight > 0:
+        return "the plain loop has no ADA controller or LeCam term (augment.kind=ada, loss.lecam.weight > 0)"
     return None
 
 
@@ -45,6 +48,12 @@ class PlainLoop:
         self.opt_g = torch.optim.Adam(self.G.parameters(), lr=cfg.optim.g_lr, betas=cfg.optim.g_betas, fused=True)
         self.opt_d = torch.optim.Adam(self.D.parameters(), lr=cfg.optim.d_lr, betas=cfg.optim.d_betas, fused=True)
         self.dtype, self.autocast, self.laid_out = amp.dtype, amp.autocast, amp.laid_out
+        self.policy = [OPERATIONS[name] for name in cfg.augment.policy] if cfg.augment.kind == "diffaug" else []
+
+    def augmented(self, images: torch.Tensor) -> torch.Tensor:
+        for operation in self.policy:
+            images = operation(images, Draws(None))
+        return self.laid_out(images)
 
     def next_batch(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         picks = [torch.randint(0, len(self.labels), (self.batch,), device=self.device) for _ in range(self.n_critic)]
@@ -69,7 +78,7 @@ class PlainLoop:
             with torch.no_grad(), self.autocast():
                 fake = self.G(z, y)
             with self.autocast():
-                real_logits, fake_logits = self.D(real, labels), self.D(fake, y)
+                real_logits, fake_logits = self.D(self.augmented(real), labels), self.D(self.augmented(fake), y)
             loss = self.d_loss(real_logits.float(), fake_logits.float())
             self.opt_d.zero_grad(set_to_none=True)
             loss.backward()
@@ -77,7 +86,7 @@ class PlainLoop:
         z, y = self.noise()
         self.D.requires_grad_(False)
         with self.autocast():
-            logits = self.D(self.G(z, y), y)
+            logits = self.D(self.augmented(self.G(z, y)), y)
         loss = self.g_loss(logits.float())
         self.opt_g.zero_grad(set_to_none=True)
         loss.backward()

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torchvision.datasets import MNIST, VisionDataset
 
-from gan_dist.sources import DatasetInfo
+from gan_dist.config import DatasetInfo
 
 
 def tutorial_misfit(info: DatasetInfo) -> str | None:

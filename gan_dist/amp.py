@@ -101,7 +101,8 @@ class Amp:
         (grad,) = torch.autograd.grad(self.scaler.scale(outputs.float().sum()), inputs, create_graph=True)
         return grad / self.scaler.scale(one)
 
-    def step(self, loss: torch.Tensor, opt: torch.optim.Optimizer) -> None:
-        opt.zero_grad(set_to_none=True)
+    def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
+
+    def step(self, opt: torch.optim.Optimizer) -> None:
         self.scaler.step(opt)

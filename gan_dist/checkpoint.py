@@ -11,7 +11,6 @@ file, never a half-file under a valid name.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import re
 import sys
@@ -24,10 +23,10 @@ import torch
 
 from gan_dist.config import CheckpointConfig, UsageError, write_reason
 from gan_dist.dist import DistEnv
-from gan_dist.sources import idx_description
 
 FORMAT_VERSION = 3
-"""3: one entry per component. 2 kept them all at the top level; 1 also lacked ``data``."""
+"""3: one entry per component. Formats 1 and 2 (flat) came from builds before the first release and
+are refused, naming their version."""
 REQUIRED = ("format_version", "step", "run", "engine")
 """What every reader needs: the step, the run record (config, data) and the engine (the weights)."""
 _NAME = re.compile(r"step_(\d+)\.pt")
@@ -100,8 +99,7 @@ def _reason(e: Exception) -> str:
 
 
 def load_file(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Read and sanity-check one checkpoint, an older format migrated; ``CheckpointError`` if it is not
-    usable at all."""
+    """Read and sanity-check one checkpoint; ``CheckpointError`` if it is not usable at all."""
     try:
         with open(path, "rb") as f:
             magic = f.read(4)
@@ -113,60 +111,14 @@ def load_file(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
     if state is None:
         raise CheckpointError(f"{path} is not a gan_dist checkpoint: not a torch.save archive (a plain pickle, "
                               "or another file)")
-    if isinstance(state, dict) and state.get("format_version") in (1, 2):
-        state = _from_flat(path, state)
+    version = state.get("format_version", FORMAT_VERSION) if isinstance(state, dict) else FORMAT_VERSION
+    if version != FORMAT_VERSION:
+        raise IncompatibleCheckpoint(f"checkpoint {path} has format version {version}; this gan_dist reads "
+                                     f"{FORMAT_VERSION}")
     missing = [k for k in REQUIRED if not isinstance(state, dict) or k not in state]
     if missing:
         raise CheckpointError(f"checkpoint {path} is not a gan_dist checkpoint (missing {', '.join(missing)})")
-    if state["format_version"] != FORMAT_VERSION:
-        raise IncompatibleCheckpoint(
-            f"checkpoint {path} has format version {state['format_version']}; this gan_dist reads {FORMAT_VERSION}"
-        )
     return state
-
-
-FLAT_ENGINE = ("generator", "discriminator", "opt_g", "opt_d", "scaler")
-FLAT_REQUIRED = (*FLAT_ENGINE, "step", "epoch", "batch", "world_size", "config")
-ARCH_KEYS = {"mlp": ("g_hidden", "d_hidden", "d_dropout"), "dcgan": ("width", "d_depth")}
-"""Version 2's flat ``model.*`` keys of each architecture, now ``model.<arch>.*``."""
-
-
-def _from_flat(path: Path, state: dict[str, Any]) -> dict[str, Any]:
-    """A version 1 or 2 checkpoint in version 3's layout: its flat keys split by component, and its
-    config's architecture and loss options moved into their sections (those of other choices dropped).
-
-    Version 1 knew only mnist and fashion_mnist, whose description follows from the name.
-    """
-    version = state["format_version"]
-    missing = [k for k in (*FLAT_REQUIRED, *(("data",) if version == 2 else ())) if k not in state]
-    if missing:
-        raise CheckpointError(f"checkpoint {path} is not a gan_dist checkpoint (missing {', '.join(missing)})")
-    config = {k: dict(v) if isinstance(v, dict) else v for k, v in state["config"].items()}
-    data = state.get("data")
-    if version == 1:
-        name = config.get("data", {}).get("name", "mnist")
-        try:
-            data = idx_description(name, source=f"{name} (from a version 1 checkpoint)").to_dict()
-        except KeyError:
-            raise IncompatibleCheckpoint(f"checkpoint {path} has format version 1 and data.name={name!r}, "
-                                         "which version 1 never wrote") from None
-    model, loss = config.setdefault("model", {}), config.setdefault("loss", {})
-    for arch, keys in ARCH_KEYS.items():
-        options = {k: model.pop(k) for k in keys if k in model}
-        if arch == model.get("arch", "mlp"):
-            model[arch] = options
-    smoothing = loss.pop("label_smoothing", 0.0)
-    if loss.get("kind", "bce") == "bce":
-        loss["bce"] = {"label_smoothing": smoothing}
-    return {
-        "format_version": FORMAT_VERSION,
-        "step": state["step"],
-        "run": {"config": config, "data": data, "wandb_run_id": state.get("wandb_run_id")},
-        "position": {k: state[k] for k in ("step", "epoch", "batch", "world_size")}
-        | {"batch_size": config.get("train", {}).get("batch_size", 64)},
-        "engine": {k: state[k] for k in (*FLAT_ENGINE, "generator_ema") if k in state},
-        "best": {"fid": state.get("best_fid", math.inf)},
-    }
 
 
 def check_finite(name: str, tensors: dict[str, torch.Tensor]) -> None:

@@ -1,8 +1,8 @@
-"""Typed run configuration.
+"""The torch-free core: the typed run configuration's schema, the description of a dataset that every
+network is built from (``DatasetInfo``), and the errors every command line reports in one line.
 
-Defaults live in the dataclasses below. A YAML file (``--config``) and dotted command-line
-overrides (``train.batch_size=128``) are layered on top, then checked field by field, so a typo
-or a bad value stops the run before any process group exists, with a message that names the key.
+Defaults live in the dataclasses below; ``gan_dist.configio`` layers a YAML file and dotted overrides
+on top and checks them field by field against this schema.
 
 Architectures, losses and datasets are named in the config and registered by the modules that
 build them (``Registry``). An architecture or a loss may bring its own options, a section named
@@ -13,16 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import math
-import operator
-import types
-import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union
-
-import yaml
+from typing import Any, Literal, TypeVar
 
 T = TypeVar("T")
 
@@ -47,6 +41,46 @@ class WriteError(UsageError):
     def __init__(self, path: Path, e: BaseException) -> None:
         super().__init__(f"writing {path} failed: {write_reason(e)} (disk full?); every checkpoint on disk "
                          "is complete")
+
+
+class DataError(UsageError, RuntimeError):
+    """Data that cannot be found or read."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What the data is, measured from the data itself: every network, metric and grid is built from it.
+
+    It travels in every checkpoint, so sampling and evaluation rebuild G without the data.
+    """
+
+    name: str
+    """``data.name`` of the source."""
+    channels: int
+    resolution: int
+    num_classes: int
+    """0: unconditional (a flat folder: every label is 0)."""
+    class_names: tuple[str, ...]
+    sizes: dict[str, int]
+    """Images per split, e.g. ``{"train": 60000, "test": 10000}``."""
+    source: str
+    """Where it came from: a folder, a file, or a download."""
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.channels, self.resolution, self.resolution
+
+    @property
+    def conditional(self) -> bool:
+        return self.num_classes > 0
+
+    def to_dict(self) -> dict:
+        """Builtins only: safe for YAML, JSON, W&B and ``torch.load(weights_only=True)``."""
+        return dataclasses.asdict(self) | {"class_names": list(self.class_names)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DatasetInfo:
+        return cls(**(dict(d) | {"class_names": tuple(d["class_names"]), "sizes": dict(d["sizes"])}))
 
 
 class Registry:
@@ -93,14 +127,14 @@ DATASETS = Registry("data.name", "dataset", "gan_dist.sources")
 
 
 def opt(default: Any, help: str, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
-        registry: Registry | None = None, options_of: str | None = None):
+        lt: float | None = None, registry: Registry | None = None, options_of: str | None = None):
     """A config field with its documentation and an optional numeric range.
 
     A section's default is given as its dataclass, built anew for each config. ``registry``: the
     field names an entry of it. ``options_of``: the field holds the options of the entry that the
     field named here chooses; its YAML key is that entry's name.
     """
-    meta = {"help": help, "ge": ge, "gt": gt, "le": le, "registry": registry, "options_of": options_of}
+    meta = {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt, "registry": registry, "options_of": options_of}
     if isinstance(default, type) and dataclasses.is_dataclass(default):
         return field(default_factory=default, metadata=meta)
     return field(default=default, metadata=meta)
@@ -177,14 +211,38 @@ class R1Config:
 
 
 @dataclass(frozen=True)
+class LeCamConfig:
+    weight: float = opt(0.0, "weight λ of LeCam's ‖D(x) - EMA D(G(z))‖² + ‖D(G(z)) - EMA D(x)‖², hinged "
+                             "(Tseng et al. 2021; 0: off)", ge=0)
+    decay: float = opt(0.99, "decay per D step of the EMAs of D's mean outputs on real and fake images", ge=0, lt=1)
+
+
+@dataclass(frozen=True)
 class LossConfig:
     kind: str = opt("bce", "bce: the tutorial's loss on logits; hinge: the SNGAN loss; options: loss.<kind>.*",
                     registry=LOSSES)
     options: Any = opt(None, "the chosen loss's own section", options_of="kind")
     r1: R1Config = opt(R1Config, "R1 gradient penalty on D (Mescheder et al. 2018), with any loss.kind")
+    lecam: LeCamConfig = opt(LeCamConfig, "LeCam regularizer on D's outputs (small data), with any loss.kind")
 
     def __post_init__(self) -> None:
         _fill_options(self, "kind", "options")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    kind: Literal["none", "diffaug", "ada"] = opt(
+        "none", "differentiable augmentation of every image D sees, real and fake, in D's and G's steps: none; "
+        "diffaug: the policy on every image (DiffAugment); ada: each operation with probability p, which "
+        "follows D's overfitting (ADA)")
+    policy: tuple[Literal["color", "translation", "cutout"], ...] = opt(
+        ("color", "translation", "cutout"), "the operations, in order: color (brightness, saturation, contrast), "
+        "translation (up to 1/8 of the size), cutout (a square of half the size)")
+    ada_target: float = opt(0.6, "ada: the E[sign(D(real))] that p steers to (higher: D may overfit more)",
+                            gt=0, lt=1)
+    ada_interval: int = opt(4, "ada: steps between adjustments of p", ge=1)
+    ada_kimg: float = opt(500.0, "ada: thousands of real images over which p can move from 0 to 1", gt=0)
+    ada_p: float = opt(0.0, "ada: p at the start of a run (a resumed run takes the checkpoint's)", ge=0, le=1)
 
 
 @dataclass(frozen=True)
@@ -300,6 +358,7 @@ class Config:
     data: DataConfig = opt(DataConfig, "dataset")
     model: ModelConfig = opt(ModelConfig, "networks")
     loss: LossConfig = opt(LossConfig, "GAN loss")
+    augment: AugmentConfig = opt(AugmentConfig, "augmentation of D's inputs")
     optim: OptimConfig = opt(OptimConfig, "optimizers")
     ema: EMAConfig = opt(EMAConfig, "generator EMA")
     train: TrainConfig = opt(TrainConfig, "training loop")
@@ -310,232 +369,11 @@ class Config:
     eval: EvalConfig = opt(EvalConfig, "quality metrics")
 
     def __post_init__(self) -> None:
+        if self.augment.kind != "none" and not self.augment.policy:
+            raise ConfigError(f"augment.policy: augment.kind={self.augment.kind} needs at least one operation")
+        if self.augment.kind == "ada" and self.model.conditioning == "none":
+            raise ConfigError("augment.kind: ada takes a conditional D (model.conditioning concat or projection); "
+                              "with model.conditioning=none use augment.kind=diffaug")
         if self.loss.r1.gamma > 0 and self.train.compile != "off":
             raise ConfigError("loss.r1.gamma: R1 differentiates D's gradient, and torch.compile has no double "
                               "backward; set train.compile=off or loss.r1.gamma=0")
-
-
-# ---------------------------------------------------------------------------------------------- parsing
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " | ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return f"list of {_type_name(args[0])}"
-        return f"list of {len(args)} {_type_name(args[0])}"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; return it in canonical form."""
-    origin = typing.get_origin(tp)
-    bad = ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        if isinstance(value, bool) and {"off", "on"} & set(typing.get_args(tp)):
-            value = "on" if value else "off"  # YAML 1.1 reads a bare off/on as a boolean
-        if value not in typing.get_args(tp):
-            raise bad
-        return value
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in typing.get_args(tp):
-            return None
-        inner = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _coerce(value, inner[0], key)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise bad
-        args = typing.get_args(tp)
-        if args[1:] == (Ellipsis,):
-            return tuple(_coerce(v, args[0], key) for v in value)
-        if len(value) != len(args):
-            raise bad
-        return tuple(_coerce(v, a, key) for v, a in zip(value, args, strict=True))
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise bad
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
-            try:
-                value = float(value)
-            except ValueError:
-                raise bad from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise bad
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise bad
-        return value
-    raise TypeError(f"unsupported config type {tp!r} at {key}")
-
-
-def _check_range(value: Any, meta: typing.Mapping[str, Any], key: str) -> None:
-    """Apply the field's ge/gt/le bounds to a number, or to each number of a list."""
-    for v in value if isinstance(value, tuple) else (value,):
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            continue
-        for name, holds, word in (("ge", operator.ge, ">="), ("gt", operator.gt, ">"), ("le", operator.le, "<=")):
-            bound = meta.get(name)
-            if bound is not None and not holds(v, bound):
-                raise ConfigError(f"{key}: expected values {word} {bound}, got {value!r}")
-
-
-def from_dict(cls: type, data: typing.Mapping[str, Any], prefix: str = "") -> Any:
-    """Build the dataclass ``cls`` from a nested mapping; every key and value is checked."""
-    if not isinstance(data, typing.Mapping):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    variants = {f.metadata["options_of"]: f.name for f in fields.values() if f.metadata["options_of"]}
-    known = {name: f for name, f in fields.items() if not f.metadata["options_of"]}
-    kwargs: dict[str, Any] = {}
-    for name in sorted(data, key=lambda n: n not in variants):  # the choosers first: they decide the sections
-        value, key = data[name], f"{prefix}{name}"
-        if name not in known:
-            kwargs.update(_variant_section(cls, known, variants, kwargs, name, value, prefix))
-            continue
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = from_dict(tp, value if value is not None else {}, f"{key}.")
-        else:
-            kwargs[name] = _coerce(value, tp, key)
-            _check_range(kwargs[name], known[name].metadata, key)
-            if known[name].metadata["registry"] is not None:
-                known[name].metadata["registry"].check(kwargs[name])
-    return cls(**kwargs)
-
-
-def _variant_section(cls: type, known: dict[str, dataclasses.Field], variants: dict[str, str],
-                     chosen: dict[str, Any], name: str, value: Any, prefix: str) -> dict[str, Any]:
-    """The options of the entry ``name``, when a chooser field of ``cls`` chose it; else a ConfigError."""
-    for selector, options in variants.items():
-        registry: Registry = known[selector].metadata["registry"]
-        if name not in registry.names():
-            continue
-        picked = chosen.get(selector, known[selector].default)
-        if name != picked:
-            inner = next(iter(value), None) if isinstance(value, typing.Mapping) else None
-            key = f"{prefix}{name}" + (f".{inner}" if inner is not None else "")
-            raise ConfigError(f"{key}: applies with {prefix}{selector}={name}, and this config has "
-                              f"{prefix}{selector}={picked}")
-        kind = registry.options(name)
-        if kind is None:
-            raise ConfigError(f"{prefix}{name}: {prefix}{selector}={name} takes no options")
-        return {options: from_dict(kind, value if value is not None else {}, f"{prefix}{name}.")}
-    sections = [n for s in variants for n in known[s].metadata["registry"].names()]
-    raise ConfigError(f"unknown config key '{prefix}{name}'; known here: {', '.join([*known, *sections])}")
-
-
-def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    node = tree
-    for part in parents:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"{dotted}: '{part}' is not a section")
-        node = child
-    node[leaf] = value
-
-
-def parse_override(item: str) -> tuple[str, Any]:
-    """``a.b=value`` -> ("a.b", YAML-parsed value), so ``true``, ``3`` and ``[1, 2]`` get their types."""
-    key, sep, raw = item.partition("=")
-    if not sep or not key:
-        raise ConfigError(f"override '{item}': expected key=value")
-    try:
-        return key, yaml.safe_load(raw) if raw else ""
-    except yaml.YAMLError:
-        return key, raw
-
-
-def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Defaults, then the YAML file, then the overrides; validated as a whole."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except OSError as e:
-            raise ConfigError(f"--config: cannot read {path}: {e.strerror}") from None
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"--config: {path} is not UTF-8 text (byte {e.start} is {e.object[e.start]:#04x}); "
-                              "name a YAML file") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--config: {path} is not valid YAML: {e}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"--config: {path} must hold a mapping at the top level")
-        tree = loaded or {}
-    return resolve(tree, overrides)
-
-
-def resolve(tree: dict[str, Any], overrides: typing.Sequence[str] = ()) -> Config:
-    """A nested mapping (a YAML file, a checkpoint's config) plus dotted overrides, validated."""
-    for item in overrides:
-        set_dotted(tree, *parse_override(item))
-    return from_dict(Config, tree)
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain nested dict of builtins (tuples become lists): safe for YAML, JSON and ``weights_only``.
-
-    A chosen entry's options appear under its name (``model: {arch: dcgan, dcgan: {...}}``).
-    """
-
-    def plain(v: Any) -> Any:
-        if dataclasses.is_dataclass(v):
-            out = {}
-            for f in dataclasses.fields(v):
-                value = getattr(v, f.name)
-                if f.metadata.get("options_of"):
-                    if value is not None:
-                        out[getattr(v, f.metadata["options_of"])] = plain(value)
-                else:
-                    out[f.name] = plain(value)
-            return out
-        if isinstance(v, (tuple, list)):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        return v
-
-    return plain(cfg)
-
-
-def to_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
-
-
-def describe(cls: type = Config, prefix: str = "", when: str = "") -> list[str]:
-    """One line per leaf key: name, type, default and meaning (for ``--help``); every registered
-    entry's options, with the choice they apply to."""
-    lines = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        if f.metadata["options_of"]:
-            selector = next(g for g in dataclasses.fields(cls) if g.name == f.metadata["options_of"])
-            registry: Registry = selector.metadata["registry"]
-            for name in registry.names():
-                if registry.options(name) is not None:
-                    lines += describe(registry.options(name), f"{prefix}{name}.", f" (with {registry.key}={name})")
-            continue
-        if dataclasses.is_dataclass(tp):
-            lines += describe(tp, f"{prefix}{f.name}.", when)
-            continue
-        default = f.default
-        registry = f.metadata["registry"]
-        kind = " | ".join(map(repr, registry.names())) if registry else _type_name(tp)
-        shown = yaml.safe_dump(list(default) if isinstance(default, tuple) else default,
-                               default_flow_style=True).strip().removesuffix("...").strip()
-        lines.append(f"  {prefix}{f.name} ({kind}) = {shown}\n      {f.metadata['help']}{when}")
-    return lines

@@ -27,14 +27,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from gan_dist.config import DataConfig
+from gan_dist.config import DataConfig, DataError, DatasetInfo
 from gan_dist.dist import DistEnv
-from gan_dist.sources import DataError, DatasetInfo, Decoded, Source, open_source
+from gan_dist.seeds import Stream
+from gan_dist.sources import Decoded, Source, open_source
 
 CACHE_FORMAT = 1
 """Bumped whenever the conversion or the cache layout changes: older caches are then other keys."""
-FLIP_STREAM = 0xF11B
-"""Tags the flip decisions' random stream, apart from any other stream seeded by (seed, epoch)."""
 
 
 def to_unit(pixels: torch.Tensor) -> torch.Tensor:
@@ -82,7 +81,8 @@ CHECKS = {"names": "names, sizes and mtimes", "content": "content hashes"}
 """What ``data.verify`` keys the cache to, as the data line says it."""
 
 
-def _file_digest(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The hex sha256 of a file's bytes, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -95,7 +95,7 @@ def cache_path(cfg: DataConfig, source: Source) -> Path:
     with ``data.verify=content`` a hash of the bytes), its root and everything the conversion depends on."""
     try:
         listing = [[str(p.relative_to(source.root)), p.stat().st_size,
-                    _file_digest(p) if cfg.verify == "content" else p.stat().st_mtime_ns] for p in source.files()]
+                    file_sha256(p) if cfg.verify == "content" else p.stat().st_mtime_ns] for p in source.files()]
     except OSError as e:
         raise DataError(f"cannot list {source.root}: {e}") from None
     recipe = {"format": CACHE_FORMAT, "name": cfg.name, "root": str(source.root.resolve()), "files": listing,
@@ -170,8 +170,9 @@ def open_cache(path: Path, split: str) -> Split:
     return Split(split, images, labels, info)
 
 
-def _prepare(cfg: DataConfig, source: Source, split: str) -> None:
-    """Local rank 0: download the split if allowed and missing, then build the cache if it is not there."""
+def _prepare(cfg: DataConfig, source: Source, split: str) -> Path:
+    """Local rank 0: download the split if allowed and missing, then build the cache if it is not there;
+    returns the cache's path."""
     if cfg.download and source.downloadable and not source.has(split):
         source.download(split)
     if not source.has(split):
@@ -179,6 +180,7 @@ def _prepare(cfg: DataConfig, source: Source, split: str) -> None:
     path = cache_path(cfg, source)
     if not path.is_dir():
         build_cache(cfg, source, path)
+    return path
 
 
 def load_split(cfg: DataConfig, env: DistEnv, split: str | None = None) -> Split:
@@ -190,17 +192,17 @@ def load_split(cfg: DataConfig, env: DistEnv, split: str | None = None) -> Split
     """
     split = split or cfg.split
     source = open_source(cfg)
-    failed = None
+    failed, path = None, None
     if env.local_rank == 0:
         try:
-            _prepare(cfg, source, split)
+            path = _prepare(cfg, source, split)
         except DataError as e:
             failed = e
     if env.any(failed is not None):  # every rank enters: the barrier that orders the build
         raise failed or DataError(f"preparing {cfg.name} failed on another rank")
     result = None
     try:
-        result = open_cache(cache_path(cfg, source), split)
+        result = open_cache(path or cache_path(cfg, source), split)
     except DataError as e:
         failed = e
     if env.any(failed is not None):
@@ -254,7 +256,7 @@ class ShardedBatches:
         """One bit per dataset index for ``epoch`` (None without ``flip``): mirror that sample."""
         if not self.flip:
             return None
-        rng = np.random.default_rng([FLIP_STREAM, self.seed, epoch])
+        rng = np.random.default_rng([int(Stream.FLIP), self.seed, epoch])
         return torch.from_numpy(rng.integers(0, 2, size=self.size, dtype=np.uint8).astype(bool))
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

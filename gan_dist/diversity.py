@@ -17,14 +17,12 @@ from torch.func import functional_call
 
 from gan_dist.data import Split, to_unit
 from gan_dist.sampling import grid_classes, row_names
-from gan_dist.seeds import latents
+from gan_dist.seeds import Stream, latents
 
 LATENTS = 16
 """Latents per class: the spread's standard error is then about 18% of itself, enough to tell 0.05 from 0.5."""
 REAL_PER_CLASS = 512
 """Real images per class for the reference spread (all of a smaller class)."""
-STREAM = 0x25BD
-"""Tags the latents' random stream."""
 
 
 def pixel_spread(images: torch.Tensor) -> float:
@@ -48,7 +46,7 @@ class ZSpread:
             members = np.sort(picks.permutation(members)[:REAL_PER_CLASS])
             self.real.append(max(pixel_spread(to_unit(torch.from_numpy(np.asarray(split.images[members])))), 1e-3))
         n = len(self.classes)
-        self.z = latents(z_dim, n * LATENTS, seed, STREAM).to(device)
+        self.z = latents(z_dim, n * LATENTS, seed, Stream.DIVERSITY).to(device)
         self.labels = torch.tensor(self.classes, device=device).repeat_interleave(LATENTS)
 
     @torch.no_grad()

@@ -1,16 +1,17 @@
 """One GAN iteration under DDP: ``n_critic`` D steps, then one G step.
 
-The phases follow StyleGAN2-ADA's loop:
+The loss runs each phase (``GANLoss.d_phase``, ``g_phase``), as StyleGAN2-ADA's loop does:
 - D step: fakes are made by the bare G under ``no_grad``; only D's DDP all-reduces.
 - G step: D is frozen and runs inside ``D.no_sync()``, so D's gradients are never computed
   nor all-reduced; only G's DDP all-reduces.
-Every random draw (noise, fake labels, dropout masks) is a function of (seed, rank, step), so a
-resumed run replays exactly the streams an uninterrupted run would have seen.
+The engine owns the networks and optimizers, zeroes and steps them around the phases, and draws
+every random number as a function of (seed, rank, step) (noise, fake labels, dropout masks) or of
+(seed, step) over the global batch (augmentations), so a resumed run replays exactly the streams an
+uninterrupted run would have seen.
 """
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from collections.abc import Sequence
 
@@ -19,13 +20,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gan_dist.amp import Amp
+from gan_dist.augment import Augment
 from gan_dist.checkpoint import check_finite, check_shapes
-from gan_dist.config import Config, ConfigError
+from gan_dist.config import Config, ConfigError, DatasetInfo
 from gan_dist.dist import DistEnv
-from gan_dist.losses import GANLoss, Metrics
+from gan_dist.losses import GANLoss, Metrics, Networks
 from gan_dist.models import EMA, build_models, convolutional, label_count
-from gan_dist.seeds import NoiseStream
-from gan_dist.sources import DatasetInfo
+from gan_dist.seeds import NoiseStream, Stream
 
 
 def _adam(module: nn.Module, lr: float, betas: tuple[float, float]) -> torch.optim.Adam:
@@ -59,13 +60,16 @@ class GANEngine:
         if cfg.dist.sync_batchnorm and env.distributed:
             g, d = nn.SyncBatchNorm.convert_sync_batchnorm(g), nn.SyncBatchNorm.convert_sync_batchnorm(d)
         self.generator, self.discriminator = g.to(env.device), d.to(env.device)
-        self.G, self.D = self._wrap(self.generator, cfg, env), self._wrap(self.discriminator, cfg, env)
+        G, D = self._wrap(self.generator, cfg, env), self._wrap(self.discriminator, cfg, env)
         # The bare G makes the D step's fakes (no DDP hooks under no_grad); each call site is compiled.
-        self.fake_G, self.G, self.D = (_compiled(m, cfg.train.compile) for m in (self.generator, self.G, self.D))
+        fake_G, compiled_G, compiled_D = (_compiled(m, cfg.train.compile) for m in (self.generator, G, D))
+        self.nets = Networks(G=compiled_G, D=compiled_D, fake_G=fake_G, discriminator=self.discriminator,
+                             d_ddp=D if isinstance(D, DDP) else None)
         self.graphed = cfg.train.compile == "reduce-overhead" and env.device.type == "cuda"
         self.opt_g = _adam(self.generator, cfg.optim.g_lr, cfg.optim.g_betas)
         self.opt_d = _adam(self.discriminator, cfg.optim.d_lr, cfg.optim.d_betas)
-        self.loss = GANLoss(cfg.loss, self.amp)
+        augment = Augment(cfg.augment, env, cfg.train.batch_size * env.world_size)
+        self.loss = GANLoss(cfg.loss, augment, self.amp, env)
         self.n_critic = cfg.train.n_critic
         self.noise = NoiseStream(cfg.train.seed, env.rank, cfg.model.z_dim, self.num_classes, env.device)
 
@@ -94,23 +98,18 @@ class GANEngine:
 
     def d_step(self, real: torch.Tensor, labels: torch.Tensor, z: torch.Tensor, fake_labels: torch.Tensor,
                d_step: int) -> Metrics:
-        with torch.no_grad(), self.amp.autocast():
-            fake = self.fake_G(z, fake_labels)
-        loss, metrics = self.loss.d_terms(self.D, self.amp.laid_out(real), labels, fake, fake_labels, d_step)
-        self.amp.step(loss, self.opt_d)
+        """One D update; ``d_step`` counts D steps from 0 and picks the augmentation's stream."""
+        self.opt_d.zero_grad(set_to_none=True)
+        metrics = self.loss.d_phase(self.nets, self.amp.laid_out(real), labels, z, fake_labels, d_step,
+                                    self.noise.shared(Stream.AUGMENT_D, d_step))
+        self.amp.step(self.opt_d)
         return metrics
 
-    def g_step(self, z: torch.Tensor, fake_labels: torch.Tensor) -> Metrics:
-        self.discriminator.requires_grad_(False)
-        try:
-            no_sync = self.D.no_sync() if isinstance(self.D, DDP) else contextlib.nullcontext()
-            with no_sync:
-                with self.amp.autocast():
-                    fake = self.G(z, fake_labels)
-                loss, metrics = self.loss.g_terms(self.D, fake, fake_labels)
-            self.amp.step(loss, self.opt_g)
-        finally:
-            self.discriminator.requires_grad_(True)
+    def g_step(self, z: torch.Tensor, fake_labels: torch.Tensor, step: int) -> Metrics:
+        """One G update at iteration ``step``."""
+        self.opt_g.zero_grad(set_to_none=True)
+        metrics = self.loss.g_phase(self.nets, z, fake_labels, self.noise.shared(Stream.AUGMENT_G, step))
+        self.amp.step(self.opt_g)
         return metrics
 
     def iteration(self, step: int, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Metrics:
@@ -128,8 +127,9 @@ class GANEngine:
                 scaler.update()
             z, fake_labels = self.noise.draw(step, phase, real.shape[0])
             metrics |= self.d_step(real, labels, z, fake_labels, step * self.n_critic + phase)
-        metrics |= self.g_step(*self.noise.draw(step, len(batches), batches[0][0].shape[0]))
+        metrics |= self.g_step(*self.noise.draw(step, len(batches), batches[0][0].shape[0]), step)
         scaler.update()
+        metrics |= self.loss.end_iteration(step)
         if self.ema is not None:
             self.ema.update(self.generator, step + 1)
         return metrics
@@ -153,6 +153,7 @@ class GANEngine:
             "opt_g": self.opt_g.state_dict(),
             "opt_d": self.opt_d.state_dict(),
             "scaler": self.amp.scaler.state_dict(),
+            "loss": self.loss.state_dict(),
         }
         if self.ema is not None:
             state["generator_ema"] = self.ema.calibrated().state_dict()
@@ -175,6 +176,7 @@ class GANEngine:
             for group, own in zip(opt.param_groups, settings, strict=True):
                 group.update(own)
         self.amp.scaler.load_state_dict(state["scaler"])
+        self.loss.load_state_dict(state.get("loss", {}))
         if self.ema is not None:
             # A checkpoint from a run without EMA starts the average from the current G.
             self.ema.load_state_dict(state.get("generator_ema", state["generator"]))

@@ -38,14 +38,14 @@ import torch
 from torch import nn
 
 from gan_dist import cli, metrics
-from gan_dist.config import Config, ConfigError, EvalConfig, UsageError, load_config, resolve, to_dict
+from gan_dist.config import Config, ConfigError, DatasetInfo, EvalConfig, UsageError
+from gan_dist.configio import load_config, resolve, to_dict
 from gan_dist.data import DataError, Split, load_split, to_device
 from gan_dist.dist import DistEnv, setup, teardown
 from gan_dist.judge import DEFAULT_SPEC, JudgeSpec, load_or_train
 from gan_dist.models import label_count
 from gan_dist.sampling import class_rows, generate, load_generator
-from gan_dist.seeds import derive_seed
-from gan_dist.sources import DatasetInfo
+from gan_dist.seeds import Stream, derive_seed
 
 if TYPE_CHECKING:
     from gan_dist.inception import Inception
@@ -249,7 +249,7 @@ class Evaluator:
         order = order[self.real.labels.cpu()[order].argsort(stable=True)]  # by class, random within
         first, second = order[0::2].to(self.env.device), order[1::2].to(self.env.device)
         real = score(self.real[first], self.real[second], self.num_classes, self.cfg.features)
-        pixels = torch.Generator().manual_seed(derive_seed(self.cfg.seed, 0x401CE))
+        pixels = torch.Generator().manual_seed(derive_seed(self.cfg.seed, Stream.NOISE_FLOOR))
         mine = self.env.shard(self.labels.shape[0])
         noise_images = torch.randint(0, 256, (self.labels.shape[0], *self.data.shape), generator=pixels,
                                      dtype=torch.uint8)

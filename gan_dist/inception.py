@@ -33,7 +33,7 @@ from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, k
 
 from gan_dist.checkpoint import CheckpointError, atomic_save
 from gan_dist.config import ConfigError
-from gan_dist.data import Split, to_pixels
+from gan_dist.data import Split, file_sha256, to_pixels
 from gan_dist.dist import DistEnv
 from gan_dist.judge import in_batches
 from gan_dist.metrics import kid_subset_size
@@ -109,14 +109,6 @@ def as_rgb_pixels(images: torch.Tensor) -> torch.Tensor:
     return pixels.expand(-1, 3, -1, -1) if pixels.shape[1] == 1 else pixels
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class Inception:
     """The feature space of ``eval.features=inception``, called like the judge: pool3 features [N, 2048] and
     the unbiased logits [N, 1008] (what IS reads), float32, of uint8 images or float ones in [-1, 1]."""
@@ -124,7 +116,7 @@ class Inception:
     def __init__(self, path: str | None, device: torch.device) -> None:
         self.path = weights_file(path)
         self.net = load_extractor(self.path).to(device)
-        self.sha256 = _sha256(self.path)
+        self.sha256 = file_sha256(self.path)
         self.info: dict[str, Any] = {
             "extractor": f"torch-fidelity {torch_fidelity.__version__} {NAME}: pool3 features (2048) for FID, KID "
                          "and precision/recall, unbiased logits (1008) for IS",

@@ -40,11 +40,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gan_dist.checkpoint import CheckpointError, atomic_save
-from gan_dist.config import DataConfig
+from gan_dist.config import DataConfig, DatasetInfo
 from gan_dist.data import ResidentBatches, has_split, load_split, to_device, to_unit
 from gan_dist.dist import DistEnv
-from gan_dist.seeds import derive_seed
-from gan_dist.sources import DatasetInfo, open_source
+from gan_dist.seeds import Stream, derive_seed
+from gan_dist.sources import open_source
 
 JUDGE_VERSION = 2  # bump when JudgeNet or the training loop changes: old caches then stop matching
 ROTATIONS = 4  # the proxy task's classes: 0, 90, 180 and 270 degrees
@@ -209,7 +209,7 @@ def _train(spec: JudgeSpec, data: JudgeData, env: DistEnv) -> tuple[JudgeNet, fl
         if env.distributed else net
     images, labels = (to_device(a, env.device) for a in data.train)
     batches = ResidentBatches(images, labels, max(1, spec.batch_size // env.world_size), env.rank, env.world_size,
-                              derive_seed(spec.seed, 0x1D6E))
+                              derive_seed(spec.seed, Stream.JUDGE_ORDER))
     epochs = epochs_for(spec, len(labels))
     opt = torch.optim.Adam(net.parameters(), lr=spec.lr)
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=spec.lr, total_steps=epochs * len(batches),

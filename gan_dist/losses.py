@@ -1,21 +1,27 @@
-"""GAN objectives, each running its own D and G terms and naming what it reports.
+"""The phases of a GAN iteration and the terms in them, each naming what it reports.
 
-As in StyleGAN2-ADA's ``Loss.accumulate_gradients``, the loss calls D itself: a regularizer that needs
-more than logits (R1 needs ∇ₓD(x)) lives here, not in the training step. Every term returns a dict
+As in StyleGAN2-ADA's ``Loss.accumulate_gradients``, the loss runs G and D itself: a regularizer that
+needs more than logits (R1 needs ∇ₓD(x)), or an augmentation of what D sees, is a term here, and the
+training step stays the same. Every term returns a dict
 of named scalars; logging, W&B and the GPU check take their keys from ``GANLoss.names``. Logits are
 raw (no sigmoid in D) and the objectives run in float32, outside autocast.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gan_dist.amp import Amp
-from gan_dist.config import LOSSES, LossConfig, R1Config, opt
+from gan_dist.augment import Augment
+from gan_dist.config import LOSSES, LeCamConfig, LossConfig, R1Config, opt
+from gan_dist.dist import DistEnv
 
 Metrics = dict[str, torch.Tensor]
 
@@ -92,35 +98,122 @@ class R1:
         return self.gamma / 2 * self.every
 
 
-class GANLoss:
-    """The configured objective plus R1 when ``loss.r1.gamma`` > 0. D runs under autocast, the terms in float32."""
+class LeCam:
+    """LeCam (Tseng et al. 2021): E relu(D(x) - α_fake)² + E relu(α_real - D(G(z)))², where α are EMAs
+    of D's mean outputs on real and fake images. The means are all-reduced before they enter the EMAs,
+    so every rank holds the same α, and the checkpoint (rank 0's) holds all of them."""
 
-    def __init__(self, cfg: LossConfig, amp: Amp) -> None:
+    def __init__(self, cfg: LeCamConfig, env: DistEnv) -> None:
+        self.weight, self.decay, self.env = cfg.weight, cfg.decay, env
+        self.ema = torch.zeros(2, device=env.device)  # real, fake
+
+    def penalty(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+        ema_real, ema_fake = self.ema.unbind()
+        penalty = F.relu(real - ema_fake).square().mean() + F.relu(ema_real - fake).square().mean()
+        means = self.env.all_reduce_sum(torch.stack([real.detach().mean(), fake.detach().mean()]))
+        self.ema = self.decay * self.ema + (1 - self.decay) * means / self.env.world_size
+        return penalty
+
+    def state_dict(self) -> dict:
+        return {"ema": self.ema.cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ema = state["ema"].to(self.ema.device)
+
+
+@dataclass(frozen=True)
+class Networks:
+    """What the phases run: ``G`` and ``D`` train (behind DDP and compile when on); ``fake_G`` is the bare G
+    that makes D's fakes under no_grad; ``discriminator`` is the bare D, frozen in G's phase, and
+    ``d_ddp`` its DDP wrapper (None on one process), whose ``no_sync`` keeps D out of G's all-reduce."""
+
+    G: nn.Module
+    D: nn.Module
+    fake_G: nn.Module
+    discriminator: nn.Module
+    d_ddp: DDP | None
+
+    @contextlib.contextmanager
+    def frozen_d(self) -> Iterator[None]:
+        self.discriminator.requires_grad_(False)
+        try:
+            with self.d_ddp.no_sync() if self.d_ddp is not None else contextlib.nullcontext():
+                yield
+        finally:
+            self.discriminator.requires_grad_(True)
+
+
+class GANLoss:
+    """The phases of an iteration and every term in them: the configured objective, R1 (``loss.r1.gamma`` >
+    0), LeCam (``loss.lecam.weight`` > 0), and the augmentation of D's inputs (``augment.kind``).
+
+    Each phase runs its networks, adds its terms and calls backward; the engine zeroes and steps the
+    optimizers around it. D runs under autocast, the terms in float32.
+    """
+
+    def __init__(self, cfg: LossConfig, augment: Augment, amp: Amp, env: DistEnv) -> None:
         self.objective: Objective = LOSSES[cfg.kind](cfg.options)
         self.r1 = R1(cfg.r1, amp) if cfg.r1.gamma > 0 else None
-        self.amp = amp
-        self.names = ("d_loss", "g_loss", *self.objective.extra, *(("r1_penalty",) if self.r1 else ()))
-        """Every metric the terms can report, in a fixed order; a step may report only some (R1 is lazy)."""
+        self.lecam = LeCam(cfg.lecam, env) if cfg.lecam.weight > 0 else None
+        self.augment, self.amp = augment, amp
+        self.names = ("d_loss", "g_loss", *self.objective.extra, *(("r1_penalty",) if self.r1 else ()),
+                      *(("lecam_penalty",) if self.lecam else ()),
+                      *(("augment_p", "ada_rt") if augment.adaptive else ()))
+        """Every metric the phases can report, in a fixed order; a step may report only some (R1 is lazy)."""
 
-    def d_terms(self, D: nn.Module, real: torch.Tensor, labels: torch.Tensor, fake: torch.Tensor,
-                fake_labels: torch.Tensor, d_step: int) -> tuple[torch.Tensor, Metrics]:
-        """D's loss on a real and a fake batch; ``d_step`` counts D steps from 0 (it schedules R1)."""
+    def _discriminate(self, D: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                      gen: torch.Generator) -> torch.Tensor:
+        """D's float32 logits on the augmented ``images``."""
+        images = self.amp.laid_out(self.augment(images, gen))
+        with self.amp.autocast():
+            return D(images, labels).float()
+
+    def d_phase(self, nets: Networks, real: torch.Tensor, labels: torch.Tensor, z: torch.Tensor,
+                fake_labels: torch.Tensor, d_step: int, gen: torch.Generator) -> Metrics:
+        """D on a real and a fake batch, and backward; ``d_step`` counts D steps from 0 (it schedules R1),
+        ``gen`` draws the augmentation."""
+        with torch.no_grad(), self.amp.autocast():
+            fake = nets.fake_G(z, fake_labels)
         penalize = self.r1 is not None and self.r1.due(d_step)
         if penalize:
             real = real.detach().requires_grad_(True)
-        with self.amp.autocast():
-            real_logits, fake_logits = D(real, labels), D(fake, fake_labels)
-        loss, metrics = self.objective.d(real_logits.float(), fake_logits.float())
+        real_logits = self._discriminate(nets.D, real, labels, gen)
+        fake_logits = self._discriminate(nets.D, fake, fake_labels, gen)
+        loss, metrics = self.objective.d(real_logits, fake_logits)
         metrics["d_loss"] = loss.detach()
+        if self.lecam is not None:
+            penalty = self.lecam.penalty(real_logits, fake_logits)
+            loss = loss + self.lecam.weight * penalty
+            metrics["lecam_penalty"] = penalty.detach()
         if penalize:
             penalty = self.r1.penalty(real_logits, real)
             loss = loss + self.r1.weight() * penalty
             metrics["r1_penalty"] = penalty.detach()
-        return loss, metrics
+        self.augment.observe(real_logits)
+        self.amp.backward(loss)
+        return metrics
 
-    def g_terms(self, D: nn.Module, fake: torch.Tensor, fake_labels: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
-        """G's loss on its fakes (D frozen by the caller)."""
-        with self.amp.autocast():
-            logits = D(fake, fake_labels)
-        loss = self.objective.g(logits.float())
-        return loss, {"g_loss": loss.detach()}
+    def g_phase(self, nets: Networks, z: torch.Tensor, fake_labels: torch.Tensor, gen: torch.Generator) -> Metrics:
+        """G's loss on its fakes through the frozen D, and backward: only G's gradient is all-reduced."""
+        with nets.frozen_d():
+            with self.amp.autocast():
+                fake = nets.G(z, fake_labels)
+            loss = self.objective.g(self._discriminate(nets.D, fake, fake_labels, gen))
+            self.amp.backward(loss)
+        return {"g_loss": loss.detach()}
+
+    def end_iteration(self, step: int) -> Metrics:
+        """After the phases of step ``step``: ADA's adjustment of p (all ranks together)."""
+        return self.augment.adjust(step)
+
+    def state_dict(self) -> dict:
+        """The state of the terms that keep one: ADA's p and signs, LeCam's EMAs."""
+        return ({"augment": self.augment.state_dict()} if self.augment.adaptive else {}) | (
+            {"lecam": self.lecam.state_dict()} if self.lecam else {})
+
+    def load_state_dict(self, state: dict) -> None:
+        """A checkpoint without a term's state (saved with it off) leaves the term as configured."""
+        if self.augment.adaptive and "augment" in state:
+            self.augment.load_state_dict(state["augment"])
+        if self.lecam is not None and "lecam" in state:
+            self.lecam.load_state_dict(state["lecam"])

@@ -22,10 +22,10 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from gan_dist.config import ARCHITECTURES, ConfigError, ModelConfig, opt
+from gan_dist.config import ARCHITECTURES, ConfigError, DatasetInfo, ModelConfig, opt
 from gan_dist.layers import ConditionalBatchNorm2d, orthogonal_init, stage_widths
 from gan_dist.resnet import ResNetGenerator, ResNetOptions, ResNetTrunk
-from gan_dist.sources import DatasetInfo
+from gan_dist.seeds import Stream
 
 
 @dataclass(frozen=True)
@@ -265,8 +265,6 @@ class EMA:
     copy never needs the other ranks either.
     """
 
-    CALIBRATION_SEED = 0x57A7
-
     def __init__(self, generator: nn.Module, decay: float, rampup: float, z_dim: int, num_classes: int,
                  calibration_samples: int = 2048) -> None:
         self.decay, self.rampup, self.z_dim, self.calibration_samples = decay, rampup, z_dim, calibration_samples
@@ -298,7 +296,7 @@ class EMA:
         """The averaged G in eval mode, its BatchNorm statistics measured for the current weights."""
         if self._stale:
             device = next(self.module.parameters()).device
-            latents = torch.Generator().manual_seed(self.CALIBRATION_SEED)
+            latents = torch.Generator().manual_seed(int(Stream.CALIBRATION))
             for m in self._norms:
                 m.reset_running_stats()
                 m.momentum = None  # a plain average over the calibration batches

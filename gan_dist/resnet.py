@@ -23,9 +23,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from gan_dist.config import ConfigError, ModelConfig, opt
+from gan_dist.config import ConfigError, DatasetInfo, ModelConfig, opt
 from gan_dist.layers import ConditionalBatchNorm2d, SelfAttention, orthogonal_init, stage_widths
-from gan_dist.sources import DatasetInfo
 
 
 @dataclass(frozen=True)

@@ -57,10 +57,7 @@ from gan_dist.sampling import (
     row_names,
     save_grid,
 )
-from gan_dist.seeds import latents
-
-# Stream ids mixed into --seed: the arrays and the walks never share latents.
-NPZ_STREAM, WALK_STREAM = 1, 2
+from gan_dist.seeds import Stream, latents
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -100,10 +97,10 @@ def walks(generator: nn.Module, z_dim: int, steps: int, seed: int, device: torch
     grid's (none: unconditional)."""
     t = torch.linspace(0, 1, steps)
     if classes:  # one pair of latents, shared by every class row
-        starts, ends = latents(z_dim, 2, seed, WALK_STREAM)[:, None]
+        starts, ends = latents(z_dim, 2, seed, Stream.WALK)[:, None]
         labels, repeat = torch.tensor(list(classes)).repeat_interleave(steps), len(classes)
     else:  # a pair per row
-        starts, ends = latents(z_dim, 2 * GRID_ROWS, seed, WALK_STREAM).view(2, GRID_ROWS, z_dim)
+        starts, ends = latents(z_dim, 2 * GRID_ROWS, seed, Stream.WALK).view(2, GRID_ROWS, z_dim)
         labels, repeat = torch.zeros(GRID_ROWS * steps, dtype=torch.int64), 1
     labels = labels.to(device)
     line = torch.cat([torch.lerp(a, b, t[:, None]) for a, b in zip(starts, ends, strict=True)]).repeat(repeat, 1)
@@ -195,7 +192,7 @@ def write(args: argparse.Namespace) -> int:
                   f"rows {row_names(info, classes)}")
         if args.npz:
             labels = torch.arange(class_rows(num_classes), device=args.device).repeat_interleave(args.n_per_class)
-            z = latents(z_dim, len(labels), args.seed, NPZ_STREAM).to(args.device)
+            z = latents(z_dim, len(labels), args.seed, Stream.NPZ).to(args.device)
             write_npz(args.npz, generate(generator, z, labels), labels)
             print(f"wrote {args.npz}: {len(labels)} images, " +
                   (f"{args.n_per_class} per class of {num_classes}" if num_classes else "unconditional"))

@@ -13,11 +13,11 @@ from torch import nn
 from torchvision.utils import make_grid, save_image
 
 from gan_dist.checkpoint import IncompatibleCheckpoint, check_finite, check_shapes, load_file, naming
-from gan_dist.config import Config, ConfigError, LogConfig, WriteError, from_dict
+from gan_dist.config import Config, ConfigError, DatasetInfo, LogConfig, WriteError
+from gan_dist.configio import from_dict
 from gan_dist.dist import DistEnv
 from gan_dist.models import build_generator
-from gan_dist.seeds import derive_seed
-from gan_dist.sources import DatasetInfo
+from gan_dist.seeds import Stream, derive_seed
 
 
 def load_generator(path: str | Path, device: torch.device | str = "cpu",
@@ -71,7 +71,7 @@ def fixed_noise(z_dim: int, columns: int, seed: int, device: torch.device,
     With ``classes``, one row per class and ``columns`` latents shared by all rows, so a row differs
     from the next only by the label. Without, ``GRID_ROWS`` rows of distinct latents, every label 0.
     """
-    gen = torch.Generator("cpu").manual_seed(derive_seed(seed, 0xC0FFEE))
+    gen = torch.Generator("cpu").manual_seed(derive_seed(seed, Stream.GRID))
     if classes:
         z = torch.randn(columns, z_dim, generator=gen).repeat(len(classes), 1)
         labels = torch.tensor(list(classes), dtype=torch.int64).repeat_interleave(columns)

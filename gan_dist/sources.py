@@ -8,7 +8,6 @@ Reading converts: every image ends up as uint8 [C, R, R] at ``data.channels`` an
 
 from __future__ import annotations
 
-import dataclasses
 import gzip
 import math
 import os
@@ -25,54 +24,13 @@ from PIL import Image
 from torchvision.datasets import CIFAR10, CIFAR100, MNIST, FashionMNIST
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
-from gan_dist.config import DATASETS, DataConfig, UsageError
+from gan_dist.config import DATASETS, DataConfig, DataError, DatasetInfo
+from gan_dist.seeds import Stream
 
 SPLITS = ("train", "test")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 """PIL modes without colour; any other mode (P included: its palette is RGB) counts as colour."""
-HOLDOUT_SEED = 0x5EED
-"""Seeds the choice of held-out images: the same folder always splits the same way."""
-
-
-class DataError(UsageError, RuntimeError):
-    """Data that cannot be found or read."""
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """What the data is, measured from the data itself: every network, metric and grid is built from it.
-
-    It travels in every checkpoint, so sampling and evaluation rebuild G without the data.
-    """
-
-    name: str
-    """``data.name`` of the source."""
-    channels: int
-    resolution: int
-    num_classes: int
-    """0: unconditional (a flat folder: every label is 0)."""
-    class_names: tuple[str, ...]
-    sizes: dict[str, int]
-    """Images per split, e.g. ``{"train": 60000, "test": 10000}``."""
-    source: str
-    """Where it came from: a folder, a file, or a download."""
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return self.channels, self.resolution, self.resolution
-
-    @property
-    def conditional(self) -> bool:
-        return self.num_classes > 0
-
-    def to_dict(self) -> dict:
-        """Builtins only: safe for YAML, JSON, W&B and ``torch.load(weights_only=True)``."""
-        return dataclasses.asdict(self) | {"class_names": list(self.class_names)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> DatasetInfo:
-        return cls(**(dict(d) | {"class_names": tuple(d["class_names"]), "sizes": dict(d["sizes"])}))
 
 
 @dataclass
@@ -381,7 +339,7 @@ def _flatten(groups: Sequence[Sequence[Path]]) -> tuple[list[Path], np.ndarray]:
 
 def _holdout(groups: list[list[Path]], share: float) -> tuple[list[list[Path]], list[list[Path]]]:
     """Per class, a seeded ``share`` of the images (rounded; never all of them) as the test split."""
-    rng = np.random.default_rng(HOLDOUT_SEED)
+    rng = np.random.default_rng(int(Stream.HOLDOUT))
     train, test = [], []
     for images in groups:
         k = min(math.floor(len(images) * share + 0.5), len(images) - 1)

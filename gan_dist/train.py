@@ -27,7 +27,7 @@ import sys
 from collections.abc import Sequence
 
 from gan_dist import cli
-from gan_dist.config import describe, load_config, to_yaml
+from gan_dist.configio import describe, load_config, to_yaml
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
 

@@ -18,7 +18,8 @@ from typing import Any
 
 from gan_dist import cli
 from gan_dist.checkpoint import Checkpointer, IncompatibleCheckpoint
-from gan_dist.config import Config, ConfigError, UsageError, WriteError, to_dict, to_yaml
+from gan_dist.config import Config, ConfigError, DatasetInfo, UsageError, WriteError
+from gan_dist.configio import to_dict, to_yaml
 from gan_dist.data import CHECKS, DataError, ShardedBatches, Split, load_split, make_batches
 from gan_dist.dist import DistEnv, PeerFailed, StepAgreement, lost_peer, setup, teardown
 from gan_dist.diversity import ZSpread
@@ -27,7 +28,6 @@ from gan_dist.evaluate import Evaluator
 from gan_dist.models import check_resolution
 from gan_dist.monitor import Diverged, MetricLogger, Progress, start_wandb
 from gan_dist.sampling import SampleWriter
-from gan_dist.sources import DatasetInfo
 from gan_dist.train import StopFlag
 
 
@@ -176,6 +176,8 @@ class Trainer:
         self._say(f"data: {describe_data(self.info, built.split.name, classes)}; {self.data}; "
                   f"cache keyed by {CHECKS[cfg.data.verify]}")
         self._say(f"precision: {self.cfg.amp.dtype} ({self.engine.amp.reason}); layout: {self.cfg.amp.memory_format}")
+        if cfg.augment.kind != "none":
+            self._say(f"augment: {self.engine.loss.augment}")
         env.raise_together(self._write_config() if env.is_main else None)
         self.evaluator = Evaluator(self.cfg, env) if cfg.eval.every_steps > 0 else None
         self.eval_seconds = 0.0

@@ -37,7 +37,8 @@ from submitit.helpers import DelayedSubmission, TorchDistributedEnvironment
 from submitit.slurm.slurm import _make_sbatch_string  # private: see Submission.sbatch_script
 
 from gan_dist import cli
-from gan_dist.config import ConfigError, from_dict, load_config, opt
+from gan_dist.config import ConfigError, opt
+from gan_dist.configio import from_dict, load_config
 from launch import netif
 from launch.sbatch_options import SBATCH_OPTIONS
 
@@ -313,13 +314,6 @@ class Submission:
             return executor.submit(SlurmTrainTask(), self.train_argv)
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line on stderr (it prints the whole usage before them)."""
-
-    def error(self, message: str) -> typing.NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def flag_value(text: str, tp: Any) -> Any:
     """A cluster flag's text as its key takes it: text keys verbatim (sbatch reads ``64000``, ``[a|b]``
     and ``%j/logs`` as text too), ``null`` unsets; numbers as YAML, so ``--time 240`` is an int."""
@@ -335,7 +329,7 @@ def flag_value(text: str, tp: Any) -> Any:
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, dict[str, Any]]:
     """The launcher's options and the cluster flags that were given (as a partial SlurmConfig)."""
-    parser = Parser(
+    parser = cli.Parser(
         prog="python -m launch.slurm",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,

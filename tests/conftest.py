@@ -15,9 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from gan_dist.dist import DistEnv
+
 REPO = Path(__file__).resolve().parents[1]
+CPU = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"))
+"""One process on the CPU, with no process group: what an engine or a loader sees without torchrun."""
 
 
 def write_idx(folder: Path, n: int, split: str = "test", gz: bool = False,

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from gan_dist.config import ModelConfig
+from gan_dist.config import DatasetInfo, ModelConfig
 from gan_dist.models import DCGANOptions, MLPOptions
-from gan_dist.sources import DatasetInfo
 
 
 def info(channels: int = 1, resolution: int = 28, classes: int = 10) -> DatasetInfo:

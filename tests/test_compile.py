@@ -8,14 +8,12 @@ import sys
 from pathlib import Path
 
 import torch
-from conftest import base_overrides, run
+from conftest import CPU, base_overrides, run
 from shapes import DIGITS
 
-from gan_dist.config import load_config
-from gan_dist.dist import DistEnv
+from gan_dist.configio import load_config
 from gan_dist.engine import GANEngine
 
-CPU = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"))
 # Inductor fuses and reorders float32 reductions, so results agree with eager to rounding, not bitwise.
 TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
 

@@ -8,7 +8,8 @@ import pytest
 import yaml
 from conftest import REPO, run
 
-from gan_dist.config import Config, ConfigError, from_dict, load_config, to_dict
+from gan_dist.config import Config, ConfigError
+from gan_dist.configio import from_dict, load_config, to_dict
 
 
 def test_yaml_then_overrides(tmp_path):

@@ -7,7 +7,7 @@ import torch
 from conftest import REPO
 from shapes import batch, info
 
-from gan_dist.config import load_config
+from gan_dist.configio import load_config
 from gan_dist.models import build_models, label_count
 
 RECIPES = {  # the shape each recipe's data has

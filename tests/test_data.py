@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, base_overrides, file_group, write_cifar, write_folder, write_idx
+from conftest import CPU, REPO, base_overrides, file_group, write_cifar, write_folder, write_idx
 from PIL import Image
 from torchvision.datasets import FashionMNIST
 
@@ -35,10 +35,8 @@ from gan_dist.data import (
     to_pixels,
     to_unit,
 )
-from gan_dist.dist import DistEnv
 from gan_dist.train import main
 
-CPU = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"))
 REAL_MNIST = Path("/work/shared/data/mnist")
 REAL_FASHION = Path("/usr/share/datasets/fashion-mnist")
 

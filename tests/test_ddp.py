@@ -13,7 +13,7 @@ from conftest import file_group, write_folder
 from shapes import DIGITS
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-from gan_dist.config import load_config
+from gan_dist.configio import load_config
 from gan_dist.data import load_split, make_batches
 from gan_dist.dist import DistEnv, setup, teardown
 from gan_dist.engine import GANEngine
@@ -56,9 +56,12 @@ def _fixed_inputs(step: int) -> dict[str, torch.Tensor]:
 
 
 NO_DROPOUT = "model.mlp.d_dropout=0"
-EQUIVALENCE = {"plain": [NO_DROPOUT], "r1": [NO_DROPOUT, "loss.r1.gamma=2", "loss.r1.every=2"], "resnet_same": RESNET}
-"""The runs that must give one rank's weights on two: R1's penalty is a mean over the batch, as the loss is.
-``*_same`` runs give every rank the same batch."""
+EQUIVALENCE = {"plain": [NO_DROPOUT], "r1": [NO_DROPOUT, "loss.r1.gamma=2", "loss.r1.every=2"], "resnet_same": RESNET,
+               "augment_lecam": [NO_DROPOUT, "augment.kind=ada", "augment.ada_p=0.5",
+                                 "augment.policy=[translation,cutout]", "loss.lecam.weight=0.3"]}
+"""The runs that must give one rank's weights on two: R1's penalty is a mean over the batch, as the loss is; each
+image is augmented alike at any world size, and LeCam's EMAs take the global means. ``*_same`` runs give every
+rank the same batch."""
 
 
 def _equivalence_run(env: DistEnv, out: Path) -> None:
@@ -74,7 +77,7 @@ def _equivalence_run(env: DistEnv, out: Path) -> None:
             part = 0 if same else rank
             t = {k: v[part * per:(part + 1) * per] for k, v in _fixed_inputs(step).items()}
             eng.d_step(t["real"], t["labels"], t["z_d"], t["y_d"], step)
-            eng.g_step(t["z_g"], t["y_g"])
+            eng.g_step(t["z_g"], t["y_g"], step)
         if rank == 0:
             torch.save({"G": eng.generator.state_dict(), "D": eng.discriminator.state_dict(),
                         "outputs": [*outputs, _outputs(eng, probe)]}, out / f"equiv_{name}_{world}.pt")
@@ -118,8 +121,8 @@ def _check_options(env: DistEnv, out: Path) -> None:
         eng = GANEngine(load_config(None, overrides), env, DIGITS)
         counts = {"G": 0, "D": 0}
 
-        eng.G.register_comm_hook(None, _counting_hook(counts, "G"))
-        eng.D.register_comm_hook(None, _counting_hook(counts, "D"))
+        eng.nets.G.register_comm_hook(None, _counting_hook(counts, "G"))
+        eng.nets.D.register_comm_hook(None, _counting_hook(counts, "D"))
         torch.manual_seed(env.rank)  # different real data on each rank
         n_critic = load_config(None, overrides).train.n_critic
         for step in range(STEPS):
@@ -127,7 +130,7 @@ def _check_options(env: DistEnv, out: Path) -> None:
             eng.iteration(step, reals)
         # The G step alone: D's hook must stay silent.
         before = dict(counts)
-        eng.g_step(*eng.noise.draw(99, 0, 8))
+        eng.g_step(*eng.noise.draw(99, 0, 8), 99)
         results[name] = {
             "params": [p.detach().clone() for p in [*eng.generator.parameters(), *eng.discriminator.parameters()]],
             "ema": [p.clone() for p in eng.ema.module.parameters()] if eng.ema else [],
@@ -211,7 +214,7 @@ def _folder_worker(rank: int, world: int, out: Path) -> None:
         z = torch.randn(2, GLOBAL_BATCH, cfg.model.z_dim, generator=g)[:, rank * per:(rank + 1) * per]
         y = torch.randint(0, split.info.num_classes, (2, GLOBAL_BATCH), generator=g)[:, rank * per:(rank + 1) * per]
         eng.d_step(real, labels, z[0], y[0], step)
-        eng.g_step(z[1], y[1])
+        eng.g_step(z[1], y[1], step)
         seen.append((real.clone(), labels.clone()))
     torch.save(seen, out / f"folder_batches_{world}_{rank}.pt")
     if rank == 0:

@@ -16,7 +16,8 @@ from shapes import DIGITS
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gan_dist import dist
-from gan_dist.config import ConfigError, DistConfig, load_config
+from gan_dist.config import ConfigError, DistConfig
+from gan_dist.configio import load_config
 from gan_dist.engine import GANEngine
 
 
@@ -56,7 +57,7 @@ def test_force_ddp_at_world_size_1_wraps_both_networks_and_trains_identically():
         try:
             assert env.distributed == forced
             engine = GANEngine(cfg, env, DIGITS)
-            assert isinstance(engine.G, DDP) == forced and isinstance(engine.D, DDP) == forced
+            assert isinstance(engine.nets.G, DDP) == forced and isinstance(engine.nets.D, DDP) == forced
             agreement = dist.StepAgreement(env)
             for step in range(3):
                 engine.iteration(step, [batch])

@@ -76,7 +76,7 @@ def test_layout_follows_the_device_the_dtype_and_the_network(setting, device, dt
 def test_channels_last_trains_the_same_networks_in_another_layout():
     from shapes import RGB32, batch
 
-    from gan_dist.config import load_config
+    from gan_dist.configio import load_config
     from gan_dist.dist import DistEnv
     from gan_dist.engine import GANEngine
 

@@ -3,7 +3,6 @@ digits, CIFAR-10 and CIFAR-100's RGB 32×32, and a flat folder of RGB images wit
 
 from __future__ import annotations
 
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -11,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_cifar, write_folder
+from conftest import write_cifar, write_folder, write_idx
 from PIL import Image
 
 from gan_dist import sample, train
 from gan_dist.models import label_count
 from gan_dist.sampling import GRID_ROWS, fixed_noise, generate, grid_classes, load_generator
-from gan_dist.seeds import derive_seed
+from gan_dist.seeds import Stream, derive_seed
 
 TILE = 30  # save_grid: a 28-pixel image plus 2 of padding; the grid has 2 more at its far edges
 MLP = ["model.mlp.g_hidden=[32]", "model.mlp.d_hidden=[32]"]
@@ -31,14 +30,6 @@ FLAVOURS = {
 }
 CLASSES = {"mlp": 10, "ema": 10, "dcgan": 10, "rgb": 10, "c100": 100, "flat": 0}
 SIDE = {"idx": 28, "cifar10": 32, "cifar100": 32, "folder": 16}
-
-
-def write_idx(root: Path, n: int) -> None:
-    """A test split in MNIST's IDX format: random pixels, labels 0..9 in turn."""
-    images = np.random.default_rng(0).integers(0, 256, (n, 28, 28), dtype=np.uint8)
-    labels = (np.arange(n) % 10).astype(np.uint8)
-    (root / "t10k-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 0x803, n, 28, 28) + images.tobytes())
-    (root / "t10k-labels-idx1-ubyte").write_bytes(struct.pack(">II", 0x801, n) + labels.tobytes())
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +127,7 @@ def test_grid_classes_are_an_even_pick_of_at_most_ten():
 def test_fixed_noise_rows():
     """Ten classes: the grid every run has drawn so far. None: ten rows of their own latents, label 0."""
     z, labels = fixed_noise(8, 4, 3, torch.device("cpu"), list(range(10)))
-    gen = torch.Generator().manual_seed(derive_seed(3, 0xC0FFEE))
+    gen = torch.Generator().manual_seed(derive_seed(3, Stream.GRID))
     assert torch.equal(z, torch.randn(4, 8, generator=gen).repeat(10, 1))
     assert torch.equal(labels, torch.arange(10).repeat_interleave(4))
     z, labels = fixed_noise(8, 4, 3, torch.device("cpu"), [0, 11, 99])
@@ -247,7 +238,7 @@ def test_no_ema_uses_the_raw_generator(runs, tmp_path, capsys):
     default, raw = outputs(capsys, ema, tmp_path / "ema"), outputs(capsys, ema, tmp_path / "raw", "--no-ema")
     assert not np.array_equal(default["images"], raw["images"])
     generator, cfg, _ = load_generator(ema, use_ema=False)
-    z = sample.latents(cfg.model.z_dim, 3 * 10, 0, sample.NPZ_STREAM)
+    z = sample.latents(cfg.model.z_dim, 3 * 10, 0, Stream.NPZ)
     assert np.array_equal(raw["images"], sample.to_uint8(generate(generator, z, torch.tensor(raw["labels"]))))
     plain = checkpoint(runs["mlp"])  # no EMA saved: --no-ema changes nothing
     assert same(outputs(capsys, plain, tmp_path / "p1"), outputs(capsys, plain, tmp_path / "p2", "--no-ema"))

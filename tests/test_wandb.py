@@ -36,8 +36,8 @@ def run_id(path: Path) -> str:
 
 def test_two_ranks_make_one_offline_run_with_scalars_and_images(tmp_path, idx_root):
     run_dir = tmp_path / "run"
-    proc = run(torchrun_cmd(2, wandb_overrides(run_dir, idx_root, **{"train.max_steps": 6})), cwd=tmp_path,
-               timeout=300)
+    proc = run(torchrun_cmd(2, wandb_overrides(run_dir, idx_root, **{"train.max_steps": 6, "augment.kind": "ada"})),
+               cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:]
     files = run_files(run_dir)
     assert len(files) == 1
@@ -46,7 +46,7 @@ def test_two_ranks_make_one_offline_run_with_scalars_and_images(tmp_path, idx_ro
     scalars = [r for r in rows if "train/d_loss" in r]
     assert [r["_step"] for r in scalars] == [2, 4, 6]
     assert {"train/g_loss", "train/d_real", "train/d_fake", "train/images_per_s", "lr/g", "lr/d",
-            "train/z_spread", "train/z_spread_min"} <= scalars[0].keys()
+            "train/z_spread", "train/z_spread_min", "train/augment_p", "train/ada_rt"} <= scalars[0].keys()
     images = [r for r in rows if "samples/grid.path" in r]
     assert [r["_step"] for r in images] == [3, 6]
     digits = ", ".join(f"{c} - {name}" for c, name in enumerate(
