@@ -323,7 +323,8 @@ class WandbConfig:
 @dataclass(frozen=True)
 class LogConfig:
     every_steps: int = opt(50, "all-reduce and log metrics every this many steps", ge=1)
-    samples_every_steps: int = opt(0, "also write a sample grid every this many steps (0: once per epoch)", ge=0)
+    samples_every_steps: int = opt(0, "write a sample grid every this many steps (0: at the end of each epoch); "
+                                      "and at the end of training", ge=0)
     progress: bool = opt(True, "progress on rank 0: a bar when stderr is a terminal, else a line every "
                                "log.progress_seconds (Slurm logs)")
     progress_seconds: float = opt(60.0, "seconds between the progress lines written where stderr is no terminal",

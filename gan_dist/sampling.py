@@ -128,8 +128,9 @@ class SampleWriter:
         self.rows = row_names(info, self.classes)
         self.z, self.labels = fixed_noise(z_dim, self.COLUMNS, seed, env.device, self.classes)
 
-    def due(self, step: int) -> bool:
-        return self.every > 0 and step % self.every == 0
+    def due(self, step: int, epoch_ended: bool) -> bool:
+        """Every ``log.samples_every_steps`` steps; when that is 0, at the end of each epoch."""
+        return step % self.every == 0 if self.every > 0 else epoch_ended
 
     def write(self, step: int, generator: nn.Module) -> Path | None:
         """Every rank calls this at the same step; rank 0 writes, and if it cannot, every rank raises."""

@@ -273,12 +273,10 @@ class Trainer:
                     if self._step(agreement, batches, start):
                         return cli.EXIT_REQUEUE
                     progress.update(pos.step)
-                if pos.epoch != epoch and not self.samples.due(pos.step):
-                    self.samples.write(pos.step, self.engine.sampler)
         finally:
             progress.close()
         self.flush()
-        if not self.samples.due(pos.step) and pos.batch != 0:
+        if not self.samples.due(pos.step, epoch_ended=pos.batch == 0):  # the last grid, unless just written
             self.samples.write(pos.step, self.engine.sampler)
         self.save()
         self._say(f"done: {pos.step} steps in {self.run_dir}")
@@ -292,7 +290,7 @@ class Trainer:
         self.logger.update(pos.step, metrics)
         if self.logger.due(pos.step):
             self.flush()
-        if self.samples.due(pos.step):
+        if self.samples.due(pos.step, epoch_ended=pos.batch == 0):
             self.samples.write(pos.step, self.engine.sampler)
         if self.evaluator is not None and self.evaluator.due(pos.step):
             self.evaluate(time.perf_counter() - start)

@@ -41,6 +41,16 @@ def test_single_process_without_torchrun(tmp_path, idx_root):
     assert (run_dir / "samples" / "step_3.png").exists()  # the end of training writes a grid
 
 
+def test_a_sample_cadence_replaces_the_grid_of_each_epoch(tmp_path, idx_root):
+    """256 images at batch 16: 16 steps per epoch; grids every 10 steps, and the last one, and none at 16 or 32."""
+    run_dir = tmp_path / "run"
+    proc = run([sys.executable, "-m", "gan_dist.train", *base_overrides(
+        run_dir, idx_root, **{"train.max_steps": 35, "log.samples_every_steps": 10, "log.every_steps": 35})])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == [
+        "step_10.png", "step_20.png", "step_30.png", "step_35.png"]
+
+
 def test_missing_data_exits_2_with_one_clear_line(tmp_path):
     proc = run([sys.executable, "-m", "gan_dist.train", *base_overrides(tmp_path / "run", tmp_path / "nodata")])
     assert proc.returncode == 2
