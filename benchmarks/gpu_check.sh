@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check of gan_dist in one call: correctness on the device, the entry points, ranks sharing
-# the GPU, and throughput. The stages live in benchmarks/gpu_check.py; this script runs each in its own
-# process under its own timeout, so a crash or a hang costs one stage, and then summarises.
+# the GPU, and throughput. The stages live in benchmarks/gpu_stages/, in the order and with the timeouts
+# of benchmarks/gpu_check.py; this script runs each in its own process under its own timeout, so a crash
+# or a hang costs one stage, and then summarises.
 #
 # Data: the stages read DATA_ROOT (default .bench_data, inside the working tree, so a copy of the tree
 # carries it to the GPU machine; .gitignore keeps it out of git). Fill it once, e.g. from Debian's

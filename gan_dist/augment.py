@@ -11,11 +11,15 @@ resumed run, and 2 ranks against 1, augment every image alike.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
 from gan_dist.config import AugmentConfig
-from gan_dist.dist import DistEnv
+
+if TYPE_CHECKING:
+    from gan_dist.dist import DistEnv
 
 
 class Draws:
@@ -118,13 +122,15 @@ class Augment:
         return (f"ada ({ops}) each with probability p = {self.p:.3f}, steered every {self.cfg.ada_interval} steps "
                 f"toward E[sign(D(real))] = {self.cfg.ada_target}")
 
-    def observe(self, real_logits: torch.Tensor) -> None:
-        """Adds a D step's sign(D(real)), summed over all ranks, so that every rank (and the checkpoint,
-        which rank 0 writes) holds the same totals. On the device: no host read until the next adjustment."""
-        if self.adaptive:
-            logits = real_logits.detach().float()
-            count = torch.full((), float(logits.numel()), device=logits.device)
-            self.signs += self.env.all_reduce_sum(torch.stack([logits.sign().sum(), count]))
+    def local_stats(self, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+        """This rank's sum of sign(D(real)) and its count, to be summed over ranks."""
+        logits = real_logits.detach().float()
+        return torch.stack([logits.sign().sum(), torch.full((), float(logits.numel()), device=logits.device)])
+
+    def absorb(self, total: torch.Tensor) -> None:
+        """Adds the signs summed over all ranks, so that every rank (and the checkpoint, which rank 0
+        writes) holds the same totals. On the device: no host read until the next adjustment."""
+        self.signs += total
 
     def adjust(self, step: int) -> dict[str, torch.Tensor]:
         """After step ``step`` (0-based): every ``ada_interval`` steps, all ranks together move p toward the

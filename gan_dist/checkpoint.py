@@ -17,12 +17,14 @@ import sys
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from gan_dist.config import CheckpointConfig, UsageError, write_reason
-from gan_dist.dist import DistEnv
+
+if TYPE_CHECKING:
+    from gan_dist.dist import DistEnv
 
 FORMAT_VERSION = 3
 """3: one entry per component. Formats 1 and 2 (flat) came from builds before the first release and
@@ -199,17 +201,12 @@ class Checkpointer:
         By default the file is the rolling ``step_<N>.pt``; ``name`` writes another (``best.pt``).
         """
         path = self.folder / (name or f"step_{step}.pt")
-        error: CheckpointError | None = None
-        if self.env.is_main:
-            try:
+        # The agreement is the barrier: no rank runs ahead into steps that a failed save would lose.
+        with self.env.together(CheckpointError, CheckpointError(f"saving {path} failed on rank 0")):
+            if self.env.is_main:
                 atomic_save(self.state(step), path)
                 if name is None:
                     self._prune(step)
-            except CheckpointError as e:
-                error = e
-        # The agreement is the barrier: no rank runs ahead into steps that a failed save would lose.
-        if self.env.any(error is not None):
-            raise error or CheckpointError(f"saving {path} failed on rank 0")
         if name is None:
             self.last_save, self.last_saved = time.monotonic(), path
         return path
@@ -247,8 +244,8 @@ class Checkpointer:
         if choice is None:
             return None
         path, step = Path(choice[0]), choice[1]
-        error: CheckpointError | None = None
-        try:
+        elsewhere = CheckpointError(f"another rank could not resume from {path} at step {step}; see its error")
+        with self.env.together(CheckpointError, elsewhere):
             if not self.env.is_main:
                 state = load_file(path, self.env.device)
                 if state["step"] != step:
@@ -256,10 +253,6 @@ class Checkpointer:
                         f"rank {self.env.rank} read step {state['step']} from {path}, rank 0 read step {step}; "
                         "all ranks must see the same run_dir (a shared file system with stale caches?)")
             load_components(path, state, self.components)
-        except CheckpointError as e:
-            error = e
-        if self.env.any(error is not None):
-            raise error or CheckpointError(f"another rank could not resume from {path} at step {step}; see its error")
         self.last_saved = path
         return path
 

@@ -85,10 +85,10 @@ class DatasetInfo:
 
 class Registry:
     """The names a config key may take, each with its builder and the dataclass of its own options
-    (None: it has none). The module that defines the built-in builders registers them when imported;
-    the registry imports it at its first lookup, so this module (the config) loads no torch."""
+    (None: it has none). The modules that define the built-in builders register them when imported;
+    the registry imports them at its first lookup, so this module (the config) loads no torch."""
 
-    def __init__(self, key: str, what: str, builtins: str) -> None:
+    def __init__(self, key: str, what: str, *builtins: str) -> None:
         self.key, self.what, self.builtins = key, what, builtins
         self._entries: dict[str, tuple[Any, type | None]] = {}
 
@@ -102,7 +102,8 @@ class Registry:
 
     @property
     def entries(self) -> dict[str, tuple[Any, type | None]]:
-        importlib.import_module(self.builtins)  # registers on first import; a no-op after
+        for module in self.builtins:
+            importlib.import_module(module)  # registers on first import; a no-op after
         return self._entries
 
     def names(self) -> tuple[str, ...]:
@@ -121,7 +122,7 @@ class Registry:
         return self.entries[name][1]
 
 
-ARCHITECTURES = Registry("model.arch", "architecture", "gan_dist.models")
+ARCHITECTURES = Registry("model.arch", "architecture", "gan_dist.models", "gan_dist.resnet")
 LOSSES = Registry("loss.kind", "loss", "gan_dist.losses")
 DATASETS = Registry("data.name", "dataset", "gan_dist.sources")
 
@@ -355,6 +356,8 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class Config:
+    imports: tuple[str, ...] = opt((), "Python modules imported first, on every rank, before the rest is checked: "
+                                       "your own module that registers datasets, architectures or losses")
     run_dir: str = opt("runs/default", "where everything a run writes goes")
     data: DataConfig = opt(DataConfig, "dataset")
     model: ModelConfig = opt(ModelConfig, "networks")

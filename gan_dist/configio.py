@@ -13,6 +13,7 @@ one-line, key-naming check that ``--help`` and exit status 2 are built on, with 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import operator
 import types
@@ -190,7 +191,22 @@ def resolve(tree: dict[str, Any], overrides: typing.Sequence[str] = ()) -> Confi
     """A nested mapping (a YAML file, a checkpoint's config) plus dotted overrides, validated."""
     for item in overrides:
         set_dotted(tree, *parse_override(item))
+    import_extensions(tree.get("imports"))
     return from_dict(Config, tree)
+
+
+def import_extensions(modules: Any) -> None:
+    """Import the modules ``imports`` names, so that what they register is there when the rest is checked
+    (a value that is not a list of names is left for the check to report)."""
+    if not isinstance(modules, list | tuple):
+        return
+    for name in modules:
+        if not isinstance(name, str):
+            continue
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # a user's module: anything it raises is their error, shown in one line
+            raise ConfigError(f"imports: cannot import {name!r} ({type(e).__name__}: {e})") from None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -22,15 +22,18 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from gan_dist.config import DataConfig, DataError, DatasetInfo
-from gan_dist.dist import DistEnv
+from gan_dist.config import DATASETS, DataConfig, DataError, DatasetInfo
 from gan_dist.seeds import Stream
-from gan_dist.sources import Decoded, Source, open_source
+
+if TYPE_CHECKING:
+    from gan_dist.dist import DistEnv
+    from gan_dist.sources import Decoded, Source
 
 CACHE_FORMAT = 1
 """Bumped whenever the conversion or the cache layout changes: older caches are then other keys."""
@@ -88,6 +91,11 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def open_source(cfg: DataConfig) -> Source:
+    """The reader of ``data.name``, from the registry (``sources`` registers the built-in ones)."""
+    return DATASETS[cfg.name](cfg)
 
 
 def cache_path(cfg: DataConfig, source: Source) -> Path:
@@ -192,21 +200,13 @@ def load_split(cfg: DataConfig, env: DistEnv, split: str | None = None) -> Split
     """
     split = split or cfg.split
     source = open_source(cfg)
-    failed, path = None, None
-    if env.local_rank == 0:
-        try:
+    path = None
+    # Every rank enters: the agreement is the barrier that orders the build.
+    with env.together(DataError, DataError(f"preparing {cfg.name} failed on another rank")):
+        if env.local_rank == 0:
             path = _prepare(cfg, source, split)
-        except DataError as e:
-            failed = e
-    if env.any(failed is not None):  # every rank enters: the barrier that orders the build
-        raise failed or DataError(f"preparing {cfg.name} failed on another rank")
-    result = None
-    try:
+    with env.together(DataError, DataError(f"opening the {cfg.name} cache failed on another rank")):
         result = open_cache(path or cache_path(cfg, source), split)
-    except DataError as e:
-        failed = e
-    if env.any(failed is not None):
-        raise failed or DataError(f"opening the {cfg.name} cache failed on another rank")
     return result
 
 
@@ -220,6 +220,48 @@ def has_split(cfg: DataConfig, split: str) -> bool:
 def _flip(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Images [B, C, H, W] mirrored left to right where ``mask`` [B] is true."""
     return torch.where(mask.view(-1, 1, 1, 1), images.flip(-1), images)
+
+
+class Position:
+    """Where a run is: the steps done, the epoch, and the next batch of this rank inside that epoch."""
+
+    def __init__(self, steps_per_epoch: int, n_critic: int, batch_size: int, world_size: int) -> None:
+        self.steps_per_epoch, self.n_critic = steps_per_epoch, n_critic
+        self.batch_size, self.world_size = batch_size, world_size
+        self.step = self.epoch = self.batch = 0
+        self.resharded_from: int | None = None
+        """The world size of the checkpoint, when it was another one."""
+
+    @property
+    def epoch_ended(self) -> bool:
+        """The step just taken finished an epoch (the next batch is an epoch's first)."""
+        return self.batch == 0
+
+    def advance(self) -> None:
+        self.step += 1
+        self.batch += self.n_critic
+        self._roll()
+
+    def _roll(self) -> None:
+        if self.batch >= self.steps_per_epoch * self.n_critic:
+            self.epoch, self.batch = self.epoch + 1, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "epoch": self.epoch, "batch": self.batch, "world_size": self.world_size,
+                "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Another world size re-shards from the same point of the epoch, counted in samples seen, to the
+        step boundary at or before it; the run is then no longer bit-exact."""
+        self.step, self.epoch, self.batch = state["step"], state["epoch"], state["batch"]
+        if state["world_size"] != self.world_size:
+            seen = state["batch"] * state["world_size"] * state["batch_size"]
+            self.batch = seen // (self.world_size * self.batch_size * self.n_critic) * self.n_critic
+            self.resharded_from = state["world_size"]
+        self._roll()  # data that shrank since the save can end the epoch before the saved batch
+
+    def __str__(self) -> str:
+        return f"step {self.step} (epoch {self.epoch}, batch {self.batch})"
 
 
 class ShardedBatches:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import datetime
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,10 +54,29 @@ class DistEnv:
         """This rank's contiguous share of ``n`` items: gathering in rank order restores the full order."""
         return slice(n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size)
 
-    def raise_together(self, error: Exception | None) -> None:
-        """Every rank calls this; if any rank has an error, every rank raises ``PeerFailed``."""
+    def raise_together(self, error: Exception | None, elsewhere: Exception | None = None) -> None:
+        """Every rank calls this; if any rank has an error, every rank raises.
+
+        By default every rank raises ``PeerFailed`` (the trainer then waits for the failing ranks to
+        say why). With ``elsewhere``, for callers that handle the error's own type, the failing ranks
+        raise their own error and the others ``elsewhere``.
+        """
         if self.any(error is not None):
-            raise PeerFailed(error)
+            if elsewhere is None:
+                raise PeerFailed(error)
+            raise error if error is not None else elsewhere
+
+    @contextmanager
+    def together(self, catch: type[Exception] | tuple[type[Exception], ...],
+                 elsewhere: Exception | None = None) -> Iterator[None]:
+        """Run the block on every rank, then agree: an error of type ``catch`` raised in it on any
+        rank is raised on every rank, as ``raise_together`` says. The agreement is also a barrier."""
+        error = None
+        try:
+            yield
+        except catch as e:
+            error = e
+        self.raise_together(error, elsewhere)
 
     def barrier(self) -> None:
         if self.distributed:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -23,10 +24,12 @@ from gan_dist.amp import Amp
 from gan_dist.augment import Augment
 from gan_dist.checkpoint import check_finite, check_shapes
 from gan_dist.config import Config, ConfigError, DatasetInfo
-from gan_dist.dist import DistEnv
 from gan_dist.losses import GANLoss, Metrics, Networks
 from gan_dist.models import EMA, build_models, convolutional, label_count
 from gan_dist.seeds import NoiseStream, Stream
+
+if TYPE_CHECKING:
+    from gan_dist.dist import DistEnv
 
 
 def _adam(module: nn.Module, lr: float, betas: tuple[float, float]) -> torch.optim.Adam:
@@ -100,7 +103,7 @@ class GANEngine:
                d_step: int) -> Metrics:
         """One D update; ``d_step`` counts D steps from 0 and picks the augmentation's stream."""
         self.opt_d.zero_grad(set_to_none=True)
-        metrics = self.loss.d_phase(self.nets, self.amp.laid_out(real), labels, z, fake_labels, d_step,
+        metrics = self.loss.d_phase(self.nets, real, labels, z, fake_labels, d_step,
                                     self.noise.shared(Stream.AUGMENT_D, d_step))
         self.amp.step(self.opt_d)
         return metrics

@@ -20,7 +20,7 @@ import hashlib
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -34,9 +34,10 @@ from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, k
 from gan_dist.checkpoint import CheckpointError, atomic_save
 from gan_dist.config import ConfigError
 from gan_dist.data import Split, file_sha256, to_pixels
-from gan_dist.dist import DistEnv
-from gan_dist.judge import in_batches
-from gan_dist.metrics import kid_subset_size
+from gan_dist.metrics import in_batches, kid_subset_size
+
+if TYPE_CHECKING:
+    from gan_dist.dist import DistEnv
 
 KEY = "eval.inception_weights"
 NAME = "inception-v3-compat"  # torch-fidelity's name of this extractor, in its registry and its cache files

@@ -28,10 +28,9 @@ import hashlib
 import math
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -41,10 +40,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gan_dist.checkpoint import CheckpointError, atomic_save
 from gan_dist.config import DataConfig, DatasetInfo
-from gan_dist.data import ResidentBatches, has_split, load_split, to_device, to_unit
-from gan_dist.dist import DistEnv
+from gan_dist.data import ResidentBatches, has_split, load_split, open_source, to_device, to_unit
+from gan_dist.metrics import in_batches
 from gan_dist.seeds import Stream, derive_seed
-from gan_dist.sources import open_source
+
+if TYPE_CHECKING:
+    from gan_dist.dist import DistEnv
 
 JUDGE_VERSION = 2  # bump when JudgeNet or the training loop changes: old caches then stop matching
 ROTATIONS = 4  # the proxy task's classes: 0, 90, 180 and 270 degrees
@@ -111,15 +112,6 @@ class JudgeNet(nn.Module):
 def as_unit(images: torch.Tensor) -> torch.Tensor:
     """uint8 pixels (the data's own form) to float32 in [-1, 1]; float images pass through as float32."""
     return to_unit(images) if images.dtype == torch.uint8 else images.float()
-
-
-@torch.no_grad()
-def in_batches(net: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], images: torch.Tensor,
-               batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A feature net's features and logits of ``images``, ``batch`` at a time, so a uint8 set never exists
-    converted at once; ``net`` converts its batch. A rank with no images still gets [0, F] and [0, outputs]."""
-    parts = [net(images[i:i + batch]) for i in range(0, images.shape[0], batch)] or [net(images)]
-    return torch.cat([f for f, _ in parts]), torch.cat([lg for _, lg in parts])
 
 
 @dataclass

@@ -12,16 +12,19 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from gan_dist.amp import Amp
-from gan_dist.augment import Augment
 from gan_dist.config import LOSSES, LeCamConfig, LossConfig, R1Config, opt
-from gan_dist.dist import DistEnv
+
+if TYPE_CHECKING:
+    from gan_dist.amp import Amp
+    from gan_dist.augment import Augment
+    from gan_dist.dist import DistEnv
 
 Metrics = dict[str, torch.Tensor]
 
@@ -104,15 +107,20 @@ class LeCam:
     so every rank holds the same α, and the checkpoint (rank 0's) holds all of them."""
 
     def __init__(self, cfg: LeCamConfig, env: DistEnv) -> None:
-        self.weight, self.decay, self.env = cfg.weight, cfg.decay, env
+        self.weight, self.decay, self.world_size = cfg.weight, cfg.decay, env.world_size
         self.ema = torch.zeros(2, device=env.device)  # real, fake
 
     def penalty(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
         ema_real, ema_fake = self.ema.unbind()
-        penalty = F.relu(real - ema_fake).square().mean() + F.relu(ema_real - fake).square().mean()
-        means = self.env.all_reduce_sum(torch.stack([real.detach().mean(), fake.detach().mean()]))
-        self.ema = self.decay * self.ema + (1 - self.decay) * means / self.env.world_size
-        return penalty
+        return F.relu(real - ema_fake).square().mean() + F.relu(ema_real - fake).square().mean()
+
+    def local_stats(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+        """This rank's mean outputs, to be summed over ranks."""
+        return torch.stack([real.detach().mean(), fake.detach().mean()])
+
+    def absorb(self, total: torch.Tensor) -> None:
+        """The means summed over ranks enter the EMAs (after this step's penalty used them)."""
+        self.ema = self.decay * self.ema + (1 - self.decay) * total / self.world_size
 
     def state_dict(self) -> dict:
         return {"ema": self.ema.cpu()}
@@ -155,7 +163,9 @@ class GANLoss:
         self.objective: Objective = LOSSES[cfg.kind](cfg.options)
         self.r1 = R1(cfg.r1, amp) if cfg.r1.gamma > 0 else None
         self.lecam = LeCam(cfg.lecam, env) if cfg.lecam.weight > 0 else None
-        self.augment, self.amp = augment, amp
+        self.augment, self.amp, self.env = augment, amp, env
+        self.observers = [t for t in (self.lecam, augment if augment.adaptive else None) if t is not None]
+        """The terms that learn from D's outputs on every rank: their sums share one all-reduce per D step."""
         self.names = ("d_loss", "g_loss", *self.objective.extra, *(("r1_penalty",) if self.r1 else ()),
                       *(("lecam_penalty",) if self.lecam else ()),
                       *(("augment_p", "ada_rt") if augment.adaptive else ()))
@@ -189,9 +199,18 @@ class GANLoss:
             penalty = self.r1.penalty(real_logits, real)
             loss = loss + self.r1.weight() * penalty
             metrics["r1_penalty"] = penalty.detach()
-        self.augment.observe(real_logits)
+        self._observe(real_logits, fake_logits)
         self.amp.backward(loss)
         return metrics
+
+    def _observe(self, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> None:
+        """Each observer's statistics of this D step, summed over ranks in one all-reduce."""
+        if not self.observers:
+            return
+        local = [t.local_stats(real_logits, fake_logits) for t in self.observers]
+        total = self.env.all_reduce_sum(torch.cat(local))
+        for term, part in zip(self.observers, total.split([len(x) for x in local]), strict=True):
+            term.absorb(part)
 
     def g_phase(self, nets: Networks, z: torch.Tensor, fake_labels: torch.Tensor, gen: torch.Generator) -> Metrics:
         """G's loss on its fakes through the frozen D, and backward: only G's gradient is all-reduced."""

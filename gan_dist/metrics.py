@@ -8,6 +8,7 @@ distance matrix never exists at once.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -143,3 +144,12 @@ def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3, real_ra
         covered |= (dist <= radii[:, None]).any(0)
     precision = torch.cat(inside_real).double().mean()
     return float(precision), float(covered.double().mean())
+
+
+@torch.no_grad()
+def in_batches(net: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], images: torch.Tensor,
+               batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A feature net's features and logits of ``images``, ``batch`` at a time, so a uint8 set never exists
+    converted at once; ``net`` converts its batch. A rank with no images still gets [0, F] and [0, outputs]."""
+    parts = [net(images[i:i + batch]) for i in range(0, images.shape[0], batch)] or [net(images)]
+    return torch.cat([f for f, _ in parts]), torch.cat([lg for _, lg in parts])

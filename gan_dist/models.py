@@ -24,7 +24,6 @@ from torch.nn.utils.parametrizations import spectral_norm
 
 from gan_dist.config import ARCHITECTURES, ConfigError, DatasetInfo, ModelConfig, opt
 from gan_dist.layers import ConditionalBatchNorm2d, orthogonal_init, stage_widths
-from gan_dist.resnet import ResNetGenerator, ResNetOptions, ResNetTrunk
 from gan_dist.seeds import Stream
 
 
@@ -229,19 +228,6 @@ class Architecture:
 
 ARCHITECTURES.register("mlp", MLPOptions)(Architecture(MLPGenerator, _mlp_trunk, flat=True))
 ARCHITECTURES.register("dcgan", DCGANOptions)(Architecture(DCGANGenerator, _conv_trunk, flat=False))
-
-
-def _resnet_generator(cfg: ModelConfig, info: DatasetInfo) -> nn.Module:
-    return ResNetGenerator(cfg, info, label_count(cfg, info), *dcgan_stages(info.resolution))
-
-
-def _resnet_trunk(cfg: ModelConfig, info: DatasetInfo, label_in: int) -> tuple[nn.Module, int]:
-    trunk = ResNetTrunk(cfg, info, label_in, *dcgan_stages(info.resolution))
-    return trunk, trunk.features
-
-
-ARCHITECTURES.register("resnet", ResNetOptions)(Architecture(_resnet_generator, _resnet_trunk, flat=False,
-                                                             orthogonal=True))
 
 
 def build_generator(cfg: ModelConfig, info: DatasetInfo) -> nn.Module:

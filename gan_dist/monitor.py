@@ -12,15 +12,18 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm import tqdm
 
 from gan_dist.config import LogConfig, WandbConfig, WriteError
-from gan_dist.dist import DistEnv
+
+if TYPE_CHECKING:
+    from gan_dist.data import Position
+    from gan_dist.dist import DistEnv
 
 NEVER = 2**62  # "no non-finite value yet", as a first-bad step
 
@@ -69,18 +72,25 @@ def last_logged_step(path: Path) -> int:
 
 
 class MetricLogger:
-    """Accumulates the named step metrics on the device and reduces them over ranks every ``log.every_steps``.
+    """Accumulates the named step metrics on the device and reduces them over ranks every ``log.every_steps``,
+    and owns the run's W&B run (rank 0): it opens it, logs to it and finishes it.
 
     A metric that a step does not report (a lazy regularizer's) is averaged over the steps that do.
     After a resume, steps up to the last one already logged are written again to ``metrics.jsonl``
     with ``"replayed": true`` (the newest record of a step wins) and are not sent to W&B, whose
-    step axis must only rise.
+    step axis must only rise. ``learning_rates`` go to W&B beside each record; ``probe`` adds its
+    measurements of the step (``z_spread``) to the record.
     """
 
-    def __init__(self, cfg: LogConfig, env: DistEnv, run_dir: Path, wandb_run, batch_per_rank: int,
-                 names: Sequence[str]) -> None:
-        self.cfg, self.env, self.wandb, self.names = cfg, env, wandb_run, tuple(names)
-        self.path = run_dir / "metrics.jsonl"
+    final = True
+
+    def __init__(self, cfg: LogConfig, env: DistEnv, run_dir: Path, batch_per_rank: int, names: Sequence[str],
+                 learning_rates: Callable[[], dict[str, float]],
+                 probe: Callable[[], dict[str, float]] | None = None) -> None:
+        self.cfg, self.env, self.names = cfg, env, tuple(names)
+        self.run_dir, self.path = run_dir, run_dir / "metrics.jsonl"
+        self.learning_rates, self.probe = learning_rates, probe
+        self.wandb = None
         self.replay_until = last_logged_step(self.path) if env.is_main else 0
         self.batch = batch_per_rank
         n, device = len(self.names), env.device
@@ -89,6 +99,17 @@ class MetricLogger:
         self.masks: dict[frozenset[str], torch.Tensor] = {}
         self.steps = 0
         self.window_start = time.perf_counter()
+
+    def open_wandb(self, config: dict[str, Any], run_id: str | None) -> str | None:
+        """Rank 0 opens the W&B run (or reopens it, by the id a checkpoint kept); returns its id."""
+        if self.env.is_main:
+            self.wandb = start_wandb(self.cfg.wandb, self.run_dir, config, run_id)
+        return self.wandb.id if self.wandb is not None else run_id
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
 
     def _mask(self, reported: frozenset[str]) -> torch.Tensor:
         """Which of ``names`` a step reported, made once per pattern and kept on the device."""
@@ -110,16 +131,18 @@ class MetricLogger:
         self.first_bad.masked_fill_(bad & (self.first_bad == NEVER), step)
         self.steps += 1
 
-    def due(self, step: int) -> bool:
-        return step % self.cfg.every_steps == 0
+    def due(self, pos: Position) -> bool:
+        return pos.step % self.cfg.every_steps == 0
+
+    def run(self, pos: Position) -> None:
+        """Every rank calls this at the same step: the probe, then one all-reduce of the sums, counts and
+        the images/s; rank 0 writes the record."""
+        if self.steps:
+            self.flush(pos.step, pos.epoch, self.learning_rates(), self.probe() if self.probe else None)
 
     def flush(self, step: int, epoch: int, lrs: dict[str, float],
-              local: dict[str, float] | None = None) -> dict[str, float] | None:
-        """Every rank calls this at the same step: one all-reduce of the sums, counts and the images/s.
-
-        ``local``: rank 0's own measurements of the step (``z_spread``), recorded beside the means."""
-        if self.steps == 0:
-            return None
+              local: dict[str, float] | None = None) -> dict[str, float]:
+        """The window's means; ``local``: rank 0's own measurements of the step, recorded beside them."""
         n = len(self.names)
         elapsed = time.perf_counter() - self.window_start
         rate = torch.tensor([self.steps * self.batch / elapsed], device=self.sums.device)
@@ -153,18 +176,13 @@ class MetricLogger:
 
     def log_eval(self, step: int, epoch: int, scores: dict[str, float]) -> None:
         """Evaluation scores (already equal on every rank) as ``eval/*`` keys; rank 0 writes them."""
-        error = None
-        if self.env.is_main:
-            record = {"step": step, "epoch": epoch} | {f"eval/{k}": v for k, v in scores.items()}
-            try:
+        with self.env.together(WriteError):
+            if self.env.is_main:
+                record = {"step": step, "epoch": epoch} | {f"eval/{k}": v for k, v in scores.items()}
                 replayed = self._append(record)
-            except WriteError as e:
-                error = e
-            else:
                 print(f"eval  {step:>7} | " + " ".join(f"{k} {v:.4g}" for k, v in scores.items()), flush=True)
                 if self.wandb is not None and not replayed:
                     self.wandb.log({k: v for k, v in record.items() if k.startswith("eval/")}, step=step)
-        self.env.raise_together(error)
 
     def _write(self, record: dict[str, Any], lrs: dict[str, float]) -> WriteError | None:
         """Rank 0's record of a log step; a failed write is returned, for every rank to raise together."""

@@ -11,7 +11,8 @@ size, ReLU and a sum over positions. ``Discriminator`` adds the head and the pro
 label, and spectral norm over all of it.
 
 Widths double at each stage away from the image, from ``g_width`` / ``d_width`` at full resolution,
-capped at 8× (the DCGAN's rule). Both networks start from orthogonal weights.
+capped at 8× (the DCGAN's rule). Both networks start from orthogonal weights. Registered here as
+``model.arch=resnet``, with its options as ``model.resnet.*``.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from gan_dist.config import ConfigError, DatasetInfo, ModelConfig, opt
+from gan_dist.config import ARCHITECTURES, ConfigError, DatasetInfo, ModelConfig, opt
 from gan_dist.layers import ConditionalBatchNorm2d, SelfAttention, orthogonal_init, stage_widths
+from gan_dist.models import Architecture, dcgan_stages, label_count
 
 
 @dataclass(frozen=True)
@@ -142,3 +144,16 @@ class ResNetTrunk(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.blocks(x)).sum((2, 3))
+
+
+def _resnet_generator(cfg: ModelConfig, info: DatasetInfo) -> nn.Module:
+    return ResNetGenerator(cfg, info, label_count(cfg, info), *dcgan_stages(info.resolution))
+
+
+def _resnet_trunk(cfg: ModelConfig, info: DatasetInfo, label_in: int) -> tuple[nn.Module, int]:
+    trunk = ResNetTrunk(cfg, info, label_in, *dcgan_stages(info.resolution))
+    return trunk, trunk.features
+
+
+ARCHITECTURES.register("resnet", ResNetOptions)(Architecture(_resnet_generator, _resnet_trunk, flat=False,
+                                                             orthogonal=True))

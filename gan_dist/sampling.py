@@ -7,17 +7,21 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torchvision.utils import make_grid, save_image
 
 from gan_dist.checkpoint import IncompatibleCheckpoint, check_finite, check_shapes, load_file, naming
-from gan_dist.config import Config, ConfigError, DatasetInfo, LogConfig, WriteError
-from gan_dist.configio import from_dict
-from gan_dist.dist import DistEnv
+from gan_dist.config import Config, ConfigError, DatasetInfo, WriteError
+from gan_dist.configio import resolve
 from gan_dist.models import build_generator
 from gan_dist.seeds import Stream, derive_seed
+
+if TYPE_CHECKING:
+    from gan_dist.data import Position
+    from gan_dist.dist import DistEnv
 
 
 def load_generator(path: str | Path, device: torch.device | str = "cpu",
@@ -31,7 +35,7 @@ def load_generator(path: str | Path, device: torch.device | str = "cpu",
     state = load_file(path, device)
     run, engine = state["run"], state["engine"]
     try:
-        cfg = from_dict(Config, run["config"])
+        cfg = resolve(run["config"])  # its ``imports`` first: G may be a user's architecture
     except ConfigError as e:
         raise IncompatibleCheckpoint(f"checkpoint {path}: its config does not fit this gan_dist ({e})") from None
     info = DatasetInfo.from_dict(run["data"])
@@ -111,36 +115,43 @@ def save_grid(images: torch.Tensor, path: Path, columns: int) -> Path:
 
 
 class SampleWriter:
-    """The fixed-noise grid (10 columns, a row per picked class), written by rank 0 as
-    ``samples/step_<N>.png`` and sent to W&B.
+    """The fixed-noise grid (10 columns, a row per picked class) of ``sampler()``, written by rank 0 as
+    ``samples/step_<N>.png`` and sent on by ``log_image(step, key, path, caption)`` (W&B).
 
-    ``num_classes`` is what G is conditioned on (0: unconditional); ``info`` names the classes;
-    ``log_image(step, key, path, caption)`` sends the grid on (W&B).
+    ``num_classes`` is what G is conditioned on (0: unconditional); ``info`` names the classes.
     """
 
     COLUMNS = 10
+    final = True
 
-    def __init__(self, cfg: LogConfig, env: DistEnv, run_dir: Path, z_dim: int, seed: int,
-                 log_image: Callable[[int, str, Path, str], None], info: DatasetInfo, num_classes: int) -> None:
-        self.every = cfg.samples_every_steps
-        self.env, self.folder, self.log_image = env, run_dir / "samples", log_image
+    def __init__(self, cfg: Config, env: DistEnv, info: DatasetInfo, num_classes: int,
+                 sampler: Callable[[], nn.Module], log_image: Callable[[int, str, Path, str], None]) -> None:
+        self.every = cfg.log.samples_every_steps
+        self.env, self.folder = env, Path(cfg.run_dir) / "samples"
+        self.sampler, self.log_image = sampler, log_image
         self.classes = grid_classes(num_classes)
         self.rows = row_names(info, self.classes)
-        self.z, self.labels = fixed_noise(z_dim, self.COLUMNS, seed, env.device, self.classes)
+        self.z, self.labels = fixed_noise(cfg.model.z_dim, self.COLUMNS, cfg.train.seed, env.device, self.classes)
 
-    def due(self, step: int, epoch_ended: bool) -> bool:
+    def due(self, pos: Position) -> bool:
         """Every ``log.samples_every_steps`` steps; when that is 0, at the end of each epoch."""
-        return step % self.every == 0 if self.every > 0 else epoch_ended
+        return pos.step % self.every == 0 if self.every > 0 else pos.epoch_ended
+
+    def run(self, pos: Position) -> None:
+        self.write(pos.step, self.sampler())
+
+    def close(self) -> None:
+        pass
 
     def write(self, step: int, generator: nn.Module) -> Path | None:
         """Every rank calls this at the same step; rank 0 writes, and if it cannot, every rank raises."""
-        path, error = self.folder / f"step_{step}.png", None
-        if self.env.is_main:
-            what = f"one class per row ({self.rows}), the same latent down each column" if self.classes else self.rows
-            try:
-                save_grid(generate(generator, self.z, self.labels), path, self.COLUMNS)
-                self.log_image(step, "samples/grid", path, f"step {step}: {what}; fixed noise")  # W&B copies it
-            except OSError as e:
-                error = WriteError(e.filename or path, e)
-        self.env.raise_together(error)
+        path = self.folder / f"step_{step}.png"
+        what = f"one class per row ({self.rows}), the same latent down each column" if self.classes else self.rows
+        with self.env.together(WriteError):
+            if self.env.is_main:
+                try:
+                    save_grid(generate(generator, self.z, self.labels), path, self.COLUMNS)
+                    self.log_image(step, "samples/grid", path, f"step {step}: {what}; fixed noise")  # W&B copies it
+                except OSError as e:
+                    raise WriteError(e.filename or path, e) from None
         return path if self.env.is_main else None

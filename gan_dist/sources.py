@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import gzip
 import math
-import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,12 +23,10 @@ from torchvision.datasets import CIFAR10, CIFAR100, MNIST, FashionMNIST
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
 from gan_dist.config import DATASETS, DataConfig, DataError, DatasetInfo
+from gan_dist.pixels import GREY_MODES, IMAGE_EXTENSIONS, Failed, decode, each, fit, probe
 from gan_dist.seeds import Stream
 
 SPLITS = ("train", "test")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
-"""PIL modes without colour; any other mode (P included: its palette is RGB) counts as colour."""
 
 
 @dataclass
@@ -400,7 +396,7 @@ class FolderSource(Source):
         channels, resolution = self.cfg.channels, self.cfg.resolution
         if channels is None or resolution is None:
             paths = [p for files, _ in listed.values() for p in files]
-            heads = [head for _, head in self._readable(_probe, paths, bad)]
+            heads = [head for _, head in self._readable(probe, paths, bad)]
             if not heads:
                 raise DataError(f"{self.root} has no readable images")
             if channels is None:
@@ -412,7 +408,7 @@ class FolderSource(Source):
             images = np.empty((len(files), channels, resolution, resolution), dtype=np.uint8)
             keep = np.zeros(len(files), dtype=bool)
             index = {p: i for i, p in enumerate(files) if p not in bad}
-            for path, pixels in self._readable(lambda p: _decode(p, resolution, channels), list(index), bad):
+            for path, pixels in self._readable(lambda p: decode(p, resolution, channels), list(index), bad):
                 images[index[path]], keep[index[path]] = pixels, True
             out[split] = (images if keep.all() else images[keep]), labels[keep]
         for label, name in enumerate(names):
@@ -427,8 +423,8 @@ class FolderSource(Source):
                   bad: dict[Path, str]) -> Iterator[tuple[Path, object]]:
         """(path, ``fn(path)``) of each readable file, in order; an unreadable one stops the read, or
         with ``data.skip_bad`` is recorded in ``bad`` and left out."""
-        for path, result in zip(paths, _each(fn, paths), strict=True):
-            if not isinstance(result, _Failed):
+        for path, result in zip(paths, each(fn, paths), strict=True):
+            if not isinstance(result, Failed):
                 yield path, result
             elif self.cfg.skip_bad:
                 bad[path] = result.reason
@@ -448,32 +444,6 @@ class FolderSource(Source):
 
 
 # ---- conversion --------------------------------------------------------------------------------
-
-def fit(img: Image.Image, resolution: int, channels: int) -> np.ndarray:
-    """One image as uint8 [C, R, R]: transparency composited on black, then the centre square
-    (the shorter side) resized to R with an antialiasing filter, then converted to L or RGB."""
-    if img.mode in ("I", "I;16", "I;16B", "I;16L"):
-        img = _from_16_bit(img)
-    if img.mode in ("RGBA", "LA", "La", "RGBa", "PA") or "transparency" in img.info:
-        img = Image.alpha_composite(Image.new("RGBA", img.size, (0, 0, 0, 255)), img.convert("RGBA"))
-    img = img.convert("L" if channels == 1 else "RGB")
-    w, h = img.size
-    if (w, h) != (resolution, resolution):
-        side = min(w, h)
-        left, top = (w - side) / 2, (h - side) / 2
-        img = img.resize((resolution, resolution), Image.Resampling.LANCZOS,
-                         box=(left, top, left + side, top + side), reducing_gap=3.0)
-    pixels = np.asarray(img, dtype=np.uint8)
-    return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
-
-
-def _from_16_bit(img: Image.Image) -> Image.Image:
-    """16-bit greyscale (PNG's I;16, or I holding such values) scaled to 8 bits: PIL's convert clips it."""
-    values = np.asarray(img).astype(np.int64)
-    if values.size and (values.min() < 0 or values.max() > 65535):
-        raise DataError(f"{img.mode} pixels span {values.min()}..{values.max()}: not 16-bit greyscale")
-    return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), "L")
-
 
 def convert_arrays(cfg: DataConfig, arrays: dict[str, tuple[np.ndarray, np.ndarray]], names: tuple[str, ...],
                    where: str) -> Decoded:
@@ -497,42 +467,6 @@ def convert_arrays(cfg: DataConfig, arrays: dict[str, tuple[np.ndarray, np.ndarr
     return Decoded(out, names, channels, resolution)
 
 
-def _probe(path: Path) -> tuple[tuple[int, int], str]:
-    """Size and mode from the file's header, without decoding it."""
-    with Image.open(path) as img:
-        return img.size, img.mode
-
-
-def _decode(path: Path, resolution: int, channels: int) -> np.ndarray:
-    with Image.open(path) as img:
-        img.load()
-        return fit(img, resolution, channels)
-
-
-@dataclass
-class _Failed:
-    reason: str
-
-
-def _each(fn: Callable[[Path], object], paths: list[Path], chunk: int = 1024) -> Iterator[object]:
-    """``fn`` on each path, in order, on a few threads (PIL decodes and resizes without the GIL), a
-    chunk at a time; a file that fails gives ``_Failed`` with its error instead of a result."""
-
-    def attempt(path: Path) -> object:
-        try:
-            return fn(path)
-        except Exception as e:  # PIL raises many types for damaged files (OSError, SyntaxError, ValueError...)
-            return _Failed(f"{type(e).__name__}: {e}")
-
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        for start in range(0, len(paths), chunk):
-            yield from pool.map(attempt, paths[start:start + chunk])
-
-
 for _name, _source in (("mnist", IdxSource), ("fashion_mnist", IdxSource), ("idx", IdxSource),
                       ("cifar10", CifarSource), ("cifar100", CifarSource), ("folder", FolderSource)):
     DATASETS.register(_name)(_source)
-
-
-def open_source(cfg: DataConfig) -> Source:
-    return DATASETS[cfg.name](cfg)

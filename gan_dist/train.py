@@ -7,7 +7,7 @@ Several ranks on one machine (NCCL on GPUs, gloo on CPU):
 Offline, on Debian's Fashion-MNIST (apt-get install dataset-fashion-mnist):
     python -m gan_dist.train data.name=fashion_mnist data.root=/usr/share/datasets/fashion-mnist
 Slurm: python -m launch.slurm (it ends up in ``main`` below, with the same arguments).
-In Python: ``gan_dist.trainer.Trainer(cfg, env, StopFlag()).fit()``; ``gan_dist.trainer.build(cfg, env)`` gives
+In Python: ``gan_dist.trainer.Trainer(cfg, env, cli.StopFlag()).fit()``; ``gan_dist.trainer.build(cfg, env)`` gives
 the data and the engine alone.
 
 ``--help`` lists every config key; ``--dry-run`` prints the resolved config and exits.
@@ -21,48 +21,11 @@ Under torchrun these arrive as torchrun's exit 1; its summary table lists each r
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import sys
 from collections.abc import Sequence
 
 from gan_dist import cli
 from gan_dist.configio import describe, load_config, to_yaml
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
-
-
-class StopFlag:
-    """Set by SIGTERM, SIGUSR1, SIGUSR2 or a first SIGINT (Ctrl-C). The handler only records the
-    signal: the ranks agree on it at a step boundary, outside any handler, then save and exit
-    together. A second SIGINT aborts at once (``KeyboardInterrupt``), until the run's exit status is
-    settled: a signal during shutdown then changes nothing."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self.settled = False
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame) -> None:
-        # os.write: print() is not safe inside a signal handler
-        if self.settled:
-            os.write(sys.stderr.fileno(), b"interrupt: the run is already ending; its exit status stands\n")
-            return
-        if signum == signal.SIGINT and self.signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-        if signum == signal.SIGINT:
-            os.write(sys.stderr.fileno(), b"interrupt: saving at the next step boundary; interrupt again to abort\n")
-
-    def settle(self) -> None:
-        """The exit status is decided: from now on a signal only says so."""
-        self.settled = True
-
-    @property
-    def name(self) -> str:
-        """The signal seen here; a rank that stops because another rank was signalled says so."""
-        return signal.Signals(self.signum).name if self.signum is not None else "on another rank"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -81,7 +44,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     # First of all, before torch loads (seconds): a signal during start-up is a clean stop, not a
     # silent death. This module imports nothing heavy for that reason; the trainer comes below.
-    stop = StopFlag()
+    stop = cli.StopFlag()
     args = parse_args(argv)
 
     def body() -> int:

@@ -12,23 +12,25 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+from torch import nn
 
 from gan_dist import cli
 from gan_dist.checkpoint import Checkpointer, IncompatibleCheckpoint
 from gan_dist.config import Config, ConfigError, DatasetInfo, UsageError, WriteError
 from gan_dist.configio import to_dict, to_yaml
-from gan_dist.data import CHECKS, DataError, ShardedBatches, Split, load_split, make_batches
+from gan_dist.data import CHECKS, DataError, Position, ShardedBatches, Split, load_split, make_batches
 from gan_dist.dist import DistEnv, PeerFailed, StepAgreement, lost_peer, setup, teardown
 from gan_dist.diversity import ZSpread
 from gan_dist.engine import GANEngine
 from gan_dist.evaluate import Evaluator
 from gan_dist.models import check_resolution
-from gan_dist.monitor import Diverged, MetricLogger, Progress, start_wandb
+from gan_dist.monitor import Diverged, MetricLogger, Progress
 from gan_dist.sampling import SampleWriter
-from gan_dist.train import StopFlag
 
 
 @dataclass
@@ -51,43 +53,6 @@ def build(cfg: Config, env: DistEnv) -> Built:
     data = make_batches(split, cfg.data, env, cfg.train.batch_size, cfg.train.seed)
     engine = GANEngine(cfg, env, split.info)
     return Built(dataclasses.replace(cfg, amp=engine.amp.config), split.info, split, data, engine)
-
-
-class Position:
-    """Where a run is: the steps done, the epoch, and the next batch of this rank inside that epoch."""
-
-    def __init__(self, steps_per_epoch: int, n_critic: int, batch_size: int, world_size: int) -> None:
-        self.steps_per_epoch, self.n_critic = steps_per_epoch, n_critic
-        self.batch_size, self.world_size = batch_size, world_size
-        self.step = self.epoch = self.batch = 0
-        self.resharded_from: int | None = None
-        """The world size of the checkpoint, when it was another one."""
-
-    def advance(self) -> None:
-        self.step += 1
-        self.batch += self.n_critic
-        self._roll()
-
-    def _roll(self) -> None:
-        if self.batch >= self.steps_per_epoch * self.n_critic:
-            self.epoch, self.batch = self.epoch + 1, 0
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "epoch": self.epoch, "batch": self.batch, "world_size": self.world_size,
-                "batch_size": self.batch_size}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Another world size re-shards from the same point of the epoch, counted in samples seen, to the
-        step boundary at or before it; the run is then no longer bit-exact."""
-        self.step, self.epoch, self.batch = state["step"], state["epoch"], state["batch"]
-        if state["world_size"] != self.world_size:
-            seen = state["batch"] * state["world_size"] * state["batch_size"]
-            self.batch = seen // (self.world_size * self.batch_size * self.n_critic) * self.n_critic
-            self.resharded_from = state["world_size"]
-        self._roll()  # data that shrank since the save can end the epoch before the saved batch
-
-    def __str__(self) -> str:
-        return f"step {self.step} (epoch {self.epoch}, batch {self.batch})"
 
 
 class BestScore:
@@ -146,7 +111,7 @@ class RunRecord:
 class Trainer:
     """Wires the components of one run and drives the loop; every rank runs the same calls."""
 
-    def __init__(self, cfg: Config, env: DistEnv, stop: StopFlag) -> None:
+    def __init__(self, cfg: Config, env: DistEnv, stop: cli.StopFlag) -> None:
         self.env, self.stop = env, stop
         self.run_dir = Path(cfg.run_dir)
         env.raise_together(_prepare_run_dir(self.run_dir) if env.is_main else None)
@@ -179,21 +144,20 @@ class Trainer:
         if cfg.augment.kind != "none":
             self._say(f"augment: {self.engine.loss.augment}")
         env.raise_together(self._write_config() if env.is_main else None)
-        self.evaluator = Evaluator(self.cfg, env) if cfg.eval.every_steps > 0 else None
-        self.eval_seconds = 0.0
-        wandb_config = to_dict(self.cfg) | {"resolved": {"amp": self.engine.amp.reason, "data": self.info.to_dict()}}
-        wandb_run = start_wandb(cfg.log.wandb, self.run_dir, wandb_config, self.record.wandb_id) \
-            if env.is_main else None
-        if wandb_run is not None:
-            self.record.wandb_id = wandb_run.id
-        self.logger = MetricLogger(cfg.log, env, self.run_dir, wandb_run, cfg.train.batch_size,
-                                   self.engine.loss.names)
         # Every rank measures (the same latents, the same weights): G's BatchNorm may be a SyncBatchNorm,
         # whose training-mode forward is a collective.
         self.z_spread = ZSpread(built.split, classes, cfg.model.z_dim, cfg.train.seed, env.device,
                                 cfg.log.z_spread_warn) if cfg.log.z_spread else None
-        self.samples = SampleWriter(cfg.log, env, self.run_dir, cfg.model.z_dim, cfg.train.seed,
-                                    self.logger.log_image, self.info, classes)
+        self.logger = MetricLogger(cfg.log, env, self.run_dir, cfg.train.batch_size, self.engine.loss.names,
+                                   lambda: self.engine.learning_rates, self._spread_record if self.z_spread else None)
+        self.callbacks: list[Callback] = [self.logger, SampleWriter(
+            self.cfg, env, self.info, classes, lambda: self.engine.sampler, self.logger.log_image)]
+        if cfg.eval.every_steps > 0:
+            self.callbacks.append(Evaluation(Evaluator(self.cfg, env), self.logger, self.best,
+                                             lambda: self.engine.sampler, self.save))
+        # Last: a start that fails before here leaves no W&B run open.
+        wandb_config = to_dict(self.cfg) | {"resolved": {"amp": self.engine.amp.reason, "data": self.info.to_dict()}}
+        self.record.wandb_id = self.logger.open_wandb(wandb_config, self.record.wandb_id)
 
     def _write_config(self) -> WriteError | None:
         """Rank 0 records the resolved config, once the resume check has passed (a refused start changes nothing)."""
@@ -208,17 +172,14 @@ class Trainer:
         if self.env.is_main:
             print(message, flush=True)
 
-    def flush(self) -> None:
-        """Log the window's metrics, with the within-class spread of the raw G beside them (rank 0 writes)."""
-        if self.z_spread is None:
-            self.logger.flush(self.pos.step, self.pos.epoch, self.engine.learning_rates)
-            return
+    def _spread_record(self) -> dict[str, float]:
+        """The raw G's spread over z per class, relative to the data's, for the log record; rank 0 warns
+        when classes collapse."""
         ratios = self.z_spread.measure(self.engine.generator)
-        local = {"z_spread": sum(ratios) / len(ratios), "z_spread_min": min(ratios)}
-        self.logger.flush(self.pos.step, self.pos.epoch, self.engine.learning_rates, local)
         warning = self.z_spread.check(ratios)
         if warning and self.env.is_main:
             print(warning, file=sys.stderr, flush=True)
+        return {"z_spread": sum(ratios) / len(ratios), "z_spread_min": min(ratios)}
 
     def save(self, name: str | None = None) -> Path:
         """Every rank calls this at the same step; weights that are not finite are never written."""
@@ -227,16 +188,6 @@ class Trainer:
         path = self.checkpointer.save(self.pos.step, name=name)
         self._say(f"saved {path}")
         return path
-
-    def evaluate(self, train_seconds: float) -> None:
-        """Score the sampling G on every rank; keep ``best.pt`` when FID improves."""
-        scores = self.evaluator.run(self.engine.sampler)
-        self.eval_seconds += scores["seconds"]
-        scores["share_of_time"] = self.eval_seconds / max(train_seconds, 1e-9)
-        self.logger.log_eval(self.pos.step, self.pos.epoch, scores)
-        if self.best.improves(scores["fid"]):
-            self._say(f"new best FID {self.best.fid:.3f}")
-            self.save(name="best.pt")
 
     def fit(self) -> int:
         """Train to the last step, or until a stop signal (exit 75) or divergence (exit 3)."""
@@ -264,48 +215,86 @@ class Trainer:
     def _loop(self, agreement: StepAgreement) -> int:
         cfg, pos = self.cfg, self.pos
         progress = Progress(cfg.log, self.env, self.total_steps, pos.step, cfg.train.batch_size * self.env.world_size)
-        start = time.perf_counter()
         try:
             while pos.step < self.total_steps:
                 epoch = pos.epoch
                 batches = self.data.epoch(epoch, start=pos.batch)
                 while pos.epoch == epoch and pos.step < self.total_steps:
-                    if self._step(agreement, batches, start):
+                    if self._step(agreement, batches):
                         return cli.EXIT_REQUEUE
                     progress.update(pos.step)
         finally:
             progress.close()
-        self.flush()
-        if not self.samples.due(pos.step, epoch_ended=pos.batch == 0):  # the last grid, unless just written
-            self.samples.write(pos.step, self.engine.sampler)
+        for callback in self.callbacks:
+            if callback.final and not callback.due(pos):  # the last record and grid, unless just written
+                callback.run(pos)
         self.save()
         self._say(f"done: {pos.step} steps in {self.run_dir}")
         return 0
 
-    def _step(self, agreement: StepAgreement, batches, start: float) -> bool:
+    def _step(self, agreement: StepAgreement, batches) -> bool:
         """One iteration and the callbacks due after it; returns whether the ranks agreed to stop."""
         pos = self.pos
         metrics = self.engine.iteration(pos.step, [next(batches) for _ in range(self.cfg.train.n_critic)])
         pos.advance()
         self.logger.update(pos.step, metrics)
-        if self.logger.due(pos.step):
-            self.flush()
-        if self.samples.due(pos.step, epoch_ended=pos.batch == 0):
-            self.samples.write(pos.step, self.engine.sampler)
-        if self.evaluator is not None and self.evaluator.due(pos.step):
-            self.evaluate(time.perf_counter() - start)
+        for callback in self.callbacks:
+            if callback.due(pos):
+                callback.run(pos)
         stopping, timed = agreement.exchange(self.stop.signum is not None, self.checkpointer.time_due())
         if stopping or ((timed or self.checkpointer.due(pos.step)) and pos.step < self.total_steps):
             self.save()
         if stopping:
             self.stop.settle()  # saved: the exit status is decided
-            self.flush()
+            self.logger.run(pos)
             self._say(f"stopped by signal ({self.stop.name}) at step {pos.step}; exit {cli.EXIT_REQUEUE} to requeue")
         return stopping
 
     def close(self) -> None:
-        if self.logger.wandb is not None:
-            self.logger.wandb.finish()
+        for callback in self.callbacks:
+            callback.close()
+
+
+class Callback(Protocol):
+    """What the loop runs after a step when it says it is due. Every rank asks and runs at the same
+    steps (most callbacks enter collectives); each decides its own cadence from the position."""
+
+    final: bool
+    """It also runs after the last step, unless it was due there."""
+
+    def due(self, pos: Position) -> bool: ...
+
+    def run(self, pos: Position) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Evaluation:
+    """``eval.every_steps``: score the sampling G on every rank, log the scores, and keep ``best.pt``
+    when FID improves. ``share_of_time`` is evaluation's share of the time since the run started."""
+
+    final = False
+
+    def __init__(self, evaluator: Evaluator, logger: MetricLogger, best: BestScore,
+                 sampler: Callable[[], nn.Module], save: Callable[..., Path]) -> None:
+        self.evaluator, self.logger, self.best, self.sampler, self.save = evaluator, logger, best, sampler, save
+        self.seconds, self.start = 0.0, time.perf_counter()
+
+    def due(self, pos: Position) -> bool:
+        return self.evaluator.due(pos.step)
+
+    def run(self, pos: Position) -> None:
+        scores = self.evaluator.run(self.sampler())
+        self.seconds += scores["seconds"]
+        scores["share_of_time"] = self.seconds / max(time.perf_counter() - self.start, 1e-9)
+        self.logger.log_eval(pos.step, pos.epoch, scores)
+        if self.best.improves(scores["fid"]):
+            if self.evaluator.env.is_main:
+                print(f"new best FID {self.best.fid:.3f}", flush=True)
+            self.save(name="best.pt")
+
+    def close(self) -> None:
+        pass
 
 
 def describe_data(info: DatasetInfo, split: str, classes: int) -> str:
@@ -328,7 +317,7 @@ def _prepare_run_dir(run_dir: Path) -> ConfigError | None:
     return None
 
 
-def train(cfg: Config, stop: StopFlag) -> int:
+def train(cfg: Config, stop: cli.StopFlag) -> int:
     """Join the process group, train, leave it. An error names its rank and is printed last, after the
     group is gone, so it is the line right above a launcher's summary."""
     env = trainer = None

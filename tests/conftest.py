@@ -3,14 +3,17 @@ real entry points."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
 import pickle
+import signal
 import struct
 import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -137,12 +140,16 @@ def write_folder(root: Path, classes: dict[str, int] | None, size: int | Sequenc
     return written
 
 
+def write_mnist(root: Path, n: int = 256) -> Path:
+    """``root`` as ``data.root`` of ``data.name=mnist``: an ``n``-image test split in torchvision's raw layout."""
+    write_idx(root / "MNIST" / "raw", n)
+    return root
+
+
 @pytest.fixture
 def idx_root(tmp_path: Path) -> Path:
     """A 256-image test split in torchvision's raw layout."""
-    root = tmp_path / "data"
-    write_idx(root / "MNIST" / "raw", 256)
-    return root
+    return write_mnist(tmp_path / "data")
 
 
 def base_overrides(run_dir: Path, root: Path, **extra: object) -> list[str]:
@@ -216,6 +223,71 @@ def workers(proc: subprocess.Popen) -> list[int]:
     """PIDs of a launcher's worker processes (torchrun's ranks), in order of start."""
     out = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout
     return sorted(int(p) for p in out.split())
+
+
+def kill_all(proc: subprocess.Popen) -> None:
+    """SIGKILL a launch, then its ranks: torchrun starts each rank in a session of its own, so a kill of
+    torchrun's process group alone leaves the ranks training (and saving) on; torchrun goes first, so
+    that it cannot start new ranks."""
+    for pid in [proc.pid, *workers(proc)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.fixture
+def start() -> Iterator[Callable[..., subprocess.Popen]]:
+    """``start(cmd, **env)``: a command in a session of its own, unbuffered, one thread per process, its output
+    piped; whatever is left of it, torchrun's ranks included, is killed after the test, also a failed one."""
+    started: list[subprocess.Popen] = []
+
+    def launch(cmd: Sequence[str], **env: str) -> subprocess.Popen:
+        proc = subprocess.Popen(list(map(str, cmd)), cwd=REPO, stdout=subprocess.PIPE,
+                                env=os.environ | {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"} | env,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        started.append(proc)
+        return proc
+
+    yield launch
+    for proc in started:
+        kill_all(proc)
+
+
+def wait_until(ready: Callable[[], object], what: str, timeout: float, poll: float = 0.05,
+               alive: Callable[[], str | None] | None = None, detail: Callable[[], str] | None = None) -> None:
+    """Poll until ``ready()`` is true: every wait has a deadline, so a hang fails, naming ``what``.
+
+    ``alive``: None while what is awaited can still come, else why it cannot (a process ended): the wait
+    then fails at once instead of at the deadline. ``detail``: text for a failure at the deadline (a log's
+    tail, a job's state)."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        gone = alive() if alive is not None else None
+        if gone is not None:
+            if ready():  # it came just before the end
+                return
+            raise AssertionError(f"{what}: never came: {gone}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout:.0f}s" + (f"\n{detail()}" if detail else ""))
+        time.sleep(poll)
+
+
+def exited(*procs: subprocess.Popen) -> Callable[[], str | None]:
+    """``wait_until``'s ``alive`` for piped processes: the exit status and output of the first to end."""
+
+    def why() -> str | None:
+        for proc in procs:
+            if proc.poll() is not None:
+                return f"exited {proc.returncode}:\n{proc.stdout.read()[-3000:] if proc.stdout else ''}"
+        return None
+
+    return why
+
+
+def wait_for_checkpoint(run_dir: Path, step: int, timeout: float, alive: Callable[[], str | None]) -> None:
+    """Wait until ``run_dir`` holds step ``step``'s checkpoint: the point at which a fault test strikes."""
+    wait_until((run_dir / "checkpoints" / f"step_{step}.pt").exists, f"step {step}'s checkpoint", timeout,
+               alive=alive)
 
 
 def run(cmd: Sequence[str], timeout: float = 300, cwd: Path = REPO, env_extra: dict[str, str] | None = None,

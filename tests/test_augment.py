@@ -52,16 +52,21 @@ def controller(target: float, p: float) -> Augment:
     return Augment(cfg, CPU, global_batch=50)  # p moves by 50·2/1000 = 0.1 per adjustment
 
 
+def observe(ada: Augment, real_logits: torch.Tensor) -> None:
+    """One D step's signs on one rank, as the loss hands them over."""
+    ada.absorb(ada.local_stats(real_logits, -real_logits))
+
+
 def test_ada_raises_p_for_a_d_that_is_always_sure_of_the_reals_and_lowers_it_for_one_never_sure():
     sure, unsure = controller(0.6, 0.5), controller(0.6, 0.5)
     for step in range(6):
-        sure.observe(torch.full((50,), 3.0))
-        unsure.observe(torch.linspace(-1, 1, 50))  # r_t = 0: D cannot tell reals from fakes
+        observe(sure, torch.full((50,), 3.0))
+        observe(unsure, torch.linspace(-1, 1, 50))  # r_t = 0: D cannot tell reals from fakes
         metrics = sure.adjust(step), unsure.adjust(step)
     assert sure.p == pytest.approx(0.8) and unsure.p == pytest.approx(0.2)
     assert metrics[0]["ada_rt"].item() == 1.0 and metrics[1]["ada_rt"].item() == 0.0
     for _ in range(20):  # p stays within [0, 1]
-        sure.observe(torch.ones(50))
+        observe(sure, torch.ones(50))
         sure.adjust(1)
     assert sure.p == 1.0
 

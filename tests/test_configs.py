@@ -16,6 +16,7 @@ RECIPES = {  # the shape each recipe's data has
     "cifar10_dcgan.yaml": info(3, 32, 10),
     "folder64_dcgan.yaml": info(3, 64, 10),
     "folder_small.yaml": info(3, 32, 9),
+    "folder_large.yaml": info(3, 32, 10),
     "cifar10_resnet.yaml": info(3, 32, 10),
 }
 

@@ -368,7 +368,7 @@ def test_failed_build_leaves_no_cache(tmp_path, cache, monkeypatch):
 
 def test_a_cache_built_meanwhile_by_another_node_is_kept(tmp_path, cache):
     from gan_dist import data
-    from gan_dist.sources import open_source
+    from gan_dist.data import open_source
 
     write_folder(tmp_path / "images", {"a": 3}, size=8)
     cfg = config(tmp_path / "images", cache, name="folder")

@@ -9,12 +9,21 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import REPO, assert_same_weights, base_overrides, saved_steps, workers, write_idx
+from conftest import (
+    REPO,
+    assert_same_weights,
+    base_overrides,
+    saved_steps,
+    wait_for_checkpoint,
+    wait_until,
+    workers,
+    write_mnist,
+)
 from hosts import CLUSTER_NET, Host, Hosts, unavailable
 
 from gan_dist import cli
@@ -92,26 +101,39 @@ def finish(agents: Sequence[Agent], timeout: float = 240) -> None:
         assert code == 0, f"{a.host.name} exited {code}:\n{a.text()[-3000:]}"
 
 
-def wait_for(ready, what: str, agents: Sequence[Agent], timeout: float = 180, poll: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while not ready():
+def ended(agents: Sequence[Agent]) -> Callable[[], str | None]:
+    """``wait_until``'s ``alive``: the first agent to exit, with its log."""
+
+    def why() -> str | None:
         for a in agents:
-            assert a.proc.poll() is None, f"{a.host.name} ended before {what}:\n{a.text()[-3000:]}"
-        assert time.monotonic() < deadline, f"no {what} after {timeout}s"
-        time.sleep(poll)
+            if a.proc.poll() is not None:
+                return f"{a.host.name}'s agent exited {a.proc.returncode}:\n{a.text()[-3000:]}"
+        return None
+
+    return why
+
+
+def endless(hosts: Sequence[Host], run_dir: Path, data: Path, logs: Path, tag: str, saved: int) -> list[Agent]:
+    """The agents of a run that cannot finish before a fault lands, once step ``saved``'s checkpoint is on
+    disk: the fault strikes a run that has something to resume from."""
+    agents = start(hosts, overrides(run_dir, data, **ENDLESS), logs, tag)
+    wait_for_checkpoint(run_dir, saved, 180, ended(agents))
+    return agents
 
 
 def ranks_gone_after(agents: Sequence[Agent], since: float, timeout: float) -> list[float]:
     """Seconds from ``since`` until each agent had no rank left running."""
     gone: dict[int, float] = {}
-    while len(gone) < len(agents):
+
+    def all_gone() -> bool:
         for i, a in enumerate(agents):
             if i not in gone and not a.ranks():
                 gone[i] = time.monotonic() - since
-        if time.monotonic() > since + timeout:
-            pytest.fail(f"ranks still running {timeout:.0f}s after the fault on " +
-                        ", ".join(a.host.name for i, a in enumerate(agents) if i not in gone))
-        time.sleep(0.05)
+        return len(gone) == len(agents)
+
+    wait_until(all_gone, "the end of every rank after the fault", since + timeout - time.monotonic(),
+               detail=lambda: "still running on " + ", ".join(a.host.name for i, a in enumerate(agents)
+                                                               if i not in gone))
     return [gone[i] for i in range(len(agents))]
 
 
@@ -121,9 +143,7 @@ def partial_files(run_dir: Path) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("multihost") / "data"
-    write_idx(root / "MNIST" / "raw", 256)
-    return root
+    return write_mnist(tmp_path_factory.mktemp("multihost") / "data")
 
 
 @pytest.fixture
@@ -162,7 +182,7 @@ def test_ranks_talk_over_the_interface_that_reaches_the_rendezvous_host(tmp_path
             picked = host.run([sys.executable, REPO / "launch" / "netif.py", target])
             assert picked.stdout.strip() == expected, (target, picked.stdout, picked.stderr)
         agents = start(made, overrides(tmp_path / "run", data, **{"train.max_steps": 6}), tmp_path, "routed")
-        wait_for(agents[side - 1].ranks, "a rank", agents)
+        wait_until(agents[side - 1].ranks, f"a rank on {made[side - 1].name}", 180, alive=ended(agents))
         environ = Path(f"/proc/{agents[side - 1].ranks()[0]}/environ").read_bytes().split(b"\0")
         assert {b"GLOO_SOCKET_IFNAME=eth1", b"NCCL_SOCKET_IFNAME=eth1"} <= set(environ)
         finish(agents)
@@ -171,8 +191,7 @@ def test_ranks_talk_over_the_interface_that_reaches_the_rendezvous_host(tmp_path
 def test_a_dead_host_ends_the_run_within_the_timeout_and_a_relaunch_resumes_bit_exactly(
         tmp_path, data, hosts, straight):
     run_dir, logs = tmp_path / "run", tmp_path / "logs"
-    agents = start(hosts, overrides(run_dir, data, **ENDLESS), logs, "killed")
-    wait_for((run_dir / "checkpoints" / "step_10.pt").exists, "step 10's checkpoint", agents)
+    agents = endless(hosts, run_dir, data, logs, "killed", saved=10)
     t0 = time.monotonic()
     hosts[1].kill()
     (rank0_gone,) = ranks_gone_after(agents[:1], t0, TIMEOUT_S + EXIT_MARGIN_S)
@@ -192,9 +211,10 @@ def test_with_max_restarts_a_relaunched_host_rejoins_and_the_job_finishes(tmp_pa
     run_dir, logs = tmp_path / "run", tmp_path / "logs"
     args = overrides(run_dir, data)
     agents = start(hosts, args, logs, "elastic", MAX_RESTARTS="1")
-    wait_for((run_dir / "checkpoints" / "step_10.pt").exists, "step 10's checkpoint", agents)
+    wait_for_checkpoint(run_dir, 10, 180, ended(agents))
     hosts[1].kill()
-    wait_for(lambda: not agents[0].ranks(), "node1's rank to fail", agents[:1], timeout=TIMEOUT_S + EXIT_MARGIN_S)
+    wait_until(lambda: not agents[0].ranks(), "the end of node1's rank", TIMEOUT_S + EXIT_MARGIN_S,
+               alive=ended(agents[:1]))
     time.sleep(2)
     assert agents[0].proc.poll() is None, f"node1's agent gave up:\n{agents[0].text()[-3000:]}"
     rejoined = agent(hosts[1], args, logs / "rejoin-node2.log", MAX_RESTARTS="1")
@@ -205,8 +225,7 @@ def test_with_max_restarts_a_relaunched_host_rejoins_and_the_job_finishes(tmp_pa
 
 def test_a_partition_ends_every_rank_within_the_timeout_and_leaves_complete_checkpoints(tmp_path, data, hosts):
     run_dir, logs = tmp_path / "run", tmp_path / "logs"
-    agents = start(hosts, overrides(run_dir, data, **ENDLESS), logs, "cut")
-    wait_for((run_dir / "checkpoints" / "step_10.pt").exists, "step 10's checkpoint", agents)
+    agents = endless(hosts, run_dir, data, logs, "cut", saved=10)
     t0 = time.monotonic()
     hosts[1].link(up=False)
     gone = ranks_gone_after(agents, t0, TIMEOUT_S + EXIT_MARGIN_S)
@@ -231,9 +250,8 @@ def test_a_partition_ends_every_rank_within_the_timeout_and_leaves_complete_chec
 
 def test_rank0s_host_dying_mid_save_keeps_the_previous_checkpoint(tmp_path, data, hosts, straight):
     run_dir, logs = tmp_path / "run", tmp_path / "logs"
-    agents = start(hosts, overrides(run_dir, data, **ENDLESS), logs, "save")
-    wait_for((run_dir / "checkpoints" / "step_5.pt").exists, "step 5's checkpoint", agents)
-    wait_for(lambda: partial_files(run_dir), "a save in progress", agents, poll=0.001)
+    agents = endless(hosts, run_dir, data, logs, "save", saved=5)
+    wait_until(lambda: partial_files(run_dir), "a save in progress", 180, poll=0.001, alive=ended(agents))
     t0 = time.monotonic()
     hosts[0].kill()
     caught = partial_files(run_dir)

@@ -2,25 +2,24 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import (
-    REPO,
     assert_same_weights,
     base_overrides,
     complete_records,
+    exited,
+    kill_all,
     run,
     saved_steps,
     torchrun_cmd,
+    wait_for_checkpoint,
     workers,
     write_folder,
 )
@@ -33,41 +32,6 @@ STOP_LATENCY_STEPS = 2
 def overrides(run_dir: Path, root: Path, **extra: object) -> list[str]:
     return base_overrides(run_dir, root, **{"train.max_steps": STEPS, "checkpoint.every_steps": 5,
                                             "log.every_steps": 1} | extra)
-
-
-@pytest.fixture
-def start():
-    """Start commands in their own process group; whatever is left of them is killed after the test."""
-    started: list[subprocess.Popen] = []
-
-    def launch(cmd: list[str]) -> subprocess.Popen:
-        env = os.environ | {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
-        started.append(proc)
-        return proc
-
-    yield launch
-    for proc in started:
-        kill_all(proc)
-
-
-def kill_all(proc: subprocess.Popen) -> None:
-    """SIGKILL a launch, then its ranks: torchrun starts each rank in a session of its own, so a kill of
-    torchrun's process group alone leaves the ranks training (and saving) on; torchrun goes first, so
-    that it cannot start new ranks."""
-    for pid in [proc.pid, *workers(proc)]:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    proc.wait()
-
-
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert proc.poll() is None, f"run ended before {path.name} appeared:\n{proc.stdout.read()[-3000:]}"
-        assert time.monotonic() < deadline, f"{path} did not appear"
-        time.sleep(0.02)
 
 
 STREAMED_FOLDER = {"data.name": "folder", "data.split": "train", "data.resolution": 16, "data.resident": "off",
@@ -105,7 +69,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_exact(tmp_path, idx_root, start, s
     killed = tmp_path / "killed"
     endless = {"train.max_steps": 10**6, "train.epochs": 10**6}  # it cannot finish before the kill lands
     proc = start(torchrun_cmd(2, overrides(killed, root, **data | endless)))
-    wait_for(killed / "checkpoints" / "step_10.pt", proc)  # 7 or 8 steps per epoch: step 10 is mid-epoch 1
+    wait_for_checkpoint(killed, 10, 300, exited(proc))  # 7 or 8 steps per epoch: step 10 is mid-epoch 1
     assert proc.poll() is None
     kill_all(proc)
 
@@ -125,7 +89,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_exact(tmp_path, idx_root, start, s
 def test_stop_signal_saves_within_the_stop_latency_and_exits_75(tmp_path, idx_root, start):
     run_dir = tmp_path / "run"
     proc = start([sys.executable, "-m", "gan_dist.train", *overrides(run_dir, idx_root, **{"train.max_steps": 10**6})])
-    wait_for(run_dir / "checkpoints" / "step_5.pt", proc)
+    wait_for_checkpoint(run_dir, 5, 300, exited(proc))
     proc.send_signal(signal.SIGUSR2)
     signalled_at = max(record["step"] for record in complete_records(run_dir / "metrics.jsonl"))
     out, _ = proc.communicate(timeout=300)
@@ -139,7 +103,7 @@ def test_stop_signal_saves_within_the_stop_latency_and_exits_75(tmp_path, idx_ro
 def test_stop_signal_on_one_rank_stops_all_ranks_together(tmp_path, idx_root, start):
     run_dir = tmp_path / "run"
     proc = start(torchrun_cmd(2, overrides(run_dir, idx_root, **{"train.max_steps": 10**6})))
-    wait_for(run_dir / "checkpoints" / "step_5.pt", proc)
+    wait_for_checkpoint(run_dir, 5, 300, exited(proc))
     os.kill(workers(proc)[-1], signal.SIGTERM)  # one rank only: the others learn it through the agreement
     out, _ = proc.communicate(timeout=300)
     assert "stopped by signal" in out and "exitcode  : 75" in out, out[-3000:]
@@ -150,7 +114,7 @@ def test_elastic_restart_after_sigkill_of_one_worker(tmp_path, idx_root, start):
     run_dir = tmp_path / "run"
     # A short collective timeout: a restarted group that cannot connect fails fast rather than hangs.
     proc = start(torchrun_cmd(2, overrides(run_dir, idx_root, **{"dist.timeout_s": 30}), "--max-restarts=3"))
-    wait_for(run_dir / "checkpoints" / "step_10.pt", proc)
+    wait_for_checkpoint(run_dir, 10, 300, exited(proc))
     os.kill(workers(proc)[-1], signal.SIGKILL)
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode == 0, out[-3000:]

@@ -18,14 +18,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
 import submitit
 import torch
-from conftest import REPO, base_overrides, complete_records, saved_steps, workers, write_idx
+from conftest import REPO, base_overrides, complete_records, exited, saved_steps, wait_until, workers, write_mnist
 from submitit.core.utils import JobPaths, UncompletedJobError
 from submitit.slurm.slurm import _make_sbatch_string
 from torch.distributed import TCPStore
@@ -54,9 +53,7 @@ mistaken for a bug in the launcher. The fix: Submission.sbatch_script, then pypr
 
 @pytest.fixture(scope="module")
 def mnist_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("mnist")
-    write_idx(root, N_IMAGES)
-    return root
+    return write_mnist(tmp_path_factory.mktemp("mnist"), N_IMAGES)
 
 
 def train_overrides(run_dir: Path, data: Path, max_steps: int) -> list[str]:
@@ -224,62 +221,49 @@ def rendezvous() -> Iterator[str]:
     del store
 
 
-def two_node_env(tmp_path: Path, endpoint: str, **extra: str) -> dict[str, str]:
-    """The settings of launch/torchrun_multinode.sh for two one-rank "nodes" on this host."""
-    return os.environ | {
-        "NNODES": "2",
-        "NPROC_PER_NODE": "1",
-        "RDZV_ENDPOINT": endpoint,
-        "RUN_ID": tmp_path.name,
-        "PYTHON": sys.executable,
-    } | extra
+@pytest.fixture
+def two_nodes(tmp_path: Path, rendezvous: str, start: Callable[..., subprocess.Popen]
+              ) -> Callable[..., list[subprocess.Popen]]:
+    """``two_nodes(args, **env)``: launch/torchrun_multinode.sh twice, two one-rank "nodes" on this host that
+    meet at this test's rendezvous; killed, ranks included, after the test."""
+    settings = {"NNODES": "2", "NPROC_PER_NODE": "1", "RDZV_ENDPOINT": rendezvous, "RUN_ID": tmp_path.name,
+                "PYTHON": sys.executable}
+
+    def launch(args: Sequence[str], **env: str) -> list[subprocess.Popen]:
+        return [start([REPO / "launch/torchrun_multinode.sh", *args], **settings | env) for _ in range(2)]
+
+    return launch
+
+
+def both_finish(nodes: list[subprocess.Popen]) -> str:
+    """The nodes' output, once both have exited 0."""
+    logs = [node.communicate(timeout=240)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(logs)
+    return "".join(logs)
 
 
 @pytest.mark.slow
-def test_torchrun_multinode_script_joins_two_agents(tmp_path: Path, mnist_root: Path, rendezvous: str) -> None:
+def test_torchrun_multinode_script_joins_two_agents(tmp_path: Path, mnist_root: Path,
+                                                    two_nodes: Callable[..., list[subprocess.Popen]]) -> None:
     """Two "nodes" on this host, one rank each, meet through the c10d rendezvous and train together."""
-    env = two_node_env(tmp_path, rendezvous)
-    argv = [str(REPO / "launch/torchrun_multinode.sh"), *train_overrides(tmp_path / "run", mnist_root, 20)]
-    nodes = [
-        subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)
-    ]
-    try:
-        logs = [node.communicate(timeout=240)[0] for node in nodes]
-    finally:
-        for node in nodes:
-            node.kill()
-    assert [node.returncode for node in nodes] == [0, 0], "\n".join(logs)
-    assert "world size 2" in "".join(logs)
+    assert "world size 2" in both_finish(two_nodes(train_overrides(tmp_path / "run", mnist_root, 20)))
     assert (tmp_path / "run/checkpoints/step_20.pt").is_file()
 
 
 @pytest.mark.slow
-def test_torchrun_multinode_script_restarts_both_nodes_after_a_kill(tmp_path: Path, mnist_root: Path,
-                                                                   rendezvous: str) -> None:
+def test_torchrun_multinode_script_restarts_both_nodes_after_a_kill(
+        tmp_path: Path, mnist_root: Path, two_nodes: Callable[..., list[subprocess.Popen]]) -> None:
     """SIGKILL of one node's worker: both agents restart, meet again, and the run resumes and finishes.
 
     Restart counts are per agent, so the script gives each attempt its own store: without that, a
     restarted rank can read the address a dead peer left in the shared one (pytorch/pytorch#135712).
     """
-    env = two_node_env(tmp_path, rendezvous, MAX_RESTARTS="2", OMP_NUM_THREADS="1")
     run_dir = tmp_path / "run"
-    argv = [str(REPO / "launch/torchrun_multinode.sh"), *train_overrides(run_dir, mnist_root, 60),
-            "checkpoint.every_steps=10", "dist.timeout_s=30"]
-    nodes = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True) for _ in range(2)]
-    try:
-        deadline = time.monotonic() + 240
-        while not (run_dir / "checkpoints/step_10.pt").exists():
-            assert time.monotonic() < deadline and all(n.poll() is None for n in nodes), "no checkpoint at step 10"
-            time.sleep(0.05)
-        os.kill(workers(nodes[1])[0], signal.SIGKILL)
-        logs = [node.communicate(timeout=240)[0] for node in nodes]
-    finally:
-        for node in nodes:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(node.pid, signal.SIGKILL)
-    assert [node.returncode for node in nodes] == [0, 0], "\n".join(logs)
-    assert "resuming from" in "".join(logs)
+    args = [*train_overrides(run_dir, mnist_root, 60), "checkpoint.every_steps=10", "dist.timeout_s=30"]
+    nodes = two_nodes(args, MAX_RESTARTS="2")
+    wait_until((run_dir / "checkpoints/step_10.pt").exists, "step 10's checkpoint", 240, alive=exited(*nodes))
+    os.kill(workers(nodes[1])[0], signal.SIGKILL)
+    assert "resuming from" in both_finish(nodes)
     assert (run_dir / "checkpoints/step_60.pt").is_file()
 
 
@@ -358,12 +342,8 @@ def log_of(job: submitit.Job) -> str:
 
 
 def wait_for(what: str, ready: Callable[[], bool], timeout: float, job: submitit.Job) -> None:
-    """Poll until ``ready()``. On timeout, fail with the job's state and rank 0's log."""
-    deadline = time.monotonic() + timeout
-    while not ready():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not within {timeout:.0f}s (job {job.job_id}: {job.state})\n{log_of(job)}")
-        time.sleep(0.5)
+    """``wait_until``, every half second as a poll may ask sacct; a timeout shows the job's state and rank 0's log."""
+    wait_until(ready, what, timeout, poll=0.5, detail=lambda: f"job {job.job_id}: {job.state}\n{log_of(job)}")
 
 
 def finished(job: submitit.Job) -> Callable[[], bool]:
@@ -393,6 +373,14 @@ def requeued_and_over(job: submitit.Job) -> Callable[[], bool]:
     with sacct: between the requeue and the next run, sacct alone once reported the job CANCELLED."""
     done = finished(job)
     return lambda: not in_queue(job) and done()
+
+
+def over_without_result(job: submitit.Job, reason: str) -> None:
+    """The job is reported over within ``OVER_WITHIN_S`` of its tasks' end, and its result is an error matching
+    ``reason``: submitit must not wait on a job that wrote none."""
+    wait_for("the job to be reported over", finished(job), OVER_WITHIN_S, job)
+    with pytest.raises(UncompletedJobError, match=reason):
+        job.results()
 
 
 def trains_20_steps(run: Run) -> submitit.Job:
@@ -462,9 +450,7 @@ def test_cancelled_job_saves_and_is_not_requeued(run: Run) -> None:
     job = run.submit(100_000)
     wait_for("training to start", lambda: bool(run.logged_steps()), 180, job)
     subprocess.run(["scancel", job.job_id], check=True, timeout=30)
-    wait_for("the job to be reported over", finished(job), OVER_WITHIN_S, job)
-    with pytest.raises(UncompletedJobError, match="CANCELLED"):
-        job.results()
+    over_without_result(job, "CANCELLED")
     # Once no task is left, none can requeue the job: it must be gone from the queue, not pending again.
     wait_for("the job to leave the queue", lambda: not in_queue(job), 60, job)
     assert states(job) == ["CANCELLED"]
@@ -486,6 +472,4 @@ def test_killed_job_is_reported_failed_within_seconds(run: Run) -> None:
     wait_for("the tasks to start", lambda: len(task_pids(job)) == len(TASKS), 120, job)
     for pid in task_pids(job):
         os.kill(pid, signal.SIGKILL)
-    wait_for("the job to be reported over", finished(job), OVER_WITHIN_S, job)
-    with pytest.raises(UncompletedJobError, match=r"has not produced any output \(state: FAILED\)"):
-        job.results()
+    over_without_result(job, r"has not produced any output \(state: FAILED\)")

@@ -1,0 +1,62 @@
+"""A training run inside a stage's process, and the comparison of two runs' tensors."""
+
+import math
+from collections.abc import Iterator
+
+import torch
+
+from gan_dist.config import Config
+from gan_dist.dist import DistEnv
+from gan_dist.losses import Metrics
+from gan_dist.trainer import build
+
+
+class Run:
+    """A run built as the trainer builds it (``gan_dist.trainer.build``) on the mode's device with its real
+    data, stepped as ``Trainer.fit`` steps it."""
+
+    def __init__(self, cfg: Config, env: DistEnv) -> None:
+        self.env = env
+        built = build(cfg, env)
+        self.cfg, self.info, self.shards, self.engine = built.cfg, built.info, built.data, built.engine
+        self.batches = self.shards.epoch(0)
+        self.step = 0
+
+    def train(self, steps: int) -> list[Metrics]:
+        """``steps`` iterations; their metrics, left on the device (reading them would sync)."""
+        metrics = []
+        for _ in range(steps):
+            reals = [next(self.batches) for _ in range(self.cfg.train.n_critic)]
+            metrics.append(self.engine.iteration(self.step, reals))
+            self.step += 1
+        return metrics
+
+    def read(self, metrics: list[Metrics]) -> dict[str, torch.Tensor]:
+        """Each metric the loss names (``engine.loss.names``), over the steps that reported it, on the host;
+        one that no step reported (a lazy regularizer between its steps) is left out."""
+        return {name: torch.stack([m[name] for m in metrics if name in m]).float().cpu()
+                for name in self.engine.loss.names if any(name in m for m in metrics)}
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every parameter, buffer and optimizer state tensor the run keeps."""
+        eng = self.engine
+        modules = {"G": eng.generator, "D": eng.discriminator} | ({"EMA": eng.ema.module} if eng.ema else {})
+        for tag, module in modules.items():
+            yield from ((f"{tag}.{n}", t) for n, t in [*module.named_parameters(), *module.named_buffers()])
+        for tag, opt in (("opt_g", eng.opt_g), ("opt_d", eng.opt_d)):
+            for i, state in enumerate(opt.state.values()):
+                yield from ((f"{tag}.{i}.{k}", t) for k, t in state.items() if torch.is_tensor(t))
+
+
+def differences(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Largest |a - b| per tensor: 0.0 when bitwise equal, inf when missing or of another shape or dtype."""
+    out = {}
+    for key in a.keys() | b.keys():
+        x, y = a.get(key), b.get(key)
+        if x is None or y is None or x.shape != y.shape or x.dtype != y.dtype:
+            out[key] = math.inf
+        elif torch.equal(x, y):
+            out[key] = 0.0
+        else:
+            out[key] = float((x.double() - y.double()).abs().max()) if x.numel() else math.inf
+    return out
