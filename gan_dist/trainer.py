@@ -8,6 +8,7 @@ benchmark and the GPU check use it).
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 import os
 import sys
@@ -148,13 +149,14 @@ class Trainer:
         # whose training-mode forward is a collective.
         self.z_spread = ZSpread(built.split, classes, cfg.model.z_dim, cfg.train.seed, env.device,
                                 cfg.log.z_spread_warn) if cfg.log.z_spread else None
-        self.logger = MetricLogger(cfg.log, env, self.run_dir, cfg.train.batch_size, self.engine.loss.names,
-                                   lambda: self.engine.learning_rates, self._spread_record if self.z_spread else None)
+        engine = self.engine
+        self.logger = MetricLogger(cfg.log, env, self.run_dir, cfg.train.batch_size, engine.loss.names,
+                                   lambda: engine.learning_rates, self._spread_record if self.z_spread else None)
         self.callbacks: list[Callback] = [self.logger, SampleWriter(
-            self.cfg, env, self.info, classes, lambda: self.engine.sampler, self.logger.log_image)]
+            self.cfg, env, self.info, classes, lambda: engine.sampler, self.logger.log_image)]
         if cfg.eval.every_steps > 0:
             self.callbacks.append(Evaluation(Evaluator(self.cfg, env), self.logger, self.best,
-                                             lambda: self.engine.sampler, self.save))
+                                             lambda: engine.sampler, self.save))
         # Last: a start that fails before here leaves no W&B run open.
         wandb_config = to_dict(self.cfg) | {"resolved": {"amp": self.engine.amp.reason, "data": self.info.to_dict()}}
         self.record.wandb_id = self.logger.open_wandb(wandb_config, self.record.wandb_id)
@@ -349,5 +351,10 @@ def train(cfg: Config, stop: cli.StopFlag) -> int:
             trainer.close()
         if env is not None:
             teardown(env)
+        # The callbacks refer back to the trainer: collect it, and the tensors of the collectives its
+        # DDP modules and step agreement issued, while the interpreter is whole. Freed during its
+        # shutdown instead, gloo's work objects take the GIL from a dying interpreter and abort.
+        trainer = None
+        gc.collect()
         if reason:
             print(reason, file=sys.stderr, flush=True)
