@@ -42,6 +42,9 @@ EVERY_KEY = (
     "--sbatch reservation=big --setup 'module load cuda' --srun-args=--cpu-bind=none"
 )
 """Flags that, over the local cluster's settings, give every parameter the launcher can hand submitit."""
+PREEMPTED_STEPS = 1000
+"""A preempted job's length: over a minute of training here, so the preemption (the scheduler decides
+every 5 s, after the test's own checks) finds it still running on a machine several times faster."""
 RENDERER_CHANGED = (
     "launch/slurm.py's --dry-run renders the sbatch script with submitit's private "
     "submitit.slurm.slurm._make_sbatch_string, as SlurmExecutor does when it submits (there is no public "
@@ -405,7 +408,7 @@ def preempted_and_resumed(run: Run, job: submitit.Job, steps: int, urgent: str, 
     wait_for("a checkpoint at preemption", lambda: bool(run.checkpoints()), 60, job)
     saved = run.checkpoints()[0]
     assert saved < steps
-    wait_for("the requeued job to finish", requeued_and_over(job), 240, job)
+    wait_for("the requeued job to finish", requeued_and_over(job), 480, job)
     assert job.results() == [0, 0], f"{states(job)}\n{log_of(job)}"
     assert run.checkpoints() == [saved, steps]
     assert f"resuming from {run.dir}/checkpoints/step_{saved}.pt at step {saved} " in job.task(0).stdout()
@@ -424,9 +427,9 @@ def test_two_task_cpu_job_trains_to_the_end(run: Run) -> None:
 @pytest.mark.slurm
 def test_preempted_job_is_requeued_and_resumes(run: Run, tmp_path: Path) -> None:
     """A job in the `urgent` partition preempts ours: USR2, save, requeue, resume, finish; same W&B run."""
-    job = run.submit(400, "log.wandb.mode=offline")
+    job = run.submit(PREEMPTED_STEPS, "log.wandb.mode=offline")
     wait_for("training to start", lambda: bool(run.logged_steps()), 180, job)
-    preempted_and_resumed(run, job, 400, "--ntasks=1 --cpus-per-task=2", tmp_path / "urgent.out")
+    preempted_and_resumed(run, job, PREEMPTED_STEPS, "--ntasks=1 --cpus-per-task=2", tmp_path / "urgent.out")
 
 
 @pytest.mark.slurm

@@ -29,6 +29,7 @@ import submitit
 from conftest import REPO
 from hosts import CLUSTER_NET, Host, Hosts, unavailable
 from submitit.helpers import TorchDistributedEnvironment
+from test_slurm import PREEMPTED_STEPS as STEPS
 from test_slurm import Run, log_of, mnist_root, preempted_and_resumed, trains_20_steps, wait_for  # noqa: F401
 
 SCRIPT = REPO / ".ci/local_slurm.sh"
@@ -39,9 +40,6 @@ EXIT_NO_PACKAGES = 3
 UP_S = 300  # a fresh machine installs the packages first (about 10-20 s), then starts in about 2 s
 DOWN_S = 120
 TWO_NODES = ("--nodes", "2", "--tasks-per-node", "1")
-STEPS = 200
-"""The preempted job's length: about 15 s of training here, so the preemption (some 4 s after the first
-metrics) finds it still running."""
 
 pytestmark = pytest.mark.slurm
 
