@@ -15,13 +15,14 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from gan_dist.config import CheckpointConfig, UsageError, write_reason
+from gan_dist.config import CheckpointConfig, Diverged, UsageError, write_reason
+from gan_dist.schedule import Component, Position
 
 if TYPE_CHECKING:
     from gan_dist.dist import DistEnv
@@ -154,13 +155,23 @@ def load_components(path: Path, state: dict[str, Any], components: Mapping[str, 
             component.load_state_dict(state[name])
 
 
-class Checkpointer:
-    """Decides when to save, writes the components' states on rank 0 only, and restores them on resume."""
+class Checkpointer(Component):
+    """Decides when to save, writes the components' states on rank 0 only, and restores them on resume.
 
-    def __init__(self, cfg: CheckpointConfig, run_dir: Path, env: DistEnv, components: Mapping[str, Stateful]) -> None:
-        self.cfg, self.env, self.components = cfg, env, components
+    It saves every ``checkpoint.every_steps``, when rank 0's clock says ``every_minutes`` have passed
+    (``on_time``, as the ranks agreed it), and after the last step; ``finite`` is asked on every rank
+    before each save, and weights that are not finite on any rank are never written.
+    """
+
+    final = True
+
+    def __init__(self, cfg: CheckpointConfig, run_dir: Path, env: DistEnv, components: Mapping[str, Stateful],
+                 finite: Callable[[], bool] = lambda: True) -> None:
+        self.cfg, self.env, self.components, self.finite = cfg, env, components, finite
         self.folder = run_dir / "checkpoints"
         self.last_save = time.monotonic()
+        self.on_time = False
+        """Rank 0's clock asked for a save, as the ranks agreed (``StepAgreement``): the same on every rank."""
         self.last_saved: Path | None = None
         """The newest rolling checkpoint this run wrote or resumed from."""
         if env.is_main:
@@ -176,9 +187,11 @@ class Checkpointer:
         found = [(int(m.group(1)), p) for p in self.folder.glob("step_*.pt") if (m := _NAME.fullmatch(p.name))]
         return sorted(found, reverse=True)
 
-    def due(self, step: int) -> bool:
-        """A save by step count: the same answer on every rank."""
-        return self.cfg.every_steps > 0 and step % self.cfg.every_steps == 0
+    def due(self, pos: Position) -> bool:
+        return self.on_time or (self.cfg.every_steps > 0 and pos.step % self.cfg.every_steps == 0)
+
+    def run(self, pos: Position) -> None:
+        self.save(pos.step)
 
     def time_due(self) -> bool:
         """A save by this rank's clock. Clocks differ, so only rank 0's answer may decide (``StepAgreement``).
@@ -200,6 +213,8 @@ class Checkpointer:
 
         By default the file is the rolling ``step_<N>.pt``; ``name`` writes another (``best.pt``).
         """
+        if self.env.any(not self.finite()):
+            raise Diverged(f"non-finite weights at step {step}")
         path = self.folder / (name or f"step_{step}.pt")
         # The agreement is the barrier: no rank runs ahead into steps that a failed save would lose.
         with self.env.together(CheckpointError, CheckpointError(f"saving {path} failed on rank 0")):
@@ -209,6 +224,8 @@ class Checkpointer:
                     self._prune(step)
         if name is None:
             self.last_save, self.last_saved = time.monotonic(), path
+        if self.env.is_main:
+            print(f"saved {path}", flush=True)
         return path
 
     def _prune(self, step: int) -> None:

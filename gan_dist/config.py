@@ -47,6 +47,10 @@ class DataError(UsageError, RuntimeError):
     """Data that cannot be found or read."""
 
 
+class Diverged(RuntimeError):
+    """Training produced non-finite losses or weights: the run stops, and nothing non-finite is saved."""
+
+
 @dataclass(frozen=True)
 class DatasetInfo:
     """What the data is, measured from the data itself: every network, metric and grid is built from it.

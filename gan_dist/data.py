@@ -19,10 +19,10 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -47,6 +47,37 @@ def to_unit(pixels: torch.Tensor) -> torch.Tensor:
 def to_pixels(images: torch.Tensor) -> torch.Tensor:
     """Images in [-1, 1] back to uint8 pixels (the inverse of ``to_unit`` on every uint8 value)."""
     return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+# ---- the classes a grid shows --------------------------------------------------------------
+
+def class_rows(num_classes: int) -> int:
+    """Label values a G conditioned on ``num_classes`` takes: its classes, or the one label 0 of an
+    unconditional G."""
+    return max(num_classes, 1)
+
+
+GRID_ROWS = 10  # rows of a sample grid: every class up to this many, else an even pick of them
+
+
+def grid_classes(num_classes: int, rows: int = GRID_ROWS) -> list[int]:
+    """The classes a grid shows, one per row: all of them up to ``rows``, else ``rows`` spread evenly
+    from the first to the last (100 classes: 0, 11, 22, ..., 99). Below 2 classes none: one label
+    tells no rows apart, so the rows hold distinct latents instead."""
+    if num_classes < 2:
+        return []
+    if num_classes <= rows:
+        return list(range(num_classes))
+    return [round(i * (num_classes - 1) / (rows - 1)) for i in range(rows)]
+
+
+def row_names(info: DatasetInfo, classes: Sequence[int]) -> str:
+    """What the rows of a grid are, for captions and messages: ``0 airplane, 11 ..., 99 truck``."""
+    def name(c: int) -> str:  # "3 cat"; a name that starts with its number ("3", "3 - three") as it is
+        text = info.class_names[c] if c < len(info.class_names) else ""
+        return text if text.split(" ")[0] == str(c) else f"{c} {text}".strip()
+
+    return ", ".join(name(c) for c in classes) if classes else "distinct latents per row"
 
 
 @dataclass
@@ -220,48 +251,6 @@ def has_split(cfg: DataConfig, split: str) -> bool:
 def _flip(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Images [B, C, H, W] mirrored left to right where ``mask`` [B] is true."""
     return torch.where(mask.view(-1, 1, 1, 1), images.flip(-1), images)
-
-
-class Position:
-    """Where a run is: the steps done, the epoch, and the next batch of this rank inside that epoch."""
-
-    def __init__(self, steps_per_epoch: int, n_critic: int, batch_size: int, world_size: int) -> None:
-        self.steps_per_epoch, self.n_critic = steps_per_epoch, n_critic
-        self.batch_size, self.world_size = batch_size, world_size
-        self.step = self.epoch = self.batch = 0
-        self.resharded_from: int | None = None
-        """The world size of the checkpoint, when it was another one."""
-
-    @property
-    def epoch_ended(self) -> bool:
-        """The step just taken finished an epoch (the next batch is an epoch's first)."""
-        return self.batch == 0
-
-    def advance(self) -> None:
-        self.step += 1
-        self.batch += self.n_critic
-        self._roll()
-
-    def _roll(self) -> None:
-        if self.batch >= self.steps_per_epoch * self.n_critic:
-            self.epoch, self.batch = self.epoch + 1, 0
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "epoch": self.epoch, "batch": self.batch, "world_size": self.world_size,
-                "batch_size": self.batch_size}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Another world size re-shards from the same point of the epoch, counted in samples seen, to the
-        step boundary at or before it; the run is then no longer bit-exact."""
-        self.step, self.epoch, self.batch = state["step"], state["epoch"], state["batch"]
-        if state["world_size"] != self.world_size:
-            seen = state["batch"] * state["world_size"] * state["batch_size"]
-            self.batch = seen // (self.world_size * self.batch_size * self.n_critic) * self.n_critic
-            self.resharded_from = state["world_size"]
-        self._roll()  # data that shrank since the save can end the epoch before the saved batch
-
-    def __str__(self) -> str:
-        return f"step {self.step} (epoch {self.epoch}, batch {self.batch})"
 
 
 class ShardedBatches:

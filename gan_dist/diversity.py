@@ -10,13 +10,14 @@ same latents and weights; a SyncBatchNorm in G is a collective), and rank 0 repo
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from gan_dist.data import Split, to_unit
-from gan_dist.sampling import grid_classes, row_names
+from gan_dist.data import Split, grid_classes, row_names, to_unit
 from gan_dist.seeds import Stream, latents
 
 LATENTS = 16
@@ -63,6 +64,15 @@ class ZSpread:
             generator.train(was_training)
         images = images.float().reshape(len(self.classes), LATENTS, -1)
         return [pixel_spread(own) / real for own, real in zip(images, self.real, strict=True)]
+
+    def record(self, generator: nn.Module, warn_here: bool) -> dict[str, float]:
+        """The log record's fields, the mean and the worst class; a warning on stderr when ``warn_here``
+        (rank 0) and the collapsed classes change."""
+        ratios = self.measure(generator)
+        warning = self.check(ratios)
+        if warning and warn_here:
+            print(warning, file=sys.stderr, flush=True)
+        return {"z_spread": sum(ratios) / len(ratios), "z_spread_min": min(ratios)}
 
     def check(self, ratios: list[float]) -> str | None:
         """A warning line when the set of classes below the threshold changes to a non-empty one."""

@@ -40,11 +40,11 @@ from torch import nn
 from gan_dist import cli, metrics
 from gan_dist.config import Config, ConfigError, DatasetInfo, EvalConfig, UsageError
 from gan_dist.configio import load_config, resolve, to_dict
-from gan_dist.data import DataError, Split, load_split, to_device
+from gan_dist.data import DataError, Split, class_rows, load_split, to_device
 from gan_dist.dist import DistEnv, setup, teardown
 from gan_dist.judge import DEFAULT_SPEC, JudgeSpec, load_or_train
 from gan_dist.models import label_count
-from gan_dist.sampling import class_rows, generate, load_generator
+from gan_dist.sampling import generate, load_generator
 from gan_dist.seeds import Stream, derive_seed
 
 if TYPE_CHECKING:

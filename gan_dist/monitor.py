@@ -19,17 +19,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm import tqdm
 
-from gan_dist.config import LogConfig, WandbConfig, WriteError
+from gan_dist.config import Diverged, LogConfig, WandbConfig, WriteError
+from gan_dist.schedule import Component, Position
 
 if TYPE_CHECKING:
-    from gan_dist.data import Position
     from gan_dist.dist import DistEnv
 
 NEVER = 2**62  # "no non-finite value yet", as a first-bad step
-
-
-class Diverged(RuntimeError):
-    """Training produced non-finite losses or weights: the run stops, and nothing non-finite is saved."""
 
 
 def start_wandb(cfg: WandbConfig, run_dir: Path, config: dict[str, Any], run_id: str | None):
@@ -71,7 +67,7 @@ def last_logged_step(path: Path) -> int:
     return last
 
 
-class MetricLogger:
+class MetricLogger(Component):
     """Accumulates the named step metrics on the device and reduces them over ranks every ``log.every_steps``,
     and owns the run's W&B run (rank 0): it opens it, logs to it and finishes it.
 
@@ -136,13 +132,10 @@ class MetricLogger:
 
     def run(self, pos: Position) -> None:
         """Every rank calls this at the same step: the probe, then one all-reduce of the sums, counts and
-        the images/s; rank 0 writes the record."""
-        if self.steps:
-            self.flush(pos.step, pos.epoch, self.learning_rates(), self.probe() if self.probe else None)
-
-    def flush(self, step: int, epoch: int, lrs: dict[str, float],
-              local: dict[str, float] | None = None) -> dict[str, float]:
-        """The window's means; ``local``: rank 0's own measurements of the step, recorded beside them."""
+        the images/s; rank 0 writes the window's means, with the probe's measurements beside them."""
+        if not self.steps:
+            return
+        local = self.probe() if self.probe else {}
         n = len(self.names)
         elapsed = time.perf_counter() - self.window_start
         rate = torch.tensor([self.steps * self.batch / elapsed], device=self.sums.device)
@@ -152,17 +145,16 @@ class MetricLogger:
             first = self.env.all_reduce_min(self.first_bad.clone()).tolist()
             bad = {name: at for name, at in zip(self.names, first, strict=True) if at != NEVER}
             raise Diverged(f"non-finite {', '.join(bad)} from step {min(bad.values())} "
-                           f"(found at the log step {step})")
-        record: dict[str, Any] = {"step": step, "epoch": epoch}
+                           f"(found at the log step {pos.step})")
+        record: dict[str, Any] = {"step": pos.step, "epoch": pos.epoch}
         record |= {k: total_k / count for k, total_k, count in zip(self.names, sums, counts, strict=True) if count}
         record["images_per_s"] = images_per_s
-        record |= local or {}
+        record |= local
         for t in (self.sums, self.counts):
             t.zero_()
         self.steps = 0
         self.window_start = time.perf_counter()
-        self.env.raise_together(self._write(record, lrs) if self.env.is_main else None)
-        return record
+        self.env.raise_together(self._write(record, self.learning_rates()) if self.env.is_main else None)
 
     def _append(self, record: dict[str, Any]) -> bool:
         """One JSON line; returns whether the step is a replay (then W&B must not see it)."""

@@ -44,19 +44,9 @@ from torch import nn
 from torch.func import functional_call
 
 from gan_dist import cli
-from gan_dist.data import to_pixels
+from gan_dist.data import GRID_ROWS, class_rows, grid_classes, row_names, to_pixels
 from gan_dist.models import label_count
-from gan_dist.sampling import (
-    GRID_ROWS,
-    SampleWriter,
-    class_rows,
-    fixed_noise,
-    generate,
-    grid_classes,
-    load_generator,
-    row_names,
-    save_grid,
-)
+from gan_dist.sampling import SampleWriter, fixed_noise, generate, load_generator, save_grid
 from gan_dist.seeds import Stream, latents
 
 

@@ -16,11 +16,12 @@ from torchvision.utils import make_grid, save_image
 from gan_dist.checkpoint import IncompatibleCheckpoint, check_finite, check_shapes, load_file, naming
 from gan_dist.config import Config, ConfigError, DatasetInfo, WriteError
 from gan_dist.configio import resolve
+from gan_dist.data import GRID_ROWS, grid_classes, row_names
 from gan_dist.models import build_generator
+from gan_dist.schedule import Component, Position
 from gan_dist.seeds import Stream, derive_seed
 
 if TYPE_CHECKING:
-    from gan_dist.data import Position
     from gan_dist.dist import DistEnv
 
 
@@ -48,26 +49,6 @@ def load_generator(path: str | Path, device: torch.device | str = "cpu",
     return generator.eval().requires_grad_(False), cfg, info
 
 
-def class_rows(num_classes: int) -> int:
-    """Label values a G conditioned on ``num_classes`` takes: its classes, or the one label 0 of an
-    unconditional G."""
-    return max(num_classes, 1)
-
-
-GRID_ROWS = 10  # rows of a sample grid: every class up to this many, else an even pick of them
-
-
-def grid_classes(num_classes: int, rows: int = GRID_ROWS) -> list[int]:
-    """The classes a grid shows, one per row: all of them up to ``rows``, else ``rows`` spread evenly
-    from the first to the last (100 classes: 0, 11, 22, ..., 99). Below 2 classes none: one label
-    tells no rows apart, so the rows hold distinct latents instead."""
-    if num_classes < 2:
-        return []
-    if num_classes <= rows:
-        return list(range(num_classes))
-    return [round(i * (num_classes - 1) / (rows - 1)) for i in range(rows)]
-
-
 def fixed_noise(z_dim: int, columns: int, seed: int, device: torch.device,
                 classes: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Latents and labels of a grid, row-major.
@@ -83,15 +64,6 @@ def fixed_noise(z_dim: int, columns: int, seed: int, device: torch.device,
         z = torch.randn(GRID_ROWS * columns, z_dim, generator=gen)
         labels = torch.zeros(GRID_ROWS * columns, dtype=torch.int64)
     return z.to(device), labels.to(device)
-
-
-def row_names(info: DatasetInfo, classes: Sequence[int]) -> str:
-    """What the rows of a grid are, for captions and messages: ``0 airplane, 11 ..., 99 truck``."""
-    def name(c: int) -> str:  # "3 cat"; a name that starts with its number ("3", "3 - three") as it is
-        text = info.class_names[c] if c < len(info.class_names) else ""
-        return text if text.split(" ")[0] == str(c) else f"{c} {text}".strip()
-
-    return ", ".join(name(c) for c in classes) if classes else "distinct latents per row"
 
 
 @torch.no_grad()
@@ -114,7 +86,7 @@ def save_grid(images: torch.Tensor, path: Path, columns: int) -> Path:
     return path
 
 
-class SampleWriter:
+class SampleWriter(Component):
     """The fixed-noise grid (10 columns, a row per picked class) of ``sampler()``, written by rank 0 as
     ``samples/step_<N>.png`` and sent on by ``log_image(step, key, path, caption)`` (W&B).
 
@@ -139,9 +111,6 @@ class SampleWriter:
 
     def run(self, pos: Position) -> None:
         self.write(pos.step, self.sampler())
-
-    def close(self) -> None:
-        pass
 
     def write(self, step: int, generator: nn.Module) -> Path | None:
         """Every rank calls this at the same step; rank 0 writes, and if it cannot, every rank raises."""

@@ -7,8 +7,8 @@ Several ranks on one machine (NCCL on GPUs, gloo on CPU):
 Offline, on Debian's Fashion-MNIST (apt-get install dataset-fashion-mnist):
     python -m gan_dist.train data.name=fashion_mnist data.root=/usr/share/datasets/fashion-mnist
 Slurm: python -m launch.slurm (it ends up in ``main`` below, with the same arguments).
-In Python: ``gan_dist.trainer.Trainer(cfg, env, cli.StopFlag()).fit()``; ``gan_dist.trainer.build(cfg, env)`` gives
-the data and the engine alone.
+In Python: ``gan_dist.trainer.Trainer(cfg, env, cli.StopFlag(), gan_dist.evaluate.Evaluator).fit()``;
+``gan_dist.trainer.build(cfg, env)`` gives the data and the engine alone.
 
 ``--help`` lists every config key; ``--dry-run`` prints the resolved config and exits.
 Exit status: 0 done; 2 bad config, data, checkpoint or run_dir; 3 diverged (non-finite losses or
@@ -52,12 +52,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.dry_run:
             print(to_yaml(cfg), end="")
             return 0
-        from gan_dist.evaluate import check_features
+        from gan_dist.evaluate import Evaluator, check_features
         from gan_dist.trainer import train
 
         if cfg.eval.every_steps > 0:
             check_features(cfg.eval)  # Inception's weights, before any data or process group
-        return train(cfg, stop)
+        return train(cfg, stop, Evaluator)
 
     return cli.run(body)
 

@@ -1,7 +1,7 @@
-"""One training run: config → distributed env → data → engine → callbacks, driven by ``Trainer``.
+"""One training run: config → distributed env → data → engine → components, driven by ``Trainer``.
 
-``gan_dist.train`` is the command line in front of it; ``train(cfg, stop)`` below is what it calls once
-its signal handlers are in place. ``build(cfg, env)`` gives the data and the engine alone (the
+``gan_dist.train`` is the command line in front of it; ``train(cfg, stop, Evaluator)`` below is what it
+calls once its signal handlers are in place. ``build(cfg, env)`` gives the data and the engine alone (the
 benchmark and the GPU check use it).
 """
 
@@ -13,25 +13,28 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from gan_dist import cli
 from gan_dist.checkpoint import Checkpointer, IncompatibleCheckpoint
-from gan_dist.config import Config, ConfigError, DatasetInfo, UsageError, WriteError
+from gan_dist.config import Config, ConfigError, DatasetInfo, Diverged, UsageError, WriteError
 from gan_dist.configio import to_dict, to_yaml
-from gan_dist.data import CHECKS, DataError, Position, ShardedBatches, Split, load_split, make_batches
+from gan_dist.data import CHECKS, DataError, ShardedBatches, Split, load_split, make_batches
 from gan_dist.dist import DistEnv, PeerFailed, StepAgreement, lost_peer, setup, teardown
 from gan_dist.diversity import ZSpread
 from gan_dist.engine import GANEngine
-from gan_dist.evaluate import Evaluator
 from gan_dist.models import check_resolution
-from gan_dist.monitor import Diverged, MetricLogger, Progress
+from gan_dist.monitor import MetricLogger, Progress
 from gan_dist.sampling import SampleWriter
+from gan_dist.schedule import Component, Position
+
+if TYPE_CHECKING:
+    from gan_dist.evaluate import Evaluator
 
 
 @dataclass
@@ -110,23 +113,29 @@ class RunRecord:
 
 
 class Trainer:
-    """Wires the components of one run and drives the loop; every rank runs the same calls."""
+    """Wires the components of one run and drives the loop; every rank runs the same calls.
 
-    def __init__(self, cfg: Config, env: DistEnv, stop: cli.StopFlag) -> None:
+    ``evaluator(cfg, env)`` builds the scorer for ``eval.every_steps``: the entry point passes
+    ``gan_dist.evaluate.Evaluator``, so training does not import evaluation's judge and Inception.
+    """
+
+    def __init__(self, cfg: Config, env: DistEnv, stop: cli.StopFlag,
+                 evaluator: Callable[[Config, DistEnv], Evaluator]) -> None:
         self.env, self.stop = env, stop
         self.run_dir = Path(cfg.run_dir)
         env.raise_together(_prepare_run_dir(self.run_dir) if env.is_main else None)
         built = build(cfg, env)
         self.cfg, self.info, self.data, self.engine = built.cfg, built.info, built.data, built.engine
+        engine = self.engine
         self.pos = Position(len(self.data) // cfg.train.n_critic, cfg.train.n_critic, cfg.train.batch_size,
                             env.world_size)
         if self.pos.steps_per_epoch == 0:
             raise DataError(f"{len(self.data)} batches per rank cannot feed train.n_critic={cfg.train.n_critic}")
         total = cfg.train.epochs * self.pos.steps_per_epoch
         self.total_steps = min(total, cfg.train.max_steps or total)
-        self.best, self.record = BestScore(cfg.eval.features), RunRecord(self.cfg, self.info)
+        best, self.record = BestScore(cfg.eval.features), RunRecord(self.cfg, self.info)
         self.checkpointer = Checkpointer(cfg.checkpoint, self.run_dir, env, {
-            "run": self.record, "position": self.pos, "engine": self.engine, "best": self.best})
+            "run": self.record, "position": self.pos, "engine": engine, "best": best}, engine.finite)
         resumed = self.checkpointer.restore(cfg.train.resume)
         if resumed is not None:
             note = (f"; world size {self.pos.resharded_from} -> {env.world_size}: data re-sharded, the run is no "
@@ -135,30 +144,26 @@ class Trainer:
             if self.record.data_changes:
                 self._say(f"data: differs from the checkpoint's ({'; '.join(self.record.data_changes)}); the run "
                           "goes on from the same step, and is no longer bit-exact")
-        classes = self.engine.num_classes
+        classes = engine.num_classes
         if classes == 1:
             self._say("data: one class: conditioning on it changes nothing; model.conditioning=none trains the "
                       "same data unconditionally")
         self._say(f"data: {describe_data(self.info, built.split.name, classes)}; {self.data}; "
                   f"cache keyed by {CHECKS[cfg.data.verify]}")
-        self._say(f"precision: {self.cfg.amp.dtype} ({self.engine.amp.reason}); layout: {self.cfg.amp.memory_format}")
+        self._say(f"precision: {self.cfg.amp.dtype} ({engine.amp.reason}); layout: {self.cfg.amp.memory_format}")
         if cfg.augment.kind != "none":
-            self._say(f"augment: {self.engine.loss.augment}")
+            self._say(f"augment: {engine.loss.augment}")
         env.raise_together(self._write_config() if env.is_main else None)
-        # Every rank measures (the same latents, the same weights): G's BatchNorm may be a SyncBatchNorm,
-        # whose training-mode forward is a collective.
-        self.z_spread = ZSpread(built.split, classes, cfg.model.z_dim, cfg.train.seed, env.device,
-                                cfg.log.z_spread_warn) if cfg.log.z_spread else None
-        engine = self.engine
         self.logger = MetricLogger(cfg.log, env, self.run_dir, cfg.train.batch_size, engine.loss.names,
-                                   lambda: engine.learning_rates, self._spread_record if self.z_spread else None)
-        self.callbacks: list[Callback] = [self.logger, SampleWriter(
+                                   lambda: engine.learning_rates, _spread_probe(cfg, env, built.split, engine))
+        self.components: list[Component] = [self.logger, SampleWriter(
             self.cfg, env, self.info, classes, lambda: engine.sampler, self.logger.log_image)]
         if cfg.eval.every_steps > 0:
-            self.callbacks.append(Evaluation(Evaluator(self.cfg, env), self.logger, self.best,
-                                             lambda: engine.sampler, self.save))
+            self.components.append(Evaluation(evaluator(self.cfg, env), self.logger, best, lambda: engine.sampler,
+                                              self.checkpointer.save))
+        self.components.append(self.checkpointer)  # after the others: its checkpoint holds what they did
         # Last: a start that fails before here leaves no W&B run open.
-        wandb_config = to_dict(self.cfg) | {"resolved": {"amp": self.engine.amp.reason, "data": self.info.to_dict()}}
+        wandb_config = to_dict(self.cfg) | {"resolved": {"amp": engine.amp.reason, "data": self.info.to_dict()}}
         self.record.wandb_id = self.logger.open_wandb(wandb_config, self.record.wandb_id)
 
     def _write_config(self) -> WriteError | None:
@@ -173,23 +178,6 @@ class Trainer:
     def _say(self, message: str) -> None:
         if self.env.is_main:
             print(message, flush=True)
-
-    def _spread_record(self) -> dict[str, float]:
-        """The raw G's spread over z per class, relative to the data's, for the log record; rank 0 warns
-        when classes collapse."""
-        ratios = self.z_spread.measure(self.engine.generator)
-        warning = self.z_spread.check(ratios)
-        if warning and self.env.is_main:
-            print(warning, file=sys.stderr, flush=True)
-        return {"z_spread": sum(ratios) / len(ratios), "z_spread_min": min(ratios)}
-
-    def save(self, name: str | None = None) -> Path:
-        """Every rank calls this at the same step; weights that are not finite are never written."""
-        if self.env.any(not self.engine.finite()):
-            raise Diverged(f"non-finite weights at step {self.pos.step}")
-        path = self.checkpointer.save(self.pos.step, name=name)
-        self._say(f"saved {path}")
-        return path
 
     def fit(self) -> int:
         """Train to the last step, or until a stop signal (exit 75) or divergence (exit 3)."""
@@ -223,59 +211,59 @@ class Trainer:
                 batches = self.data.epoch(epoch, start=pos.batch)
                 while pos.epoch == epoch and pos.step < self.total_steps:
                     if self._step(agreement, batches):
-                        return cli.EXIT_REQUEUE
+                        return self._stopped()
                     progress.update(pos.step)
         finally:
             progress.close()
-        for callback in self.callbacks:
-            if callback.final and not callback.due(pos):  # the last record and grid, unless just written
-                callback.run(pos)
-        self.save()
+        self._catch_up(c for c in self.components if c.final)  # the last record, grid and checkpoint
         self._say(f"done: {pos.step} steps in {self.run_dir}")
         return 0
 
-    def _step(self, agreement: StepAgreement, batches) -> bool:
-        """One iteration and the callbacks due after it; returns whether the ranks agreed to stop."""
+    def _step(self, agreement: StepAgreement, batches: Iterator[Any]) -> bool:
+        """One iteration and the components due after it; returns whether the ranks agreed to stop."""
         pos = self.pos
         metrics = self.engine.iteration(pos.step, [next(batches) for _ in range(self.cfg.train.n_critic)])
         pos.advance()
         self.logger.update(pos.step, metrics)
-        for callback in self.callbacks:
-            if callback.due(pos):
-                callback.run(pos)
-        stopping, timed = agreement.exchange(self.stop.signum is not None, self.checkpointer.time_due())
-        if stopping or ((timed or self.checkpointer.due(pos.step)) and pos.step < self.total_steps):
-            self.save()
-        if stopping:
-            self.stop.settle()  # saved: the exit status is decided
-            self.logger.run(pos)
-            self._say(f"stopped by signal ({self.stop.name}) at step {pos.step}; exit {cli.EXIT_REQUEUE} to requeue")
+        stopping, self.checkpointer.on_time = agreement.exchange(self.stop.signum is not None,
+                                                                 self.checkpointer.time_due())
+        for component in self.components:
+            if component.due(pos):
+                component.run(pos)
         return stopping
 
+    def _stopped(self) -> int:
+        """The ranks agreed to stop at this step: save, settle the exit status, write the last record."""
+        self._catch_up([self.checkpointer])
+        self.stop.settle()  # saved: the exit status is decided
+        self._catch_up([self.logger])
+        self._say(f"stopped by signal ({self.stop.name}) at step {self.pos.step}; exit {cli.EXIT_REQUEUE} to requeue")
+        return cli.EXIT_REQUEUE
+
+    def _catch_up(self, components: Iterable[Component]) -> None:
+        """Run each of ``components`` at this step, unless it was due here and has just run."""
+        for component in components:
+            if not component.due(self.pos):
+                component.run(self.pos)
+
     def close(self) -> None:
-        for callback in self.callbacks:
-            callback.close()
+        for component in self.components:
+            component.close()
 
 
-class Callback(Protocol):
-    """What the loop runs after a step when it says it is due. Every rank asks and runs at the same
-    steps (most callbacks enter collectives); each decides its own cadence from the position."""
-
-    final: bool
-    """It also runs after the last step, unless it was due there."""
-
-    def due(self, pos: Position) -> bool: ...
-
-    def run(self, pos: Position) -> None: ...
-
-    def close(self) -> None: ...
+def _spread_probe(cfg: Config, env: DistEnv, split: Split,
+                  engine: GANEngine) -> Callable[[], dict[str, float]] | None:
+    """``log.z_spread``: the raw G's spread over z per class, for each log record. Every rank measures (the
+    same latents, the same weights): G's BatchNorm may be a SyncBatchNorm, whose forward is a collective."""
+    if not cfg.log.z_spread:
+        return None
+    z_spread = ZSpread(split, engine.num_classes, cfg.model.z_dim, cfg.train.seed, env.device, cfg.log.z_spread_warn)
+    return lambda: z_spread.record(engine.generator, env.is_main)
 
 
-class Evaluation:
+class Evaluation(Component):
     """``eval.every_steps``: score the sampling G on every rank, log the scores, and keep ``best.pt``
     when FID improves. ``share_of_time`` is evaluation's share of the time since the run started."""
-
-    final = False
 
     def __init__(self, evaluator: Evaluator, logger: MetricLogger, best: BestScore,
                  sampler: Callable[[], nn.Module], save: Callable[..., Path]) -> None:
@@ -293,10 +281,7 @@ class Evaluation:
         if self.best.improves(scores["fid"]):
             if self.evaluator.env.is_main:
                 print(f"new best FID {self.best.fid:.3f}", flush=True)
-            self.save(name="best.pt")
-
-    def close(self) -> None:
-        pass
+            self.save(pos.step, name="best.pt")
 
 
 def describe_data(info: DatasetInfo, split: str, classes: int) -> str:
@@ -319,14 +304,14 @@ def _prepare_run_dir(run_dir: Path) -> ConfigError | None:
     return None
 
 
-def train(cfg: Config, stop: cli.StopFlag) -> int:
+def train(cfg: Config, stop: cli.StopFlag, evaluator: Callable[[Config, DistEnv], Evaluator]) -> int:
     """Join the process group, train, leave it. An error names its rank and is printed last, after the
     group is gone, so it is the line right above a launcher's summary."""
     env = trainer = None
     reason = None
     try:
         env = setup(cfg.dist)
-        trainer = Trainer(cfg, env, stop)
+        trainer = Trainer(cfg, env, stop, evaluator)
         return trainer.fit()
     except UsageError as e:
         reason = cli.error_line(e, env.rank if env else int(os.environ.get("RANK", 0)))
@@ -351,9 +336,9 @@ def train(cfg: Config, stop: cli.StopFlag) -> int:
             trainer.close()
         if env is not None:
             teardown(env)
-        # The callbacks refer back to the trainer: collect it, and the tensors of the collectives its
-        # DDP modules and step agreement issued, while the interpreter is whole. Freed during its
-        # shutdown instead, gloo's work objects take the GIL from a dying interpreter and abort.
+        # Collect the trainer, and the tensors of the collectives its DDP modules and step agreement
+        # issued, while the interpreter is whole: freed during its shutdown (by a reference cycle a
+        # component or a user's extension may hold), gloo's work objects take the GIL and abort.
         trainer = None
         gc.collect()
         if reason:

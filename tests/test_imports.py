@@ -11,7 +11,8 @@ from conftest import run
 HEAVY = ("torch", "torchvision", "numpy", "PIL", "wandb")
 
 
-@pytest.mark.parametrize("module", ["gan_dist.config", "gan_dist.configio", "gan_dist.train", "launch.slurm"])
+@pytest.mark.parametrize("module", ["gan_dist.config", "gan_dist.configio", "gan_dist.schedule", "gan_dist.train",
+                                    "launch.slurm"])
 def test_importing_loads_no_torch(module):
     proc = run([sys.executable, "-c", f"import sys, {module}; print(sorted(set({HEAVY!r}) & set(sys.modules)))"])
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr

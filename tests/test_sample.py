@@ -14,8 +14,9 @@ from conftest import write_cifar, write_folder, write_idx
 from PIL import Image
 
 from gan_dist import sample, train
+from gan_dist.data import GRID_ROWS, grid_classes
 from gan_dist.models import label_count
-from gan_dist.sampling import GRID_ROWS, fixed_noise, generate, grid_classes, load_generator
+from gan_dist.sampling import fixed_noise, generate, load_generator
 from gan_dist.seeds import Stream, derive_seed
 
 TILE = 30  # save_grid: a 28-pixel image plus 2 of padding; the grid has 2 more at its far edges

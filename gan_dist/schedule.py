@@ -1,0 +1,69 @@
+"""Where a run is, and the components that act at its steps.
+
+The loop advances a ``Position`` and, after every step, runs each ``Component`` that says it is due:
+the metric logger, the sample writer, the evaluation and the checkpointer each decide their own
+cadence from the position, and save and load their own state where they have one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class Position:
+    """Where a run is: the steps done, the epoch, and the next batch of this rank inside that epoch."""
+
+    def __init__(self, steps_per_epoch: int, n_critic: int, batch_size: int, world_size: int) -> None:
+        self.steps_per_epoch, self.n_critic = steps_per_epoch, n_critic
+        self.batch_size, self.world_size = batch_size, world_size
+        self.step = self.epoch = self.batch = 0
+        self.resharded_from: int | None = None
+        """The world size of the checkpoint, when it was another one."""
+
+    @property
+    def epoch_ended(self) -> bool:
+        """The step just taken finished an epoch (the next batch is an epoch's first)."""
+        return self.batch == 0
+
+    def advance(self) -> None:
+        self.step += 1
+        self.batch += self.n_critic
+        self._roll()
+
+    def _roll(self) -> None:
+        if self.batch >= self.steps_per_epoch * self.n_critic:
+            self.epoch, self.batch = self.epoch + 1, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "epoch": self.epoch, "batch": self.batch, "world_size": self.world_size,
+                "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Another world size re-shards from the same point of the epoch, counted in samples seen, to the
+        step boundary at or before it; the run is then no longer bit-exact."""
+        self.step, self.epoch, self.batch = state["step"], state["epoch"], state["batch"]
+        if state["world_size"] != self.world_size:
+            seen = state["batch"] * state["world_size"] * state["batch_size"]
+            self.batch = seen // (self.world_size * self.batch_size * self.n_critic) * self.n_critic
+            self.resharded_from = state["world_size"]
+        self._roll()  # data that shrank since the save can end the epoch before the saved batch
+
+    def __str__(self) -> str:
+        return f"step {self.step} (epoch {self.epoch}, batch {self.batch})"
+
+
+class Component:
+    """What the loop runs after a step when it says it is due. Every rank asks and runs at the same
+    steps (most components enter collectives), so ``due`` must answer alike on every rank."""
+
+    final = False
+    """It also runs after the last step, unless it was due there (the last record, grid and checkpoint)."""
+
+    def due(self, pos: Position) -> bool:
+        raise NotImplementedError
+
+    def run(self, pos: Position) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what it holds (a W&B run) when the run ends, however it ends; most hold nothing."""
