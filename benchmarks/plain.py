@@ -26,8 +26,9 @@ def plain_misfit(cfg: Config) -> str | None:
         return "the plain loop has no R1 penalty (loss.r1.gamma > 0)"
     if cfg.train.compile != "off":
         return "the plain loop does not compile (train.compile)"
-    if cfg.augment.kind == "ada" or cfg.loss.lecam.weight > 0:
-        return "the plain loop has no ADA controller or LeCam term (augment.kind=ada, loss.lecam.weight > 0)"
+    if cfg.augment.kind == "ada" or cfg.loss.lecam.weight > 0 or cfg.loss.bcr.weight > 0:
+        return ("the plain loop has no ADA controller, LeCam or bCR term (augment.kind=ada, loss.lecam.weight > 0, "
+                "loss.bcr.weight > 0)")
     return None
 
 

@@ -104,14 +104,19 @@ class Augment:
         return self.cfg.kind != "none"
 
     def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """``x`` with each operation applied to each image with probability p (1 for DiffAugment): the others
-        pass through unchanged. Every operation draws its randomness whatever p is, so p changes which
-        images are augmented, never how."""
+        """``x`` with the policy applied with probability p (1 for DiffAugment)."""
         if not self.enabled or self.p == 0:
             return x
+        return self.transform(x, self.cfg.policy, gen, self.p)
+
+    def transform(self, x: torch.Tensor, policy: tuple[str, ...], gen: torch.Generator,
+                  p: float = 1.0) -> torch.Tensor:
+        """``x`` with each operation of ``policy`` applied to each image with probability ``p``, from this rank's
+        rows of the draws: the others pass through unchanged. Every operation draws its randomness whatever p
+        is, so p changes which images are augmented, never how."""
         draws = Draws(gen, self.env.rank, self.env.world_size)
-        for name in self.cfg.policy:
-            on = draws.uniform(x, 1, 1, 1) < self.p
+        for name in policy:
+            on = draws.uniform(x, 1, 1, 1) < p
             x = torch.where(on, OPERATIONS[name](x, draws), x)
         return x
 

@@ -222,6 +222,18 @@ class LeCamConfig:
     decay: float = opt(0.99, "decay per D step of the EMAs of D's mean outputs on real and fake images", ge=0, lt=1)
 
 
+Operation = Literal["color", "translation", "cutout"]
+"""The differentiable augmentations (``gan_dist.augment.OPERATIONS``)."""
+
+
+@dataclass(frozen=True)
+class BCRConfig:
+    weight: float = opt(0.0, "weight λ of bCR's E(D(x) - D(T(x)))² on real and on fake images, T drawn from "
+                             "loss.bcr.policy (Zhao et al. 2021; 0: off)", ge=0)
+    policy: tuple[Operation, ...] = opt(
+        ("translation",), "the operations T applies to every image, in order (as augment.policy)")
+
+
 @dataclass(frozen=True)
 class LossConfig:
     kind: str = opt("bce", "bce: the tutorial's loss on logits; hinge: the SNGAN loss; options: loss.<kind>.*",
@@ -229,6 +241,8 @@ class LossConfig:
     options: Any = opt(None, "the chosen loss's own section", options_of="kind")
     r1: R1Config = opt(R1Config, "R1 gradient penalty on D (Mescheder et al. 2018), with any loss.kind")
     lecam: LeCamConfig = opt(LeCamConfig, "LeCam regularizer on D's outputs (small data), with any loss.kind")
+    bcr: BCRConfig = opt(BCRConfig, "balanced consistency regularization: D's outputs unchanged by augmentation, "
+                                    "with any loss.kind")
 
     def __post_init__(self) -> None:
         _fill_options(self, "kind", "options")
@@ -240,7 +254,7 @@ class AugmentConfig:
         "none", "differentiable augmentation of every image D sees, real and fake, in D's and G's steps: none; "
         "diffaug: the policy on every image (DiffAugment); ada: each operation with probability p, which "
         "follows D's overfitting (ADA)")
-    policy: tuple[Literal["color", "translation", "cutout"], ...] = opt(
+    policy: tuple[Operation, ...] = opt(
         ("color", "translation", "cutout"), "the operations, in order: color (brightness, saturation, contrast), "
         "translation (up to 1/8 of the size), cutout (a square of half the size)")
     ada_target: float = opt(0.6, "ada: the E[sign(D(real))] that p steers to (higher: D may overfit more)",
@@ -379,6 +393,8 @@ class Config:
     def __post_init__(self) -> None:
         if self.augment.kind != "none" and not self.augment.policy:
             raise ConfigError(f"augment.policy: augment.kind={self.augment.kind} needs at least one operation")
+        if self.loss.bcr.weight > 0 and not self.loss.bcr.policy:
+            raise ConfigError("loss.bcr.policy: loss.bcr.weight > 0 needs at least one operation")
         if self.augment.kind == "ada" and self.model.conditioning == "none":
             raise ConfigError("augment.kind: ada takes a conditional D (model.conditioning concat or projection); "
                               "with model.conditioning=none use augment.kind=diffaug")

@@ -10,7 +10,8 @@ raw (no sigmoid in D) and the objectives run in float32, outside autocast.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from gan_dist.config import LOSSES, LeCamConfig, LossConfig, R1Config, opt
+from gan_dist.config import LOSSES, BCRConfig, LeCamConfig, LossConfig, R1Config, opt
 
 if TYPE_CHECKING:
     from gan_dist.amp import Amp
@@ -129,6 +130,22 @@ class LeCam:
         self.ema = state["ema"].to(self.ema.device)
 
 
+class BCR:
+    """Balanced consistency regularization (bCR, Zhao et al. 2021): E(D(x) - D(T(x)))² on real images plus
+    the same on fakes, with T every operation of ``loss.bcr.policy``. D learns outputs that T does not change,
+    while it still sees the images themselves; unlike ADA it acts from the first step, whether or not D
+    overfits. T draws from the step's stream after the augmentation, so ranks and resumes agree."""
+
+    def __init__(self, cfg: BCRConfig, augment: Augment) -> None:
+        self.weight, self.policy, self.augment = cfg.weight, cfg.policy, augment
+
+    def penalty(self, score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], images: torch.Tensor,
+                labels: torch.Tensor, logits: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """E(D(x) - D(T(x)))² over a batch: ``logits`` are D's on ``images``, ``score`` runs D on T(images)."""
+        transformed = self.augment.transform(images, self.policy, gen)
+        return (logits - score(transformed, labels)).square().mean()
+
+
 @dataclass(frozen=True)
 class Networks:
     """What the phases run: ``G`` and ``D`` train (behind DDP and compile when on); ``fake_G`` is the bare G
@@ -153,7 +170,8 @@ class Networks:
 
 class GANLoss:
     """The phases of an iteration and every term in them: the configured objective, R1 (``loss.r1.gamma`` >
-    0), LeCam (``loss.lecam.weight`` > 0), and the augmentation of D's inputs (``augment.kind``).
+    0), LeCam (``loss.lecam.weight`` > 0), bCR (``loss.bcr.weight`` > 0), and the augmentation of D's inputs
+    (``augment.kind``).
 
     Each phase runs its networks, adds its terms and calls backward; the engine zeroes and steps the
     optimizers around it. D runs under autocast, the terms in float32.
@@ -163,20 +181,23 @@ class GANLoss:
         self.objective: Objective = LOSSES[cfg.kind](cfg.options)
         self.r1 = R1(cfg.r1, amp) if cfg.r1.gamma > 0 else None
         self.lecam = LeCam(cfg.lecam, env) if cfg.lecam.weight > 0 else None
+        self.bcr = BCR(cfg.bcr, augment) if cfg.bcr.weight > 0 else None
         self.augment, self.amp, self.env = augment, amp, env
         self.observers = [t for t in (self.lecam, augment if augment.adaptive else None) if t is not None]
         """The terms that learn from D's outputs on every rank: their sums share one all-reduce per D step."""
         self.names = ("d_loss", "g_loss", *self.objective.extra, *(("r1_penalty",) if self.r1 else ()),
-                      *(("lecam_penalty",) if self.lecam else ()),
+                      *(("lecam_penalty",) if self.lecam else ()), *(("bcr_penalty",) if self.bcr else ()),
                       *(("augment_p", "ada_rt") if augment.adaptive else ()))
         """Every metric the phases can report, in a fixed order; a step may report only some (R1 is lazy)."""
+        self.summary = " + ".join([cfg.kind, *([f"R1 γ={cfg.r1.gamma} every {cfg.r1.every}"] if self.r1 else []),
+                                   *([f"LeCam λ={cfg.lecam.weight}"] if self.lecam else []),
+                                   *([f"bCR λ={cfg.bcr.weight} ({', '.join(cfg.bcr.policy)})"] if self.bcr else [])])
+        """The objective and the regularizers that are on, for the run's start lines."""
 
-    def _discriminate(self, D: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                      gen: torch.Generator) -> torch.Tensor:
-        """D's float32 logits on the augmented ``images``."""
-        images = self.amp.laid_out(self.augment(images, gen))
+    def _discriminate(self, D: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """D's float32 logits on ``images``, as they come (augmented already)."""
         with self.amp.autocast():
-            return D(images, labels).float()
+            return D(self.amp.laid_out(images), labels).float()
 
     def d_phase(self, nets: Networks, real: torch.Tensor, labels: torch.Tensor, z: torch.Tensor,
                 fake_labels: torch.Tensor, d_step: int, gen: torch.Generator) -> Metrics:
@@ -187,14 +208,21 @@ class GANLoss:
         penalize = self.r1 is not None and self.r1.due(d_step)
         if penalize:
             real = real.detach().requires_grad_(True)
-        real_logits = self._discriminate(nets.D, real, labels, gen)
-        fake_logits = self._discriminate(nets.D, fake, fake_labels, gen)
+        real_seen, fake_seen = self.augment(real, gen), self.augment(fake, gen)
+        real_logits = self._discriminate(nets.D, real_seen, labels)
+        fake_logits = self._discriminate(nets.D, fake_seen, fake_labels)
         loss, metrics = self.objective.d(real_logits, fake_logits)
         metrics["d_loss"] = loss.detach()
         if self.lecam is not None:
             penalty = self.lecam.penalty(real_logits, fake_logits)
             loss = loss + self.lecam.weight * penalty
             metrics["lecam_penalty"] = penalty.detach()
+        if self.bcr is not None:
+            score = functools.partial(self._discriminate, nets.D)
+            penalty = (self.bcr.penalty(score, real_seen, labels, real_logits, gen)
+                       + self.bcr.penalty(score, fake_seen, fake_labels, fake_logits, gen))
+            loss = loss + self.bcr.weight * penalty
+            metrics["bcr_penalty"] = penalty.detach()
         if penalize:
             penalty = self.r1.penalty(real_logits, real)
             loss = loss + self.r1.weight() * penalty
@@ -217,7 +245,7 @@ class GANLoss:
         with nets.frozen_d():
             with self.amp.autocast():
                 fake = nets.G(z, fake_labels)
-            loss = self.objective.g(self._discriminate(nets.D, fake, fake_labels, gen))
+            loss = self.objective.g(self._discriminate(nets.D, self.augment(fake, gen), fake_labels))
             self.amp.backward(loss)
         return {"g_loss": loss.detach()}
 

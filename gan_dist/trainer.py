@@ -151,6 +151,7 @@ class Trainer:
         self._say(f"data: {describe_data(self.info, built.split.name, classes)}; {self.data}; "
                   f"cache keyed by {CHECKS[cfg.data.verify]}")
         self._say(f"precision: {self.cfg.amp.dtype} ({engine.amp.reason}); layout: {self.cfg.amp.memory_format}")
+        self._say(f"loss: {engine.loss.summary}")
         if cfg.augment.kind != "none":
             self._say(f"augment: {engine.loss.augment}")
         env.raise_together(self._write_config() if env.is_main else None)

@@ -83,10 +83,17 @@ def test_diffaug_changes_every_image_and_none_changes_nothing():
     ("augment.ada_target=1.0", "augment.ada_target"),
     ("augment.ada_target=0", "augment.ada_target"),
     ("loss.lecam.decay=1", "loss.lecam.decay"),
+    ("loss.bcr.policy=[flip]", "loss.bcr.policy"),
+    ("loss.bcr.weight=-1", "loss.bcr.weight"),
 ])
 def test_bad_augment_values_are_config_errors_naming_the_key(override, named):
     with pytest.raises(ConfigError, match=named):
         load_config(None, ["augment.kind=ada", override])
+
+
+def test_bcr_with_no_operation_is_refused_naming_the_key():
+    with pytest.raises(ConfigError, match="loss.bcr.policy"):
+        load_config(None, ["loss.bcr.weight=10", "loss.bcr.policy=[]"])
 
 
 def test_ada_with_an_unconditional_d_is_refused_naming_the_key():

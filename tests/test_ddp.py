@@ -57,11 +57,12 @@ def _fixed_inputs(step: int) -> dict[str, torch.Tensor]:
 
 NO_DROPOUT = "model.mlp.d_dropout=0"
 EQUIVALENCE = {"plain": [NO_DROPOUT], "r1": [NO_DROPOUT, "loss.r1.gamma=2", "loss.r1.every=2"], "resnet_same": RESNET,
-               "augment_lecam": [NO_DROPOUT, "augment.kind=ada", "augment.ada_p=0.5",
-                                 "augment.policy=[translation,cutout]", "loss.lecam.weight=0.3"]}
-"""The runs that must give one rank's weights on two: R1's penalty is a mean over the batch, as the loss is; each
-image is augmented alike at any world size, and LeCam's EMAs take the global means. ``*_same`` runs give every
-rank the same batch."""
+               "small_data": [NO_DROPOUT, "augment.kind=ada", "augment.ada_p=0.5",
+                                 "augment.policy=[translation,cutout]", "loss.lecam.weight=0.3",
+                                 "loss.bcr.weight=10", "loss.bcr.policy=[color,translation]"]}
+"""The runs that must give one rank's weights on two: R1's and bCR's penalties are means over the batch, as the loss
+is; each image is augmented alike at any world size (by ADA and by bCR's T), and LeCam's EMAs take the global means.
+``*_same`` runs give every rank the same batch."""
 
 
 def _equivalence_run(env: DistEnv, out: Path) -> None:

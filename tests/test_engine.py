@@ -10,7 +10,8 @@ from conftest import CPU
 from shapes import DIGITS, RGB32, arch_overrides, batch, info, model_config
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from gan_dist.config import Config, ConfigError, ModelConfig
+from gan_dist.augment import Augment
+from gan_dist.config import AugmentConfig, Config, ConfigError, ModelConfig
 from gan_dist.configio import load_config
 from gan_dist.engine import GANEngine
 from gan_dist.losses import BCE, BCEOptions, Hinge
@@ -256,6 +257,25 @@ def test_r1_penalty_matches_a_direct_computation(arch):
     assert "r1_penalty" not in skipped and eng.loss.names[-1] == "r1_penalty"
     # the penalty is differentiable with respect to D's weights, and adds to their gradient
     assert any(not torch.allclose(a, b) for a, b in zip(penalized, plain, strict=True))
+
+
+def test_bcr_penalty_matches_a_direct_computation():
+    """λ·[E(D(x) - D(T(x)))² + E(D(G(z)) - D(T(G(z))))²], T drawn from the step's stream: real first, then fake."""
+    eng = engine("loss.bcr.weight=10", "loss.bcr.policy=[translation,cutout]", "amp.enabled=false",
+                 "model.mlp.d_dropout=0")
+    real, labels = batch(6)
+    z, fake_labels = eng.noise.draw(0, 0, 6)
+    with torch.no_grad():
+        fake = eng.nets.fake_G(z, fake_labels)
+        gen, augment, D = torch.Generator().manual_seed(3), Augment(AugmentConfig(), CPU, 6), eng.discriminator
+        expected = sum((D(x, y) - D(augment.transform(x, ("translation", "cutout"), gen), y)).square().mean()
+                       for x, y in ((real, labels), (fake, fake_labels)))
+    metrics = eng.loss.d_phase(eng.nets, real, labels, z, fake_labels, 0, torch.Generator().manual_seed(3))
+    assert metrics["bcr_penalty"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert "bcr_penalty" in eng.loss.names and expected.item() > 0
+    with torch.no_grad():
+        plain, _ = BCE(BCEOptions()).d(eng.discriminator(real, labels), eng.discriminator(fake, fake_labels))
+    assert metrics["d_loss"].item() == pytest.approx(plain.item(), rel=1e-5)  # the objective alone, as before
 
 
 def test_r1_composes_with_autocast():

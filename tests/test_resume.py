@@ -44,9 +44,10 @@ RESNET = {"model.arch": "resnet", "model.resnet.g_width": 8, "model.resnet.d_wid
 """The residual pair with its options, and an EMA that ramps up: both must resume on the step's own schedule."""
 
 
-ADA_LECAM = {"augment.kind": "ada", "augment.ada_interval": 3, "augment.ada_kimg": 0.5, "augment.ada_p": 0.3,
-             "loss.lecam.weight": 0.3}
-"""ADA moving p by 0.1 every 3 steps (from 0.3, so that it draws from the start), and LeCam's EMAs."""
+SMALL_DATA = {"augment.kind": "ada", "augment.ada_interval": 3, "augment.ada_kimg": 0.5, "augment.ada_p": 0.3,
+             "loss.lecam.weight": 0.3, "loss.bcr.weight": 10.0}
+"""ADA moving p by 0.1 every 3 steps (from 0.3, so that it draws from the start), LeCam's EMAs, and bCR's draws
+after ADA's in the step's stream."""
 
 
 @pytest.mark.parametrize("source", ["idx_resident", "idx_resident_r1", "idx_resident_resnet", "folder_streamed",
@@ -60,7 +61,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_exact(tmp_path, idx_root, start, s
     if source.endswith("resnet"):
         data = RESNET
     if source.startswith("folder_streamed"):  # 231 training images: 7 steps per epoch
-        root, data = tmp_path / "images", STREAMED_FOLDER | (ADA_LECAM if source.endswith("ada") else {})
+        root, data = tmp_path / "images", STREAMED_FOLDER | (SMALL_DATA if source.endswith("ada") else {})
         write_folder(root, {"a": 86, "b": 85, "c": 85}, size=16)
     straight = run(torchrun_cmd(2, overrides(tmp_path / "straight", root, **data)))
     assert straight.returncode == 0, straight.stdout[-3000:]
@@ -81,7 +82,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_exact(tmp_path, idx_root, start, s
     if source.endswith("ada"):
         a, b = (torch.load(d / "checkpoints" / f"step_{STEPS}.pt", weights_only=True)["engine"]["loss"]
                 for d in (tmp_path / "straight", killed))
-        assert a["augment"]["p"] == b["augment"]["p"] != ADA_LECAM["augment.ada_p"]
+        assert a["augment"]["p"] == b["augment"]["p"] != SMALL_DATA["augment.ada_p"]
         assert torch.equal(a["augment"]["signs"], b["augment"]["signs"]) and torch.equal(a["lecam"]["ema"],
                                                                                           b["lecam"]["ema"])
 
