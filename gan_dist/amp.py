@@ -95,11 +95,13 @@ class Amp:
         return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
 
     def input_grad(self, outputs: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-        """d(sum of ``outputs``)/d``inputs``, differentiable again: scaled like a loss, so float16 keeps
-        its small values, and unscaled by a tensor division that never reads the scale on the host."""
+        """∂outputs[i]/∂inputs[i] for each sample i of a batch whose outputs depend on their own input only,
+        differentiable again. The mean of ``outputs`` is scaled like a loss, so float16 keeps small values
+        and no gradient exceeds what a loss's would (a scaled sum's would overflow: 65,536 per logit); the
+        result is unscaled by a tensor division that never reads the scale on the host."""
         one = torch.ones((), device=outputs.device)
-        (grad,) = torch.autograd.grad(self.scaler.scale(outputs.float().sum()), inputs, create_graph=True)
-        return grad / self.scaler.scale(one)
+        (grad,) = torch.autograd.grad(self.scaler.scale(outputs.float().mean()), inputs, create_graph=True)
+        return grad * (outputs.numel() / self.scaler.scale(one))
 
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()

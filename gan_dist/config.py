@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,7 +127,7 @@ class Registry:
         return self.entries[name][1]
 
 
-ARCHITECTURES = Registry("model.arch", "architecture", "gan_dist.models", "gan_dist.resnet")
+ARCHITECTURES = Registry("model.arch", "architecture", "gan_dist.models", "gan_dist.resnet", "gan_dist.r3gan")
 LOSSES = Registry("loss.kind", "loss", "gan_dist.losses")
 DATASETS = Registry("data.name", "dataset", "gan_dist.sources")
 
@@ -194,7 +195,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     arch: str = opt("mlp", "mlp: the tutorial's networks; dcgan: conditional conv nets; resnet: SNGAN/BigGAN residual "
-                    "nets; options: model.<arch>.*",
+                    "nets; r3gan: R3GAN's normalisation-free residual nets; options: model.<arch>.*",
                     registry=ARCHITECTURES)
     z_dim: int = opt(100, "latent size", ge=1)
     embed_dim: int = opt(10, "size of the label embedding fed to G (and to D with concat conditioning)", ge=1)
@@ -210,8 +211,10 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class R1Config:
-    gamma: float = opt(0.0, "weight γ of the R1 penalty γ/2·E‖∇ₓD(x)‖² on real images (0: off)", ge=0)
+class PenaltyConfig:
+    """A zero-centred gradient penalty: R1 on real images, R2 on fakes."""
+
+    gamma: float = opt(0.0, "weight γ of the penalty γ/2·E‖∇ₓD(x)‖² (0: off)", ge=0)
     every: int = opt(16, "lazy regularization: the penalty, times this, on every this many D steps", ge=1)
 
 
@@ -236,10 +239,14 @@ class BCRConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    kind: str = opt("bce", "bce: the tutorial's loss on logits; hinge: the SNGAN loss; options: loss.<kind>.*",
+    kind: str = opt("bce", "bce: the tutorial's loss on logits; hinge: the SNGAN loss; rpgan: the relativistic "
+                    "pairing loss softplus(D(fake) - D(real)) (R3GAN); options: loss.<kind>.*",
                     registry=LOSSES)
     options: Any = opt(None, "the chosen loss's own section", options_of="kind")
-    r1: R1Config = opt(R1Config, "R1 gradient penalty on D (Mescheder et al. 2018), with any loss.kind")
+    r1: PenaltyConfig = opt(PenaltyConfig, "R1: the gradient penalty on real images (Mescheder et al. 2018), "
+                                          "with any loss.kind")
+    r2: PenaltyConfig = opt(PenaltyConfig, "R2: the gradient penalty on generated images (R3GAN pairs it with R1 "
+                                          "and rpgan), with any loss.kind")
     lecam: LeCamConfig = opt(LeCamConfig, "LeCam regularizer on D's outputs (small data), with any loss.kind")
     bcr: BCRConfig = opt(BCRConfig, "balanced consistency regularization: D's outputs unchanged by augmentation, "
                                     "with any loss.kind")
@@ -281,13 +288,55 @@ class EMAConfig:
                         ge=0.0, le=1.0)
 
 
+Shape = Literal["constant", "linear", "cosine"]
+
+
+@dataclass(frozen=True)
+class Ramp:
+    """One value's course over the images seen: a function of the position alone, so a resumed run
+    takes the values an uninterrupted one would."""
+
+    shape: Shape = opt("constant", "constant: the start value all run; linear or cosine: from start to end over "
+                                   "schedule.kimg")
+    start: float | None = opt(None, "the value at the first image (null: the key it schedules)")
+    end: float | None = opt(None, "the value at the end of schedule.kimg, and after it (linear, cosine)")
+
+    @property
+    def on(self) -> bool:
+        return self.shape != "constant" or self.start is not None
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    kimg: float | None = opt(None, "thousands of images (global, G's batches) the ramps run over; null: the run's "
+                                   "length", gt=0)
+    g_lr: Ramp = opt(Ramp, "G's learning rate, from optim.g_lr")
+    d_lr: Ramp = opt(Ramp, "D's learning rate, from optim.d_lr")
+    g_beta2: Ramp = opt(Ramp, "G's Adam β2, from optim.g_betas[1]")
+    d_beta2: Ramp = opt(Ramp, "D's Adam β2, from optim.d_betas[1]")
+    r1_gamma: Ramp = opt(Ramp, "R1's γ, from loss.r1.gamma (R1 must be on)")
+    r2_gamma: Ramp = opt(Ramp, "R2's γ, from loss.r2.gamma (R2 must be on)")
+    ema_half_life: Ramp = opt(Ramp, "the EMA's half-life in thousands of images, from ema.decay's (ema.rampup still "
+                                    "caps it)")
+    augment_p: Ramp = opt(Ramp, "augment.kind=diffaug: the probability of each operation per image, from 1")
+
+    def ramps(self) -> dict[str, Ramp]:
+        """The ramps that are on, by name."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if isinstance(getattr(self, f.name), Ramp) and getattr(self, f.name).on}
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     batch_size: int = opt(64, "batch per rank and per D step; the global batch is this times the world size", ge=1)
     epochs: int = opt(30, "passes over the data", ge=1)
     max_steps: int | None = opt(None, "stop after this many steps (G updates), if set", ge=1)
+    kimg: float | None = opt(None, "stop after this many thousand images (global, G's batches), if set", gt=0)
     seed: int = opt(0, "seeds init, data order and the per-rank noise and dropout streams", ge=0)
     n_critic: int = opt(1, "D steps per G step; each D step takes its own real batch", ge=1)
+    labels: Literal["uniform", "data"] = opt(
+        "uniform", "the fake images' labels: uniform over the classes, or data: in the training split's proportions "
+        "(StyleGAN2-ADA), so that G learns the data's own mix of classes")
     resume: str = opt("auto", "auto: newest valid checkpoint in run_dir; never: fresh run; or a checkpoint path")
     compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = opt(
         "off", "torch.compile the G and D forward passes with this mode (dynamic=False); reduce-overhead: CUDA graphs"
@@ -361,6 +410,9 @@ class EvalConfig:
                               "by FID in eval.features' space", ge=0)
     n_samples: int = opt(10000, "generated samples per evaluation, split evenly over classes and ranks", ge=10)
     seed: int = opt(1234, "seed of the evaluation latents, fixed so runs compare", ge=0)
+    labels: Literal["data", "uniform"] = opt(
+        "data", "the samples' labels: data: in the reference's proportions (at least 2 per class), so that the "
+        "samples and the reference hold the same mix of classes, as FID and recall assume; uniform: as many of each")
     features: Literal["judge", "inception"] = opt(
         "judge", "feature space of the scores: judge (a small CNN trained here on the data) or inception "
         "(torch-fidelity's InceptionV3, the papers' FID, KID and IS; pip install -e '.[metrics]')")
@@ -382,6 +434,7 @@ class Config:
     loss: LossConfig = opt(LossConfig, "GAN loss")
     augment: AugmentConfig = opt(AugmentConfig, "augmentation of D's inputs")
     optim: OptimConfig = opt(OptimConfig, "optimizers")
+    schedule: ScheduleConfig = opt(ScheduleConfig, "hyperparameters that follow the images seen")
     ema: EMAConfig = opt(EMAConfig, "generator EMA")
     train: TrainConfig = opt(TrainConfig, "training loop")
     amp: AmpConfig = opt(AmpConfig, "mixed precision")
@@ -398,6 +451,40 @@ class Config:
         if self.augment.kind == "ada" and self.model.conditioning == "none":
             raise ConfigError("augment.kind: ada takes a conditional D (model.conditioning concat or projection); "
                               "with model.conditioning=none use augment.kind=diffaug")
-        if self.loss.r1.gamma > 0 and self.train.compile != "off":
-            raise ConfigError("loss.r1.gamma: R1 differentiates D's gradient, and torch.compile has no double "
-                              "backward; set train.compile=off or loss.r1.gamma=0")
+        for name in ("r1", "r2"):
+            if getattr(self.loss, name).gamma > 0 and self.train.compile != "off":
+                raise ConfigError(f"loss.{name}.gamma: {name.upper()} differentiates D's gradient, and torch.compile "
+                                  f"has no double backward; set train.compile=off or loss.{name}.gamma=0")
+        check_ramps(self)
+
+
+RAMP_BOUNDS: dict[str, tuple[float, float, bool]] = {
+    "g_lr": (0.0, math.inf, False), "d_lr": (0.0, math.inf, False), "g_beta2": (0.0, 1.0, False),
+    "d_beta2": (0.0, 1.0, False), "r1_gamma": (0.0, math.inf, True), "r2_gamma": (0.0, math.inf, True),
+    "ema_half_life": (0.0, math.inf, True), "augment_p": (0.0, 1.0, True)}
+"""Each ramp's open (or, with True, closed below) range: (low, high, low allowed). p may reach 1."""
+
+
+def check_ramps(cfg: Config) -> None:
+    """Every ramp names a value that is in use, with the start and end its shape needs, in range."""
+    for name, ramp in cfg.schedule.ramps().items():
+        key = f"schedule.{name}"
+        if ramp.shape == "constant" and ramp.end is not None:
+            raise ConfigError(f"{key}.end: shape constant has no end; set {key}.shape=linear or cosine")
+        if ramp.shape != "constant" and ramp.end is None:
+            raise ConfigError(f"{key}.end: shape {ramp.shape} goes from the start to an end value; give one")
+        low, high, closed = RAMP_BOUNDS[name]
+        for part in ("start", "end"):
+            v = getattr(ramp, part)
+            if v is None:
+                continue
+            if v < low or (v == low and not closed) or v > high or (v == high and name != "augment_p"):
+                bound = f"{'[' if closed else '('}{low:g}, {high:g}{']' if name == 'augment_p' else ')'}"
+                raise ConfigError(f"{key}.{part}: expected a value in {bound}, got {v!r}")
+        unused = {"r1_gamma": cfg.loss.r1.gamma == 0 and "loss.r1.gamma is 0 (R1 is off)",
+                  "r2_gamma": cfg.loss.r2.gamma == 0 and "loss.r2.gamma is 0 (R2 is off)",
+                  "ema_half_life": not cfg.ema.enabled and "ema.enabled is false",
+                  "augment_p": cfg.augment.kind != "diffaug" and f"augment.kind={cfg.augment.kind} "
+                  + ("steers p itself" if cfg.augment.kind == "ada" else "applies no operations")}.get(name)
+        if unused:
+            raise ConfigError(f"{key}: {unused}, so nothing follows this ramp")

@@ -26,6 +26,7 @@ from gan_dist.checkpoint import check_finite, check_shapes
 from gan_dist.config import Config, ConfigError, DatasetInfo
 from gan_dist.losses import GANLoss, Metrics, Networks
 from gan_dist.models import EMA, build_models, convolutional, label_count
+from gan_dist.ramps import Ramps, ema_decay
 from gan_dist.seeds import NoiseStream, Stream
 
 if TYPE_CHECKING:
@@ -50,7 +51,11 @@ def _compiled(module: nn.Module, mode: str) -> nn.Module:
 class GANEngine:
     """Networks, optimizers and the two phases. Owns nothing about files or logging."""
 
-    def __init__(self, cfg: Config, env: DistEnv, info: DatasetInfo) -> None:
+    def __init__(self, cfg: Config, env: DistEnv, info: DatasetInfo, total_steps: int | None = None,
+                 class_counts: torch.Tensor | None = None) -> None:
+        """``total_steps``: the run's length, which the ramps of ``schedule.*`` span unless ``schedule.kimg``
+        sets theirs; ``class_counts``: the training split's images per class, which ``train.labels=data``
+        draws fake labels by."""
         self.info, self.num_classes = info, label_count(cfg.model, info)
         self.amp = Amp(cfg.amp, env.device, convolutional=convolutional(cfg.model))
         torch.manual_seed(cfg.train.seed)  # identical init on every rank; DDP also broadcasts rank 0's
@@ -74,7 +79,13 @@ class GANEngine:
         augment = Augment(cfg.augment, env, cfg.train.batch_size * env.world_size)
         self.loss = GANLoss(cfg.loss, augment, self.amp, env)
         self.n_critic = cfg.train.n_critic
-        self.noise = NoiseStream(cfg.train.seed, env.rank, cfg.model.z_dim, self.num_classes, env.device)
+        self.betas = {"g": cfg.optim.g_betas, "d": cfg.optim.d_betas}
+        self.ramps = Ramps(cfg, cfg.train.batch_size * env.world_size, total_steps)
+        self.global_batch = cfg.train.batch_size * env.world_size
+        if cfg.train.labels == "data" and self.num_classes > 1 and class_counts is None:
+            raise ValueError("train.labels=data draws labels by the training split's class counts: pass them")
+        weights = class_counts if cfg.train.labels == "data" else None
+        self.noise = NoiseStream(cfg.train.seed, env.rank, cfg.model.z_dim, self.num_classes, env.device, weights)
 
     @staticmethod
     def _wrap(module: nn.Module, cfg: Config, env: DistEnv) -> nn.Module:
@@ -108,18 +119,21 @@ class GANEngine:
         self.amp.step(self.opt_d)
         return metrics
 
-    def g_step(self, z: torch.Tensor, fake_labels: torch.Tensor, step: int) -> Metrics:
-        """One G update at iteration ``step``."""
+    def g_step(self, z: torch.Tensor, fake_labels: torch.Tensor, step: int,
+               real: tuple[torch.Tensor, torch.Tensor] | None = None) -> Metrics:
+        """One G update at iteration ``step``; ``real`` (images, labels) for an objective that pairs."""
         self.opt_g.zero_grad(set_to_none=True)
-        metrics = self.loss.g_phase(self.nets, z, fake_labels, self.noise.shared(Stream.AUGMENT_G, step))
+        metrics = self.loss.g_phase(self.nets, z, fake_labels, self.noise.shared(Stream.AUGMENT_G, step), real)
         self.amp.step(self.opt_g)
         return metrics
 
     def iteration(self, step: int, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Metrics:
         """One D step per real batch, then one G step; ``step`` picks the random streams.
 
-        The metrics are the loss's: the last D step's, any of its lazy terms, and G's.
+        The metrics are the loss's: the last D step's, any of its lazy terms, and G's. G's phase pairs its
+        fakes with the last D step's real batch when the objective pairs.
         """
+        self.apply_ramps(step)
         if self.graphed:  # CUDA graphs may reuse the previous iteration's output memory from here on
             torch.compiler.cudagraph_mark_step_begin()
         self.noise.seed_dropout(step)
@@ -130,12 +144,29 @@ class GANEngine:
                 scaler.update()
             z, fake_labels = self.noise.draw(step, phase, real.shape[0])
             metrics |= self.d_step(real, labels, z, fake_labels, step * self.n_critic + phase)
-        metrics |= self.g_step(*self.noise.draw(step, len(batches), batches[0][0].shape[0]), step)
+        metrics |= self.g_step(*self.noise.draw(step, len(batches), batches[0][0].shape[0]), step, batches[-1])
         scaler.update()
         metrics |= self.loss.end_iteration(step)
         if self.ema is not None:
             self.ema.update(self.generator, step + 1)
         return metrics
+
+    def apply_ramps(self, step: int) -> None:
+        """Set every scheduled hyperparameter to its value at ``step``: host floats only, no device work."""
+        values = self.ramps.at(step)
+        for net, opt in (("g", self.opt_g), ("d", self.opt_d)):
+            lr, beta2 = values.get(f"{net}_lr"), values.get(f"{net}_beta2")
+            for group in opt.param_groups:
+                if lr is not None:
+                    group["lr"] = lr
+                if beta2 is not None:
+                    group["betas"] = (self.betas[net][0], beta2)
+        for term in self.loss.penalties:
+            term.gamma = values.get(f"{term.name}_gamma", term.gamma)
+        if "augment_p" in values:
+            self.loss.augment.p = values["augment_p"]
+        if "ema_half_life" in values:
+            self.ema.decay = ema_decay(values["ema_half_life"], self.global_batch)
 
     @property
     def learning_rates(self) -> dict[str, float]:

@@ -114,6 +114,19 @@ def shape_text(channels: int, height: int, width: int) -> str:
     return f"{height}×{width} with {channels} channel{'' if channels == 1 else 's'}"
 
 
+def eval_labels(reference_counts: np.ndarray, n: int, rule: str) -> torch.Tensor:
+    """``n`` labels: as many of each class (``uniform``), or in the reference's proportions (``data``) by largest
+    remainders, with 2 at least of each class for intra-class FID; interleaved, so every rank's share mixes."""
+    k = len(reference_counts)
+    if rule == "uniform" or k == 1:
+        return torch.arange(k).repeat(n // k)
+    share = reference_counts / reference_counts.sum() * (n - 2 * k)
+    counts = np.floor(share).astype(np.int64) + 2
+    counts[np.argsort(share - np.floor(share))[::-1][:n - counts.sum()]] += 1
+    labels = torch.from_numpy(np.repeat(np.arange(k), counts))
+    return labels[torch.randperm(n, generator=torch.Generator().manual_seed(Stream.EVAL_LABELS))]
+
+
 class Evaluator:
     """Scores generators against the reference split, with fixed latents; every method is collective.
 
@@ -153,7 +166,8 @@ class Evaluator:
         self.real_radii = metrics.knn_radii(self.real.features, NEIGHBOURS)
         latents = torch.Generator().manual_seed(cfg.eval.seed)
         self.z = torch.randn(n_per_class * rows, cfg.model.z_dim, generator=latents)
-        self.labels = torch.arange(rows).repeat(n_per_class)  # 0..K-1, 0..K-1: every shard is balanced
+        counts = np.bincount(reference.labels, minlength=rows) if rows > 1 else np.ones(1, np.int64)
+        self.labels = eval_labels(counts, n_per_class * rows, cfg.eval.labels)
         self.info: dict[str, Any] = {
             "dataset": cfg.data.name,
             "shape": list(self.data.shape),

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from gan_dist.config import LOSSES, BCRConfig, LeCamConfig, LossConfig, R1Config, opt
+from gan_dist.config import LOSSES, BCRConfig, LeCamConfig, LossConfig, PenaltyConfig, opt
 
 if TYPE_CHECKING:
     from gan_dist.amp import Amp
@@ -36,14 +36,17 @@ class BCEOptions:
 
 
 class Objective:
-    """The adversarial terms on D's logits, and the extra metrics they define."""
+    """The adversarial terms on D's logits, and the extra metrics they define. An objective that
+    ``pairs`` compares each fake with a real image, so G's phase also runs D on a real batch and hands
+    its logits to ``g``."""
 
     extra: tuple[str, ...] = ()
+    pairs = False
 
     def d(self, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
         raise NotImplementedError
 
-    def g(self, fake: torch.Tensor) -> torch.Tensor:
+    def g(self, fake: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -62,7 +65,7 @@ class BCE(Objective):
         with torch.no_grad():
             return loss, {"d_real": torch.sigmoid(real).mean(), "d_fake": torch.sigmoid(fake).mean()}
 
-    def g(self, fake: torch.Tensor) -> torch.Tensor:
+    def g(self, fake: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
         return F.binary_cross_entropy_with_logits(fake, torch.ones_like(fake))
 
 
@@ -79,15 +82,38 @@ class Hinge(Objective):
         loss = F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean()
         return loss, {"score_real": real.detach().mean(), "score_fake": fake.detach().mean()}
 
-    def g(self, fake: torch.Tensor) -> torch.Tensor:
+    def g(self, fake: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
         return -fake.mean()
 
 
-class R1:
-    """R1 (Mescheder et al. 2018): γ/2 · E‖∇ₓD(x)‖² on real images, lazily: on every ``every``-th D
-    step, times ``every``, so its weight per step is γ/2 whatever the interval (StyleGAN2)."""
+@LOSSES.register("rpgan")
+class RpGAN(Objective):
+    """The relativistic pairing loss (Jolicoeur-Martineau 2019; R3GAN): D lifts each real image above the
+    fake it is paired with, softplus(D(fake) - D(real)), and G the reverse. Reports the mean margin
+    D(real) - D(fake) of D's step."""
 
-    def __init__(self, cfg: R1Config, amp: Amp) -> None:
+    extra = ("margin",)
+    pairs = True
+
+    def __init__(self, options: None) -> None:
+        del options
+
+    def d(self, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+        margin = real - fake
+        return F.softplus(-margin).mean(), {"margin": margin.detach().mean()}
+
+    def g(self, fake: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
+        return F.softplus(real - fake).mean()
+
+
+class GradientPenalty:
+    """A zero-centred gradient penalty γ/2 · E‖∇ₓD(x)‖², on real images (R1, Mescheder et al. 2018) or on
+    fakes (R2), lazily: on every ``every``-th D step, times ``every``, so its weight per step is γ/2
+    whatever the interval (StyleGAN2). The gradient is taken with respect to the images before any
+    augmentation."""
+
+    def __init__(self, name: str, cfg: PenaltyConfig, amp: Amp) -> None:
+        self.name, self.metric = name, f"{name}_penalty"
         self.gamma, self.every, self.amp = cfg.gamma, cfg.every, amp
 
     def due(self, d_step: int) -> bool:
@@ -100,6 +126,9 @@ class R1:
 
     def weight(self) -> float:
         return self.gamma / 2 * self.every
+
+    def __str__(self) -> str:
+        return f"{self.name.upper()} γ={self.gamma:g} every {self.every}"
 
 
 class LeCam:
@@ -179,20 +208,26 @@ class GANLoss:
 
     def __init__(self, cfg: LossConfig, augment: Augment, amp: Amp, env: DistEnv) -> None:
         self.objective: Objective = LOSSES[cfg.kind](cfg.options)
-        self.r1 = R1(cfg.r1, amp) if cfg.r1.gamma > 0 else None
+        self.r1 = GradientPenalty("r1", cfg.r1, amp) if cfg.r1.gamma > 0 else None
+        self.r2 = GradientPenalty("r2", cfg.r2, amp) if cfg.r2.gamma > 0 else None
+        self.penalties = [t for t in (self.r1, self.r2) if t is not None]
         self.lecam = LeCam(cfg.lecam, env) if cfg.lecam.weight > 0 else None
         self.bcr = BCR(cfg.bcr, augment) if cfg.bcr.weight > 0 else None
         self.augment, self.amp, self.env = augment, amp, env
         self.observers = [t for t in (self.lecam, augment if augment.adaptive else None) if t is not None]
         """The terms that learn from D's outputs on every rank: their sums share one all-reduce per D step."""
-        self.names = ("d_loss", "g_loss", *self.objective.extra, *(("r1_penalty",) if self.r1 else ()),
+        self.names = ("d_loss", "g_loss", *self.objective.extra, *(t.metric for t in self.penalties),
                       *(("lecam_penalty",) if self.lecam else ()), *(("bcr_penalty",) if self.bcr else ()),
                       *(("augment_p", "ada_rt") if augment.adaptive else ()))
         """Every metric the phases can report, in a fixed order; a step may report only some (R1 is lazy)."""
-        self.summary = " + ".join([cfg.kind, *([f"R1 γ={cfg.r1.gamma} every {cfg.r1.every}"] if self.r1 else []),
-                                   *([f"LeCam λ={cfg.lecam.weight}"] if self.lecam else []),
-                                   *([f"bCR λ={cfg.bcr.weight} ({', '.join(cfg.bcr.policy)})"] if self.bcr else [])])
+        self.kind = cfg.kind
+
+    @property
+    def summary(self) -> str:
         """The objective and the regularizers that are on, for the run's start lines."""
+        return " + ".join([self.kind, *map(str, self.penalties),
+                           *([f"LeCam λ={self.lecam.weight}"] if self.lecam else []),
+                           *([f"bCR λ={self.bcr.weight} ({', '.join(self.bcr.policy)})"] if self.bcr else [])])
 
     def _discriminate(self, D: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """D's float32 logits on ``images``, as they come (augmented already)."""
@@ -201,13 +236,15 @@ class GANLoss:
 
     def d_phase(self, nets: Networks, real: torch.Tensor, labels: torch.Tensor, z: torch.Tensor,
                 fake_labels: torch.Tensor, d_step: int, gen: torch.Generator) -> Metrics:
-        """D on a real and a fake batch, and backward; ``d_step`` counts D steps from 0 (it schedules R1),
-        ``gen`` draws the augmentation."""
+        """D on a real and a fake batch, and backward; ``d_step`` counts D steps from 0 (it schedules the lazy
+        penalties), ``gen`` draws the augmentation."""
         with torch.no_grad(), self.amp.autocast():
             fake = nets.fake_G(z, fake_labels)
-        penalize = self.r1 is not None and self.r1.due(d_step)
-        if penalize:
+        due = [t for t in self.penalties if t.due(d_step)]
+        if self.r1 in due:
             real = real.detach().requires_grad_(True)
+        if self.r2 in due:
+            fake = fake.detach().requires_grad_(True)
         real_seen, fake_seen = self.augment(real, gen), self.augment(fake, gen)
         real_logits = self._discriminate(nets.D, real_seen, labels)
         fake_logits = self._discriminate(nets.D, fake_seen, fake_labels)
@@ -223,10 +260,11 @@ class GANLoss:
                        + self.bcr.penalty(score, fake_seen, fake_labels, fake_logits, gen))
             loss = loss + self.bcr.weight * penalty
             metrics["bcr_penalty"] = penalty.detach()
-        if penalize:
-            penalty = self.r1.penalty(real_logits, real)
-            loss = loss + self.r1.weight() * penalty
-            metrics["r1_penalty"] = penalty.detach()
+        for term in due:
+            logits, images = (real_logits, real) if term is self.r1 else (fake_logits, fake)
+            penalty = term.penalty(logits, images)
+            loss = loss + term.weight() * penalty
+            metrics[term.metric] = penalty.detach()
         self._observe(real_logits, fake_logits)
         self.amp.backward(loss)
         return metrics
@@ -240,12 +278,21 @@ class GANLoss:
         for term, part in zip(self.observers, total.split([len(x) for x in local]), strict=True):
             term.absorb(part)
 
-    def g_phase(self, nets: Networks, z: torch.Tensor, fake_labels: torch.Tensor, gen: torch.Generator) -> Metrics:
-        """G's loss on its fakes through the frozen D, and backward: only G's gradient is all-reduced."""
+    def g_phase(self, nets: Networks, z: torch.Tensor, fake_labels: torch.Tensor, gen: torch.Generator,
+                real: tuple[torch.Tensor, torch.Tensor] | None = None) -> Metrics:
+        """G's loss on its fakes through the frozen D, and backward: only G's gradient is all-reduced. An
+        objective that pairs also scores ``real`` (images, labels), with no gradient to anything."""
         with nets.frozen_d():
             with self.amp.autocast():
                 fake = nets.G(z, fake_labels)
-            loss = self.objective.g(self._discriminate(nets.D, self.augment(fake, gen), fake_labels))
+            fake_logits = self._discriminate(nets.D, self.augment(fake, gen), fake_labels)
+            real_logits = None
+            if self.objective.pairs:
+                if real is None:
+                    raise ValueError(f"loss.kind={self.kind} compares fakes with reals: G's phase needs a real batch")
+                with torch.no_grad():
+                    real_logits = self._discriminate(nets.D, self.augment(real[0], gen), real[1])
+            loss = self.objective.g(fake_logits, real_logits)
             self.amp.backward(loss)
         return {"g_loss": loss.detach()}
 

@@ -161,8 +161,8 @@ class Discriminator(nn.Module):
         self.head = nn.Linear(features, 1)
         self.embed = nn.Embedding(classes, cfg.embed_dim) if label_in else None
         self.proj = nn.Embedding(classes, features) if classes and cfg.conditioning == "projection" else None
-        if arch.orthogonal:
-            orthogonal_init(self)
+        if arch.init is not None:
+            arch.init(self)
         if cfg.spectral_norm:
             for m in [*self.trunk.modules(), self.head, self.proj]:
                 if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
@@ -222,8 +222,8 @@ class Architecture:
     """(config, data, label channels joined at the input) -> (trunk, feature size)."""
     flat: bool
     """D's input is flattened to C·H·W before the label joins it."""
-    orthogonal: bool = False
-    """D starts from orthogonal weights (G's class does its own init)."""
+    init: Callable[[nn.Module], None] | None = None
+    """Re-initialises the whole D, head and projection included, once built (G's class does its own)."""
 
 
 ARCHITECTURES.register("mlp", MLPOptions)(Architecture(MLPGenerator, _mlp_trunk, flat=True))

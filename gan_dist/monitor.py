@@ -82,10 +82,10 @@ class MetricLogger(Component):
 
     def __init__(self, cfg: LogConfig, env: DistEnv, run_dir: Path, batch_per_rank: int, names: Sequence[str],
                  learning_rates: Callable[[], dict[str, float]],
-                 probe: Callable[[], dict[str, float]] | None = None) -> None:
+                 probes: Sequence[Callable[[], dict[str, float]]] = ()) -> None:
         self.cfg, self.env, self.names = cfg, env, tuple(names)
         self.run_dir, self.path = run_dir, run_dir / "metrics.jsonl"
-        self.learning_rates, self.probe = learning_rates, probe
+        self.learning_rates, self.probes = learning_rates, probes
         self.wandb = None
         self.replay_until = last_logged_step(self.path) if env.is_main else 0
         self.batch = batch_per_rank
@@ -135,7 +135,7 @@ class MetricLogger(Component):
         the images/s; rank 0 writes the window's means, with the probe's measurements beside them."""
         if not self.steps:
             return
-        local = self.probe() if self.probe else {}
+        local = {k: v for probe in self.probes for k, v in probe().items()}
         n = len(self.names)
         elapsed = time.perf_counter() - self.window_start
         rate = torch.tensor([self.steps * self.batch / elapsed], device=self.sums.device)

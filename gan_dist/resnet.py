@@ -156,4 +156,4 @@ def _resnet_trunk(cfg: ModelConfig, info: DatasetInfo, label_in: int) -> tuple[n
 
 
 ARCHITECTURES.register("resnet", ResNetOptions)(Architecture(_resnet_generator, _resnet_trunk, flat=False,
-                                                             orthogonal=True))
+                                                             init=orthogonal_init))

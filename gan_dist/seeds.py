@@ -26,6 +26,7 @@ class Stream(IntEnum):
     GRID = 0xC0FFEE  # the sample grids' latents
     AUGMENT_D = 0xA6D  # augmentation of D's inputs in its step, per D step
     AUGMENT_G = 0xA66  # augmentation of D's inputs in G's step, per step
+    EVAL_LABELS = 0xE7A1  # the order of the evaluation's labels
 
 
 def derive_seed(*parts: int) -> int:
@@ -43,18 +44,24 @@ def latents(z_dim: int, n: int, seed: int, stream: int) -> torch.Tensor:
 class NoiseStream:
     """Latents and fake labels of one rank, reseeded from (seed, rank, step, phase) at every draw.
 
-    With no classes every fake label is 0, which unconditional networks ignore.
+    Labels are uniform over the classes, or drawn in proportion to ``weights`` (the training split's
+    images per class). With no classes every fake label is 0, which unconditional networks ignore.
     """
 
-    def __init__(self, seed: int, rank: int, z_dim: int, num_classes: int, device: torch.device) -> None:
+    def __init__(self, seed: int, rank: int, z_dim: int, num_classes: int, device: torch.device,
+                 weights: torch.Tensor | None = None) -> None:
         self.seed, self.rank, self.z_dim, self.device = seed, rank, z_dim, device
         self.num_classes = max(num_classes, 1)
+        self.weights = weights.to(device, torch.float32) if weights is not None and num_classes > 1 else None
         self.gen, self.shared_gen = torch.Generator(device), torch.Generator(device)
 
     def draw(self, step: int, phase: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         self.gen.manual_seed(derive_seed(self.seed, self.rank, step, phase))
         z = torch.randn(n, self.z_dim, generator=self.gen, device=self.device)
-        labels = torch.randint(0, self.num_classes, (n,), generator=self.gen, device=self.device)
+        if self.weights is None:
+            labels = torch.randint(0, self.num_classes, (n,), generator=self.gen, device=self.device)
+        else:
+            labels = torch.multinomial(self.weights, n, replacement=True, generator=self.gen)
         return z, labels
 
     def shared(self, stream: Stream, step: int) -> torch.Generator:

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import torch
 from torch import nn
 
 from gan_dist import cli
@@ -30,6 +32,7 @@ from gan_dist.diversity import ZSpread
 from gan_dist.engine import GANEngine
 from gan_dist.models import check_resolution
 from gan_dist.monitor import MetricLogger, Progress
+from gan_dist.ramps import run_steps
 from gan_dist.sampling import SampleWriter
 from gan_dist.schedule import Component, Position
 
@@ -47,6 +50,9 @@ class Built:
     split: Split
     data: ShardedBatches
     engine: GANEngine
+    steps_per_epoch: int
+    total_steps: int
+    """The run's length: the first of ``train.epochs``, ``max_steps`` and ``kimg`` to end it."""
 
 
 def build(cfg: Config, env: DistEnv) -> Built:
@@ -55,8 +61,14 @@ def build(cfg: Config, env: DistEnv) -> Built:
         check_resolution(cfg.model, cfg.data.resolution)
     split = load_split(cfg.data, env)
     data = make_batches(split, cfg.data, env, cfg.train.batch_size, cfg.train.seed)
-    engine = GANEngine(cfg, env, split.info)
-    return Built(dataclasses.replace(cfg, amp=engine.amp.config), split.info, split, data, engine)
+    steps_per_epoch = len(data) // cfg.train.n_critic
+    if steps_per_epoch == 0:
+        raise DataError(f"{len(data)} batches per rank cannot feed train.n_critic={cfg.train.n_critic}")
+    total = run_steps(cfg.train, steps_per_epoch, cfg.train.batch_size * env.world_size)
+    counts = torch.from_numpy(np.bincount(split.labels, minlength=split.info.num_classes))
+    engine = GANEngine(cfg, env, split.info, total, counts)
+    return Built(dataclasses.replace(cfg, amp=engine.amp.config), split.info, split, data, engine, steps_per_epoch,
+                 total)
 
 
 class BestScore:
@@ -127,12 +139,8 @@ class Trainer:
         built = build(cfg, env)
         self.cfg, self.info, self.data, self.engine = built.cfg, built.info, built.data, built.engine
         engine = self.engine
-        self.pos = Position(len(self.data) // cfg.train.n_critic, cfg.train.n_critic, cfg.train.batch_size,
-                            env.world_size)
-        if self.pos.steps_per_epoch == 0:
-            raise DataError(f"{len(self.data)} batches per rank cannot feed train.n_critic={cfg.train.n_critic}")
-        total = cfg.train.epochs * self.pos.steps_per_epoch
-        self.total_steps = min(total, cfg.train.max_steps or total)
+        self.pos = Position(built.steps_per_epoch, cfg.train.n_critic, cfg.train.batch_size, env.world_size)
+        self.total_steps = built.total_steps
         best, self.record = BestScore(cfg.eval.features), RunRecord(self.cfg, self.info)
         self.checkpointer = Checkpointer(cfg.checkpoint, self.run_dir, env, {
             "run": self.record, "position": self.pos, "engine": engine, "best": best}, engine.finite)
@@ -154,9 +162,13 @@ class Trainer:
         self._say(f"loss: {engine.loss.summary}")
         if cfg.augment.kind != "none":
             self._say(f"augment: {engine.loss.augment}")
+        if engine.ramps.ramps:
+            self._say(f"schedule: {engine.ramps}")
         env.raise_together(self._write_config() if env.is_main else None)
+        probes = [p for p in (_spread_probe(cfg, env, built.split, engine),
+                              (lambda: engine.ramps.at(self.pos.step - 1)) if engine.ramps.ramps else None) if p]
         self.logger = MetricLogger(cfg.log, env, self.run_dir, cfg.train.batch_size, engine.loss.names,
-                                   lambda: engine.learning_rates, _spread_probe(cfg, env, built.split, engine))
+                                   lambda: engine.learning_rates, probes)
         self.components: list[Component] = [self.logger, SampleWriter(
             self.cfg, env, self.info, classes, lambda: engine.sampler, self.logger.log_image)]
         if cfg.eval.every_steps > 0:
