@@ -60,6 +60,11 @@ def naming(path: Path) -> Iterator[None]:
         raise IncompatibleCheckpoint(f"checkpoint {path}: {e}") from None
 
 
+def rolling(folder: Path) -> list[tuple[int, Path]]:
+    """The rolling checkpoints ``step_<N>.pt`` in ``folder``, by step, oldest first."""
+    return sorted((int(m.group(1)), p) for p in folder.glob("step_*.pt") if (m := _NAME.fullmatch(p.name)))
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -184,8 +189,7 @@ class Checkpointer(Component):
         return [p for _, p in self._by_step()]
 
     def _by_step(self) -> list[tuple[int, Path]]:
-        found = [(int(m.group(1)), p) for p in self.folder.glob("step_*.pt") if (m := _NAME.fullmatch(p.name))]
-        return sorted(found, reverse=True)
+        return rolling(self.folder)[::-1]
 
     def due(self, pos: Position) -> bool:
         return self.on_time or (self.cfg.every_steps > 0 and pos.step % self.cfg.every_steps == 0)

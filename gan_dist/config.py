@@ -303,7 +303,7 @@ class Ramp:
 
     @property
     def on(self) -> bool:
-        return self.shape != "constant" or self.start is not None
+        return self.shape != "constant" or self.start is not None or self.end is not None
 
 
 @dataclass(frozen=True)
@@ -411,7 +411,7 @@ class EvalConfig:
     n_samples: int = opt(10000, "generated samples per evaluation, split evenly over classes and ranks", ge=10)
     seed: int = opt(1234, "seed of the evaluation latents, fixed so runs compare", ge=0)
     labels: Literal["data", "uniform"] = opt(
-        "data", "the samples' labels: data: in the reference's proportions (at least 2 per class), so that the "
+        "data", "the samples' labels: data: 2 of each class, the rest in the reference's proportions, so that the "
         "samples and the reference hold the same mix of classes, as FID and recall assume; uniform: as many of each")
     features: Literal["judge", "inception"] = opt(
         "judge", "feature space of the scores: judge (a small CNN trained here on the data) or inception "
@@ -459,7 +459,7 @@ class Config:
 
 
 RAMP_BOUNDS: dict[str, tuple[float, float, bool]] = {
-    "g_lr": (0.0, math.inf, False), "d_lr": (0.0, math.inf, False), "g_beta2": (0.0, 1.0, False),
+    "g_lr": (0.0, math.inf, True), "d_lr": (0.0, math.inf, True), "g_beta2": (0.0, 1.0, False),
     "d_beta2": (0.0, 1.0, False), "r1_gamma": (0.0, math.inf, True), "r2_gamma": (0.0, math.inf, True),
     "ema_half_life": (0.0, math.inf, True), "augment_p": (0.0, 1.0, True)}
 """Each ramp's open (or, with True, closed below) range: (low, high, low allowed). p may reach 1."""

@@ -115,8 +115,9 @@ def shape_text(channels: int, height: int, width: int) -> str:
 
 
 def eval_labels(reference_counts: np.ndarray, n: int, rule: str) -> torch.Tensor:
-    """``n`` labels: as many of each class (``uniform``), or in the reference's proportions (``data``) by largest
-    remainders, with 2 at least of each class for intra-class FID; interleaved, so every rank's share mixes."""
+    """``n`` labels: as many of each class (``uniform``), or (``data``) 2 of each class for intra-class FID and the
+    rest in the reference's proportions, by largest remainders; in a fixed shuffled order, so every rank's
+    share mixes the classes."""
     k = len(reference_counts)
     if rule == "uniform" or k == 1:
         return torch.arange(k).repeat(n // k)

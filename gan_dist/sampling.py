@@ -32,8 +32,12 @@ def load_generator(path: str | Path, device: torch.device | str = "cpu",
 
     Tensors are mapped to ``device``, so a checkpoint trained on GPUs samples on a laptop.
     """
-    path = Path(path)
-    state = load_file(path, device)
+    return generator_from_state(load_file(Path(path), device), Path(path), device, use_ema)
+
+
+def generator_from_state(state: dict, path: Path, device: torch.device | str = "cpu",
+                         use_ema: bool = True) -> tuple[nn.Module, Config, DatasetInfo]:
+    """``load_generator`` on a checkpoint already read from ``path``."""
     run, engine = state["run"], state["engine"]
     try:
         cfg = resolve(run["config"])  # its ``imports`` first: G may be a user's architecture

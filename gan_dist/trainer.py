@@ -98,14 +98,17 @@ class RunRecord:
     Resuming on other data is refused, not mixed in; the W&B id lets a requeued run log into the same run.
     """
 
-    def __init__(self, cfg: Config, info: DatasetInfo) -> None:
-        self.cfg, self.info = cfg, info
+    def __init__(self, cfg: Config, info: DatasetInfo, ramp_steps: float) -> None:
+        self.cfg, self.info, self.ramp_steps = cfg, info, ramp_steps
         self.wandb_id: str | None = None
         self.data_changes: list[str] = []
         """How the data of the same shape and classes differs from the checkpoint's (files added or removed)."""
+        self.ramps_from: float | None = None
+        """The steps the checkpoint's ramps spanned, when they spanned others (the run's length changed)."""
 
     def state_dict(self) -> dict[str, Any]:
         return {"config": to_dict(self.cfg), "data": self.info.to_dict(), "wandb_run_id": self.wandb_id,
+                "ramp_steps": self.ramp_steps,
                 "rng": {"seed": self.cfg.train.seed, "scheme": "blake2b(seed/rank/step/phase) reseeded every step"}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -116,6 +119,8 @@ class RunRecord:
             raise IncompatibleCheckpoint(f"trained on {show(saved)}; this run's data is {show(self.info)}; "
                                          "use another run_dir, or the data it was trained on")
         self.wandb_id = state.get("wandb_run_id")
+        if self.cfg.schedule.ramps() and state.get("ramp_steps", self.ramp_steps) != self.ramp_steps:
+            self.ramps_from = state["ramp_steps"]
         self.data_changes = [f"{split}: {saved.sizes.get(split, 0)} images then, {n} now"
                              for split, n in self.info.sizes.items() if saved.sizes.get(split, 0) != n]
         if saved.class_names != self.info.class_names:
@@ -141,7 +146,7 @@ class Trainer:
         engine = self.engine
         self.pos = Position(built.steps_per_epoch, cfg.train.n_critic, cfg.train.batch_size, env.world_size)
         self.total_steps = built.total_steps
-        best, self.record = BestScore(cfg.eval.features), RunRecord(self.cfg, self.info)
+        best, self.record = BestScore(cfg.eval.features), RunRecord(self.cfg, self.info, engine.ramps.length)
         self.checkpointer = Checkpointer(cfg.checkpoint, self.run_dir, env, {
             "run": self.record, "position": self.pos, "engine": engine, "best": best}, engine.finite)
         resumed = self.checkpointer.restore(cfg.train.resume)
@@ -149,6 +154,10 @@ class Trainer:
             note = (f"; world size {self.pos.resharded_from} -> {env.world_size}: data re-sharded, the run is no "
                     "longer bit-exact") if self.pos.resharded_from else ""
             self._say(f"resuming from {resumed} at {self.pos}{note}")
+            if self.record.ramps_from is not None:
+                self._say(f"schedule: the ramps span {engine.ramps.length:.0f} steps, not the checkpoint's "
+                          f"{self.record.ramps_from:.0f} (the run's length changed; schedule.kimg fixes theirs): "
+                          "the run is no longer bit-exact")
             if self.record.data_changes:
                 self._say(f"data: differs from the checkpoint's ({'; '.join(self.record.data_changes)}); the run "
                           "goes on from the same step, and is no longer bit-exact")

@@ -18,6 +18,7 @@ RECIPES = {  # the shape each recipe's data has
     "folder_small.yaml": info(3, 32, 9),
     "folder_large.yaml": info(3, 32, 10),
     "cifar10_resnet.yaml": info(3, 32, 10),
+    "cifar10_r3gan.yaml": info(3, 32, 10),
 }
 
 

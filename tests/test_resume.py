@@ -44,14 +44,27 @@ RESNET = {"model.arch": "resnet", "model.resnet.g_width": 8, "model.resnet.d_wid
 """The residual pair with its options, and an EMA that ramps up: both must resume on the step's own schedule."""
 
 
+R3GAN = {"model.arch": "r3gan", "model.r3gan.widths": "[16,8]", "model.r3gan.group_size": 8,
+         "model.conditioning": "projection", "loss.kind": "rpgan", "loss.r1.gamma": 0.5, "loss.r1.every": 2,
+         "loss.r2.gamma": 0.5, "loss.r2.every": 3, "ema.enabled": True, "train.labels": "data",
+         "augment.kind": "diffaug", "augment.policy": "[translation]", "schedule.augment_p.start": 0.0,
+         "schedule.augment_p.end": 0.6, "schedule.augment_p.shape": "cosine", "schedule.g_lr.shape": "cosine",
+         "schedule.g_lr.end": 1e-5, "schedule.d_beta2.shape": "linear", "schedule.d_beta2.end": 0.99,
+         "schedule.r1_gamma.shape": "cosine", "schedule.r1_gamma.end": 0.05, "schedule.ema_half_life.start": 0.0,
+         "schedule.ema_half_life.end": 0.5, "schedule.ema_half_life.shape": "linear", "schedule.kimg": 1.92}
+"""R3GAN's pair, RpGAN with R1 and R2 on their own lazy intervals, fake labels in the data's proportions, and ramps
+over 60 steps of 2 × 16 images (set in kimg: the killed run is endless): the kill lands mid-way, and the resumed run
+must take the same values from the step."""
+
+
 SMALL_DATA = {"augment.kind": "ada", "augment.ada_interval": 3, "augment.ada_kimg": 0.5, "augment.ada_p": 0.3,
              "loss.lecam.weight": 0.3, "loss.bcr.weight": 10.0}
 """ADA moving p by 0.1 every 3 steps (from 0.3, so that it draws from the start), LeCam's EMAs, and bCR's draws
 after ADA's in the step's stream."""
 
 
-@pytest.mark.parametrize("source", ["idx_resident", "idx_resident_r1", "idx_resident_resnet", "folder_streamed",
-                                    "folder_streamed_ada"])
+@pytest.mark.parametrize("source", ["idx_resident", "idx_resident_r1", "idx_resident_resnet", "idx_resident_r3gan",
+                                    "folder_streamed", "folder_streamed_ada"])
 def test_sigkill_mid_epoch_then_resume_is_bit_exact(tmp_path, idx_root, start, source):
     """R1 (lazy, under the CPU's autocast default) resumes on its own schedule: it is a function of the step.
     ADA's p and LeCam's EMAs come back from the checkpoint."""
@@ -60,6 +73,8 @@ def test_sigkill_mid_epoch_then_resume_is_bit_exact(tmp_path, idx_root, start, s
         data = {"loss.r1.gamma": 1.0, "loss.r1.every": 3, "amp.enabled": True}
     if source.endswith("resnet"):
         data = RESNET
+    if source.endswith("r3gan"):
+        data = R3GAN
     if source.startswith("folder_streamed"):  # 231 training images: 7 steps per epoch
         root, data = tmp_path / "images", STREAMED_FOLDER | (SMALL_DATA if source.endswith("ada") else {})
         write_folder(root, {"a": 86, "b": 85, "c": 85}, size=16)
