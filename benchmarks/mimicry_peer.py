@@ -21,7 +21,8 @@ its CIFAR-10 baseline ships: hinge loss, 5 D steps per G step, batch 64, Adam 2e
 gan_dist reads a folder (classes are the class folders sorted by name; alpha composited on black,
 the centre square resized to 32×32 with Lanczos) and scaled to [-1, 1]. It prints the measured
 seconds per G step (5 D steps and 1 G step) and writes ``--out``: ``images`` uint8 [N, 32, 32, 3]
-and ``labels`` int64 [N], ``--n-per-class`` of each class from the final G in eval mode.
+and ``labels`` int64 [N] from the final G in eval mode: ``--n-per-class`` times the classes, their labels in the
+training split's proportions (``--labels uniform``: as many of each).
 
 Stopping (Ctrl-C or SIGTERM) saves Mimicry's checkpoints in ``--log-dir`` and writes no samples; the
 same command resumes from the latest one (Mimicry's Trainer refuses a changed ``--steps``,
@@ -140,18 +141,30 @@ def done_steps(log_dir: Path) -> int:
     return max(steps, default=0)
 
 
+def sample_labels(train_labels: np.ndarray, n: int, proportional: bool) -> np.ndarray:
+    """``n`` labels: 2 of each class and the rest in the training split's proportions by largest remainders (as
+    gan_dist's evaluation draws its own, eval.labels=data), or as many of each class."""
+    counts = np.bincount(train_labels)
+    k = len(counts)
+    if not proportional:
+        return np.repeat(np.arange(k), n // k)
+    share = counts / counts.sum() * (n - 2 * k)
+    per = np.floor(share).astype(np.int64) + 2
+    per[np.argsort(share - np.floor(share))[::-1][:n - per.sum()]] += 1
+    return np.repeat(np.arange(k), per)
+
+
 @torch.no_grad()
-def samples(netG: torch.nn.Module, classes: int, per_class: int, seed: int,
-            device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """``per_class`` images of each class from ``netG`` in eval mode: uint8 [N, 32, 32, 3], int64 [N]."""
+def samples(netG: torch.nn.Module, labels: np.ndarray, seed: int, device: torch.device) -> np.ndarray:
+    """One image per label from ``netG`` in eval mode: uint8 [N, 32, 32, 3]."""
     netG.eval()
-    labels = torch.arange(classes, device=device).repeat_interleave(per_class)
+    labels = torch.from_numpy(labels).to(device)
     gen = torch.Generator(device).manual_seed(seed)
     out = []
     for y in labels.split(500):
         x = netG(torch.randn(len(y), netG.nz, generator=gen, device=device), y)
         out.append(((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu())
-    return torch.cat(out).numpy(), labels.cpu().numpy().astype(np.int64)
+    return torch.cat(out).numpy()
 
 
 def interrupt(signum: int, frame: object) -> None:
@@ -168,7 +181,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-dir", type=Path, required=True, help="Mimicry's checkpoints and logs; resumes from them")
     p.add_argument("--out", type=Path, required=True, help="samples .npz for gan_dist.evaluate --npz")
-    p.add_argument("--n-per-class", type=int, default=1000, help="samples per class (default 1000)")
+    p.add_argument("--n-per-class", type=int, default=1000, help="samples: this times the classes (default 1000)")
+    p.add_argument("--labels", choices=("data", "uniform"), default="data",
+                   help="the samples' labels: in the training split's proportions (as gan_dist evaluates), or "
+                        "as many of each class")
     p.add_argument("--save-every", type=int, default=5000, help="checkpoint every N G steps (Mimicry's 5000)")
     p.add_argument("--print-every", type=int, default=50, help="Mimicry's log line every N G steps")
     return p.parse_args(argv)
@@ -219,10 +235,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if step < args.steps:
         print(f"stopped at G step {step} of {args.steps}: no samples; run the same command to resume")
         return 130
-    pixels, sample_labels = samples(netG, len(names), args.n_per_class, args.seed, device)
+    wanted = sample_labels(labels, args.n_per_class * len(names), args.labels == "data")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(args.out, images=pixels, labels=sample_labels)
-    print(f"wrote {args.out}: {len(sample_labels)} images, {args.n_per_class} of each class")
+    np.savez_compressed(args.out, images=samples(netG, wanted, args.seed, device), labels=wanted)
+    print(f"wrote {args.out}: {len(wanted)} images, labels by {args.labels}")
     return 0
 
 

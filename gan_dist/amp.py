@@ -8,11 +8,15 @@ emulated bf16 is slower than float32, so ``amp.dtype=auto`` reads the device's o
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from gan_dist.config import AmpConfig, ConfigError
+
+SKIPPED = "amp_skipped"
+"""The metric of an iteration that float16's loss scaler skipped, because a gradient was not finite."""
 
 NATIVE_BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})  # x86 AVX512-BF16 / AMX, Arm BF16
 
@@ -30,8 +34,11 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
 def native_bf16(device: torch.device) -> tuple[bool, str]:
     """Whether ``device`` computes bf16 natively, and the evidence."""
     if device.type == "cuda":
-        ok = torch.cuda.is_bf16_supported()
-        return ok, f"{torch.cuda.get_device_name(device)} {'supports' if ok else 'lacks'} bf16"
+        # is_bf16_supported() also counts emulated bf16 (V100, T4), which is slower than float32 there.
+        major, minor = torch.cuda.get_device_capability(device)
+        ok = major >= 8
+        return ok, (f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) "
+                    f"{'computes' if ok else 'only emulates'} bf16")
     found = sorted(cpu_flags() & NATIVE_BF16_CPU_FLAGS)
     return (True, f"CPU has {', '.join(found)}") if found else (False, "CPU has no native bf16 (AVX512-BF16/AMX)")
 
@@ -67,6 +74,18 @@ def choose_layout(cfg: AmpConfig, device_type: str, dtype: torch.dtype, convolut
         return "channels_last" if dtype in (torch.bfloat16, torch.float16) else "contiguous"
     isa = cpu_isa if cpu_isa is not None else torch.backends.cpu.get_cpu_capability()
     return "channels_last" if isa.startswith("AVX512") else "contiguous"
+
+
+@contextlib.contextmanager
+def tf32() -> Iterator[None]:
+    """TF32 for float32 matmuls and convolutions on CUDA inside the block (evaluation, the judge), restored after
+    it, so training keeps its own precision."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 class Amp:
@@ -108,3 +127,19 @@ class Amp:
 
     def step(self, opt: torch.optim.Optimizer) -> None:
         self.scaler.step(opt)
+
+    def update(self) -> torch.Tensor | None:
+        """Update the loss scale after a step: 1 (on the device) where that step was skipped, as its gradients
+        held inf or NaN, and the scale backed off; else 0; None where nothing scales. Compares the scaler's own
+        scale tensor, since ``get_scale()`` would read it on the host."""
+        if not self.scaler.is_enabled():
+            return None
+        before = self.scaler._scale.clone()
+        self.scaler.update()
+        return (self.scaler._scale < before).float().squeeze()
+
+    def load_scaler(self, state: dict) -> None:
+        """The checkpoint's loss scale, where both runs scale; a run that did not (bf16, float32) saved an empty
+        state, and a float16 run resumed from it starts from a fresh scale."""
+        if state and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state)

@@ -148,8 +148,8 @@ class Augment:
             self.rt = total / max(count, 1.0)
             direction = 1.0 if self.rt > self.cfg.ada_target else -1.0 if self.rt < self.cfg.ada_target else 0.0
             self.p = min(max(self.p + direction * self.speed, 0.0), 1.0)
-        device = self.signs.device
-        return {"augment_p": torch.tensor(self.p, device=device), "ada_rt": torch.tensor(self.rt, device=device)}
+        device = self.signs.device  # a fill, not a copy of host data: no wait for the device's queue
+        return {"augment_p": torch.full((), self.p, device=device), "ada_rt": torch.full((), self.rt, device=device)}
 
     def state_dict(self) -> dict:
         return {"p": self.p, "rt": self.rt, "signs": self.signs.cpu()}

@@ -455,6 +455,12 @@ class Config:
             if getattr(self.loss, name).gamma > 0 and self.train.compile != "off":
                 raise ConfigError(f"loss.{name}.gamma: {name.upper()} differentiates D's gradient, and torch.compile "
                                   f"has no double backward; set train.compile=off or loss.{name}.gamma=0")
+        d_batchnorm = self.model.arch == "dcgan" and not self.model.spectral_norm  # the conv trunk's own norm
+        penalty = next((n for n in ("r1", "r2") if getattr(self.loss, n).gamma > 0), None)
+        if self.dist.sync_batchnorm and d_batchnorm and penalty:
+            raise ConfigError(f"dist.sync_batchnorm: {penalty.upper()} differentiates D's gradient, and SyncBatchNorm "
+                              "has no double backward (batch_norm_backward_elemt); set dist.sync_batchnorm=false, "
+                              f"model.spectral_norm=true (D then has no BatchNorm) or loss.{penalty}.gamma=0")
         check_ramps(self)
 
 

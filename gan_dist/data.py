@@ -209,11 +209,16 @@ def open_cache(path: Path, split: str) -> Split:
     return Split(split, images, labels, info)
 
 
-def _prepare(cfg: DataConfig, source: Source, split: str) -> Path:
-    """Local rank 0: download the split if allowed and missing, then build the cache if it is not there;
-    returns the cache's path."""
+def _download(cfg: DataConfig, source: Source, split: str) -> None:
+    """Fetch the split where it is allowed and missing."""
     if cfg.download and source.downloadable and not source.has(split):
         source.download(split)
+
+
+def _prepare(cfg: DataConfig, source: Source, split: str) -> Path:
+    """Local rank 0: download the split if allowed and still missing (a node's own disk), then build the cache if
+    it is not there; returns the cache's path."""
+    _download(cfg, source, split)
     if not source.has(split):
         raise source.missing(split)
     path = cache_path(cfg, source)
@@ -225,14 +230,18 @@ def _prepare(cfg: DataConfig, source: Source, split: str) -> Path:
 def load_split(cfg: DataConfig, env: DistEnv, split: str | None = None) -> Split:
     """The split (``data.split`` by default) from the cache, building it first where needed.
 
-    Every rank calls it: local rank 0 of each node downloads and builds while the other ranks wait
-    in the agreement, so no two processes of a node write the same file; then every rank opens it.
-    An error on any rank stops every rank here.
+    Every rank calls it: global rank 0 downloads first, so nodes that share ``data.root`` never fetch into it at
+    once; then local rank 0 of each node downloads what its own disk still lacks and builds the node's cache
+    while the other ranks wait in the agreement, so no two processes write the same file; then every rank
+    opens it. An error on any rank stops every rank here.
     """
     split = split or cfg.split
     source = open_source(cfg)
     path = None
-    # Every rank enters: the agreement is the barrier that orders the build.
+    # Every rank enters: each agreement is the barrier that orders the steps.
+    with env.together(DataError, DataError(f"downloading {cfg.name} failed on rank 0")):
+        if env.is_main:
+            _download(cfg, source, split)
     with env.together(DataError, DataError(f"preparing {cfg.name} failed on another rank")):
         if env.local_rank == 0:
             path = _prepare(cfg, source, split)
@@ -370,9 +379,12 @@ class StreamedBatches(ShardedBatches):
         return f"streamed by {self.workers} workers" if self.workers else "streamed in the training process"
 
     def _loader(self) -> DataLoader:
+        # On CUDA the workers start from a fork server: a fork of a process whose CUDA and NCCL threads run
+        # may copy their locks held, and hang.
+        context = "forkserver" if self.workers > 0 and self.device.type == "cuda" else None
         return DataLoader(self.dataset, batch_size=None, sampler=self.plan, num_workers=self.workers,
                           pin_memory=self.device.type == "cuda", persistent_workers=self.workers > 0,
-                          prefetch_factor=self.prefetch if self.workers > 0 else None)
+                          prefetch_factor=self.prefetch if self.workers > 0 else None, multiprocessing_context=context)
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         flips = self.flips(epoch)

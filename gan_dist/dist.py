@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -201,21 +202,51 @@ def _attempt_store(rank: int, world: int, timeout: datetime.timedelta) -> tdist.
     return tdist.PrefixStore(f"gan_dist/attempt_{_env_int('TORCHELASTIC_RESTART_COUNT', 0)}", store)
 
 
+def visible_gpus() -> list[str]:
+    """Signs that this process was given GPUs which need no CUDA runtime to read: NVIDIA's device files
+    (unless CUDA_VISIBLE_DEVICES hides them all), or a CUDA_VISIBLE_DEVICES that names some."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None and listed.strip() in ("", "-1"):
+        return []  # hidden on purpose
+    devices = sorted(str(p) for p in Path("/dev").glob("nvidia[0-9]*"))
+    return devices or ([f"CUDA_VISIBLE_DEVICES={listed}"] if listed else [])
+
+
+def _cuda_failure() -> str:
+    """Why CUDA does not start, in the runtime's own words (a driver too old for this torch, no device files)."""
+    try:
+        torch.cuda.init()
+    except Exception as e:
+        return str(e).splitlines()[0][:200]
+    return "torch.cuda.is_available() is false"
+
+
 def _device(cfg: DistConfig, local_rank: int) -> torch.device:
-    """``cuda:(local_rank % visible GPUs)``: ranks may share a GPU, or each see exactly one."""
-    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
+    """``cuda:(local_rank % visible GPUs)``: ranks may share a GPU, or each see exactly one. GPUs that are there
+    but that CUDA cannot use are an error, never a quiet run on the CPU."""
+    if cfg.device == "cpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise ConfigError("dist.device=cuda, but torch sees no CUDA device here; use dist.device=auto or cpu")
+        gpus = visible_gpus() if torch.version.cuda else []
+        if cfg.device == "cuda" or gpus:
+            seen = f"{', '.join(gpus)} {'is' if len(gpus) == 1 else 'are'} here, but " if gpus else ""
+            raise ConfigError(f"dist.device={cfg.device}: {seen}CUDA does not start ({_cuda_failure()}); fix the "
+                              "driver or the container's GPU access (docker --gpus, apptainer --nv), or set "
+                              "dist.device=cpu to train on the CPU")
+        return torch.device("cpu")
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
-def _backend(cfg: DistConfig, device: torch.device) -> str:
+def _backend(cfg: DistConfig, device: torch.device, local_world: int) -> str:
     if cfg.backend == "nccl" and device.type != "cuda":
         raise ConfigError("dist.backend=nccl needs CUDA; on CPU use gloo (or auto)")
-    if cfg.backend != "auto":
-        return cfg.backend
-    return "nccl" if device.type == "cuda" else "gloo"
+    backend = cfg.backend if cfg.backend != "auto" else "nccl" if device.type == "cuda" else "gloo"
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    if backend == "nccl" and local_world > gpus:
+        raise ConfigError(f"dist.backend: NCCL takes one GPU per rank, and {local_world} ranks on this node share "
+                          f"{gpus} GPU{'s' if gpus != 1 else ''}; launch at most {gpus} per node "
+                          "(torchrun --nproc_per_node), or set dist.backend=gloo to let ranks share a GPU")
+    return backend
 
 
 def setup(cfg: DistConfig) -> DistEnv:
@@ -223,9 +254,11 @@ def setup(cfg: DistConfig) -> DistEnv:
     rank, world = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
     local_rank, local_world = _env_int("LOCAL_RANK", 0), _env_int("LOCAL_WORLD_SIZE", 1)
     device = _device(cfg, local_rank)
-    backend = _backend(cfg, device)
+    backend = _backend(cfg, device, local_world)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        # Every batch has one shape (the last partial one is dropped): cuDNN may pick its fastest kernels once.
+        torch.backends.cudnn.benchmark = True
     else:
         # Each rank gets its share of the cores, so N ranks never oversubscribe the node.
         torch.set_num_threads(cfg.threads or max(1, usable_cores() // local_world))

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from gan_dist.amp import Amp
+from gan_dist.amp import SKIPPED, Amp
 from gan_dist.augment import Augment
 from gan_dist.checkpoint import check_finite, check_shapes
 from gan_dist.config import Config, ConfigError, DatasetInfo
@@ -130,22 +130,26 @@ class GANEngine:
     def iteration(self, step: int, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Metrics:
         """One D step per real batch, then one G step; ``step`` picks the random streams.
 
-        The metrics are the loss's: the last D step's, any of its lazy terms, and G's. G's phase pairs its
-        fakes with the last D step's real batch when the objective pairs.
+        The metrics are the loss's: the last D step's, any of its lazy terms, and G's; with float16's loss
+        scaler also ``amp_skipped``, 1 where the scaler skipped a step of the iteration (its losses may then be
+        non-finite without harm). G's phase pairs its fakes with the last D step's real batch when the
+        objective pairs.
         """
         self.apply_ramps(step)
         if self.graphed:  # CUDA graphs may reuse the previous iteration's output memory from here on
             torch.compiler.cudagraph_mark_step_begin()
         self.noise.seed_dropout(step)
-        scaler = self.amp.scaler
         metrics: Metrics = {}
+        skipped = []
         for phase, (real, labels) in enumerate(batches):
             if phase:  # a second step() on opt_d needs the scaler updated in between
-                scaler.update()
+                skipped.append(self.amp.update())
             z, fake_labels = self.noise.draw(step, phase, real.shape[0])
             metrics |= self.d_step(real, labels, z, fake_labels, step * self.n_critic + phase)
         metrics |= self.g_step(*self.noise.draw(step, len(batches), batches[0][0].shape[0]), step, batches[-1])
-        scaler.update()
+        skipped.append(self.amp.update())
+        if self.amp.scaler.is_enabled():
+            metrics[SKIPPED] = torch.stack(skipped).amax()
         metrics |= self.loss.end_iteration(step)
         if self.ema is not None:
             self.ema.update(self.generator, step + 1)
@@ -167,6 +171,22 @@ class GANEngine:
             self.loss.augment.p = values["augment_p"]
         if "ema_half_life" in values:
             self.ema.decay = ema_decay(values["ema_half_life"], self.global_batch)
+
+    def graph_blockers(self) -> list[str]:
+        """What updates buffers in place during a training forward: CUDA graphs (``reduce-overhead``) skip a
+        graph whose inputs it mutates, and the run is then only compiled."""
+        found = []
+        for name, net in (("G", self.generator), ("D", self.discriminator)):
+            if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules()):
+                found.append(f"{name}'s BatchNorm statistics")
+            if any(hasattr(m, "parametrizations") for m in net.modules()):
+                found.append(f"{name}'s spectral norm vectors")
+        return found
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """Every metric an iteration can report: the loss's, and ``amp_skipped`` where float16 scales."""
+        return (*self.loss.names, *((SKIPPED,) if self.amp.scaler.is_enabled() else ()))
 
     @property
     def learning_rates(self) -> dict[str, float]:
@@ -209,7 +229,7 @@ class GANEngine:
             opt.load_state_dict(saved)
             for group, own in zip(opt.param_groups, settings, strict=True):
                 group.update(own)
-        self.amp.scaler.load_state_dict(state["scaler"])
+        self.amp.load_scaler(state["scaler"])
         self.loss.load_state_dict(state.get("loss", {}))
         if self.ema is not None:
             # A checkpoint from a run without EMA starts the average from the current G.

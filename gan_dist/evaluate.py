@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from gan_dist import cli, metrics
+from gan_dist.amp import tf32
 from gan_dist.config import Config, ConfigError, DatasetInfo, EvalConfig, UsageError
 from gan_dist.configio import load_config, resolve, to_dict
 from gan_dist.data import DataError, Split, class_rows, load_split, to_device
@@ -162,8 +163,9 @@ class Evaluator:
                 raise DataError(f"{self.data.name} {reference.name} split has {counts.min()} image(s) of class "
                                 f"{counts.argmin()}; intra-class FID and its floor need 4 or more of every class")
         self.cfg, self.env = cfg.eval, env
-        self.space = inception or load_or_train(cfg.data, cfg.eval.judge_dir, env, spec)
-        self.real, cache = self._reference(reference)
+        with tf32():
+            self.space = inception or load_or_train(cfg.data, cfg.eval.judge_dir, env, spec)
+            self.real, cache = self._reference(reference)
         self.real_radii = metrics.knn_radii(self.real.features, NEIGHBOURS)
         latents = torch.Generator().manual_seed(cfg.eval.seed)
         self.z = torch.randn(n_per_class * rows, cfg.model.z_dim, generator=latents)
@@ -217,7 +219,9 @@ class Evaluator:
 
     def _embed(self, images: torch.Tensor, labels: torch.Tensor) -> FeatureSet:
         """Features of this rank's images (uint8, or float in [-1, 1]), then all ranks' features in rank order."""
-        return self._gather(*self.space(images.to(self.env.device), self.cfg.batch_size), labels)
+        with tf32():
+            features = self.space(images.to(self.env.device), self.cfg.batch_size)
+        return self._gather(*features, labels)
 
     def _agree(self, values: dict[str, float]) -> dict[str, float]:
         """Rank 0's numbers on every rank, by one all-reduce that all enter: all ranks then decide alike."""
@@ -241,7 +245,8 @@ class Evaluator:
         start = time.perf_counter()
         mine, b, device = self.env.shard(self.labels.shape[0]), self.cfg.batch_size, self.env.device
         z, labels = self.z[mine].to(device), self.labels[mine].to(device)
-        parts = [self.space(generate(generator, z[i:i + b], labels[i:i + b], b), b) for i in range(0, len(z), b)]
+        with tf32():
+            parts = [self.space(generate(generator, z[i:i + b], labels[i:i + b], b), b) for i in range(0, len(z), b)]
         if not parts:  # a rank with no samples still enters the gathers
             parts = [self.space(torch.empty(0, *self.data.shape, device=device), b)]
         features, logits = (torch.cat(p) for p in zip(*parts, strict=True))

@@ -15,21 +15,33 @@ def stage_widths(width: int, stages: int) -> list[int]:
     return [width * min(2 ** i, MAX_WIDTH_MULTIPLE) for i in range(stages + 1)]
 
 
-class ConditionalBatchNorm2d(nn.BatchNorm2d):
+class ConditionalBatchNorm2d(nn.Module):
     """BatchNorm whose gain and bias are linear functions of a conditioning vector (a class embedding,
     and a chunk of z in BigGAN), as SNGAN and BigGAN condition G. With no conditioning (``cond_dim``
-    0) it is a plain BatchNorm with its own affine, and its state dict is a BatchNorm's.
+    0) it is a plain BatchNorm with its own affine.
 
-    The gain is ``1 + W_g·c`` so a fresh layer starts as the identity affine, whatever c is.
+    The gain is ``1 + W_g·c`` so a fresh layer starts as the identity affine, whatever c is. The
+    normalisation is a child BatchNorm, so ``SyncBatchNorm.convert_sync_batchnorm`` swaps it alone and the
+    conditioning stays.
     """
 
+    _BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
     def __init__(self, channels: int, cond_dim: int) -> None:
-        super().__init__(channels, affine=cond_dim == 0)
+        super().__init__()
+        self.norm = nn.BatchNorm2d(channels, affine=cond_dim == 0)
         self.to_gain = nn.Linear(cond_dim, channels, bias=False) if cond_dim else None
         self.to_bias = nn.Linear(cond_dim, channels, bias=False) if cond_dim else None
+        self._register_load_state_dict_pre_hook(self._from_subclass_keys)
+
+    def _from_subclass_keys(self, state: dict, prefix: str, *args: object) -> None:
+        """Checkpoints from when this layer was a BatchNorm subclass hold the statistics at its own level."""
+        for key in self._BN_KEYS:
+            if prefix + key in state:
+                state[f"{prefix}norm.{key}"] = state.pop(prefix + key)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        x = super().forward(x)
+        x = self.norm(x)
         if self.to_gain is None:
             return x
         return x * (1 + self.to_gain(cond))[:, :, None, None] + self.to_bias(cond)[:, :, None, None]

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm import tqdm
 
+from gan_dist.amp import SKIPPED
 from gan_dist.config import Diverged, LogConfig, WandbConfig, WriteError
 from gan_dist.schedule import Component, Position
 
@@ -93,6 +94,7 @@ class MetricLogger(Component):
         self.sums, self.counts, self.bad = (torch.zeros(n, device=device) for _ in range(3))
         self.first_bad = torch.full((n,), NEVER, dtype=torch.int64, device=device)
         self.masks: dict[frozenset[str], torch.Tensor] = {}
+        self._skip_slot = torch.tensor([n == SKIPPED for n in self.names], device=device)
         self.steps = 0
         self.window_start = time.perf_counter()
 
@@ -116,10 +118,13 @@ class MetricLogger(Component):
         return self.masks[reported]
 
     def update(self, step: int, metrics: dict[str, torch.Tensor]) -> None:
-        """Accumulate on the device: non-finite values are counted (and their first step kept), not summed."""
+        """Accumulate on the device: non-finite values are counted (and their first step kept), not summed. A step
+        float16's loss scaler skipped counts as such (``amp_skipped``), and its other metrics not at all."""
         present = self._mask(frozenset(metrics))
         zero = self.sums.new_zeros(())
         values = torch.stack([metrics.get(n, zero).float() for n in self.names])
+        if SKIPPED in metrics:
+            present = present & ((metrics[SKIPPED] == 0) | self._skip_slot)
         bad = ~torch.isfinite(values) & present
         self.sums += values.masked_fill(bad | ~present, 0.0)
         self.counts += present
@@ -148,6 +153,12 @@ class MetricLogger(Component):
                            f"(found at the log step {pos.step})")
         record: dict[str, Any] = {"step": pos.step, "epoch": pos.epoch}
         record |= {k: total_k / count for k, total_k, count in zip(self.names, sums, counts, strict=True) if count}
+        if SKIPPED in record:  # a count of steps, not a mean; a window of nothing but skips is no training at all
+            steps = counts[self.names.index(SKIPPED)]
+            record[SKIPPED] = round(sums[self.names.index(SKIPPED)])
+            if record[SKIPPED] == steps:
+                raise Diverged(f"float16's loss scaler skipped all {round(steps)} steps up to the log step {pos.step}: "
+                               "the gradients are not finite at any scale")
         record["images_per_s"] = images_per_s
         record |= local
         for t in (self.sums, self.counts):

@@ -173,10 +173,14 @@ class Trainer:
             self._say(f"augment: {engine.loss.augment}")
         if engine.ramps.ramps:
             self._say(f"schedule: {engine.ramps}")
+        if engine.graphed and engine.graph_blockers():
+            self._say(f"warning: train.compile=reduce-overhead: {', '.join(engine.graph_blockers())} change in place, "
+                      "so CUDA graphs are likely skipped (TORCH_LOGS=cudagraphs says 'mutated inputs') and the run is "
+                      "only compiled; train.compile=default compiles the same without the graphs' memory")
         env.raise_together(self._write_config() if env.is_main else None)
         probes = [p for p in (_spread_probe(cfg, env, built.split, engine),
                               (lambda: engine.ramps.at(self.pos.step - 1)) if engine.ramps.ramps else None) if p]
-        self.logger = MetricLogger(cfg.log, env, self.run_dir, cfg.train.batch_size, engine.loss.names,
+        self.logger = MetricLogger(cfg.log, env, self.run_dir, cfg.train.batch_size, engine.metric_names,
                                    lambda: engine.learning_rates, probes)
         self.components: list[Component] = [self.logger, SampleWriter(
             self.cfg, env, self.info, classes, lambda: engine.sampler, self.logger.log_image)]

@@ -305,7 +305,7 @@ def test_resnet_is_built_from_the_description(described, extra):
         assert d(images, labels).shape == (4,)
     norms = [m for m in g.modules() if isinstance(m, ConditionalBatchNorm2d)]
     assert norms and all((m.to_gain is not None) == bool(described.num_classes) for m in norms)
-    assert all(m.affine != bool(described.num_classes) for m in norms)
+    assert all(m.norm.affine != bool(described.num_classes) for m in norms)
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
