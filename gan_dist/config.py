@@ -448,9 +448,6 @@ class Config:
             raise ConfigError(f"augment.policy: augment.kind={self.augment.kind} needs at least one operation")
         if self.loss.bcr.weight > 0 and not self.loss.bcr.policy:
             raise ConfigError("loss.bcr.policy: loss.bcr.weight > 0 needs at least one operation")
-        if self.augment.kind == "ada" and self.model.conditioning == "none":
-            raise ConfigError("augment.kind: ada takes a conditional D (model.conditioning concat or projection); "
-                              "with model.conditioning=none use augment.kind=diffaug")
         for name in ("r1", "r2"):
             if getattr(self.loss, name).gamma > 0 and self.train.compile != "off":
                 raise ConfigError(f"loss.{name}.gamma: {name.upper()} differentiates D's gradient, and torch.compile "

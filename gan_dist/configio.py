@@ -23,7 +23,9 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from gan_dist.config import Config, ConfigError, Registry
+from gan_dist.config import ARCHITECTURES, DATASETS, LOSSES, Config, ConfigError, Registry
+
+REGISTRIES = (ARCHITECTURES, LOSSES, DATASETS)
 
 
 def _type_name(tp: Any) -> str:
@@ -173,7 +175,9 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     tree: dict[str, Any] = {}
     if path is not None:
         try:
-            loaded = yaml.safe_load(Path(path).read_text())
+            text = Path(path).read_text()
+            check_duplicates(yaml.compose(text, Loader=yaml.SafeLoader), str(path))
+            loaded = yaml.safe_load(text)
         except OSError as e:
             raise ConfigError(f"--config: cannot read {path}: {e.strerror}") from None
         except UnicodeDecodeError as e:
@@ -187,6 +191,21 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     return resolve(tree, overrides)
 
 
+def check_duplicates(node: yaml.Node | None, path: str, prefix: str = "") -> None:
+    """A key given twice in one mapping of a YAML file is an error naming it and both lines: YAML would keep
+    the second value without a word."""
+    if not isinstance(node, yaml.MappingNode):
+        return
+    seen: dict[str, int] = {}
+    for key, value in node.value:
+        name = f"{prefix}{key.value}"
+        line = key.start_mark.line + 1
+        if name in seen:
+            raise ConfigError(f"{name}: given twice in {path}, on lines {seen[name]} and {line}; keep one")
+        seen[name] = line
+        check_duplicates(value, path, f"{name}.")
+
+
 def resolve(tree: dict[str, Any], overrides: typing.Sequence[str] = ()) -> Config:
     """A nested mapping (a YAML file, a checkpoint's config) plus dotted overrides, validated."""
     for item in overrides:
@@ -195,18 +214,28 @@ def resolve(tree: dict[str, Any], overrides: typing.Sequence[str] = ()) -> Confi
     return from_dict(Config, tree)
 
 
+class ImportFailed(ConfigError):
+    """A module that ``imports`` names could not be imported (or failed while importing)."""
+
+    def __init__(self, module: str, e: Exception) -> None:
+        super().__init__(f"imports: cannot import {module!r} ({type(e).__name__}: {e})")
+        self.module = module
+
+
 def import_extensions(modules: Any) -> None:
     """Import the modules ``imports`` names, so that what they register is there when the rest is checked
     (a value that is not a list of names is left for the check to report)."""
     if not isinstance(modules, list | tuple):
         return
+    for registry in REGISTRIES:  # the built-in entries first: a module that takes one of their names says so here
+        registry.names()
     for name in modules:
         if not isinstance(name, str):
             continue
         try:
             importlib.import_module(name)
         except Exception as e:  # a user's module: anything it raises is their error, shown in one line
-            raise ConfigError(f"imports: cannot import {name!r} ({type(e).__name__}: {e})") from None
+            raise ImportFailed(name, e) from None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

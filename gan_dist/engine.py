@@ -24,6 +24,7 @@ from gan_dist.amp import SKIPPED, Amp
 from gan_dist.augment import Augment
 from gan_dist.checkpoint import check_finite, check_shapes
 from gan_dist.config import Config, ConfigError, DatasetInfo
+from gan_dist.layers import upgrade_state
 from gan_dist.losses import GANLoss, Metrics, Networks
 from gan_dist.models import EMA, build_models, convolutional, label_count
 from gan_dist.ramps import Ramps, ema_decay
@@ -216,6 +217,8 @@ class GANEngine:
     def load_state_dict(self, state: dict) -> None:
         """Refuses weights of other shapes, and non-finite ones: resuming a diverged G would only
         diverge again, after a log step's worth of training."""
+        state = state | {k: upgrade_state(state[k], self.generator) for k in ("generator", "generator_ema")
+                         if k in state}
         for name, network in (("generator", self.generator), ("discriminator", self.discriminator)):
             check_shapes(name, state[name], network)
             check_finite(name, state[name])

@@ -28,6 +28,7 @@ import dataclasses
 import json
 import sys
 import time
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -292,11 +293,18 @@ def read_npz(path: str | Path, info: DatasetInfo, num_classes: int) -> tuple[tor
     before any scoring. ``num_classes`` is what the samples are conditioned on: below 2 the labels are not
     needed (and, if there, not used); every label is then 0."""
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise NpzError(f"{path}: cannot read it ({e}; a file cut short?)") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise NpzError(f"{path}: one array (.npy), not an .npz of named arrays; write it with "
+                       "np.savez(path, images=..., labels=...)")
+    try:
+        with loaded as npz:
             images = npz["images"]
             labels = npz["labels"] if num_classes >= 2 and "labels" in npz.files else None
-    except (OSError, KeyError, ValueError) as e:
-        raise NpzError(f"{path}: cannot read 'images' ({e})") from None
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise NpzError(f"{path}: cannot read 'images' ({e}; a file cut short?)") from None
     if images.dtype != np.uint8:
         raise NpzError(f"{path}: 'images' must be uint8 pixels 0..255, got {images.dtype}")
     if images.ndim == 3:

@@ -25,26 +25,29 @@ class ConditionalBatchNorm2d(nn.Module):
     conditioning stays.
     """
 
-    _BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-
     def __init__(self, channels: int, cond_dim: int) -> None:
         super().__init__()
         self.norm = nn.BatchNorm2d(channels, affine=cond_dim == 0)
         self.to_gain = nn.Linear(cond_dim, channels, bias=False) if cond_dim else None
         self.to_bias = nn.Linear(cond_dim, channels, bias=False) if cond_dim else None
-        self._register_load_state_dict_pre_hook(self._from_subclass_keys)
-
-    def _from_subclass_keys(self, state: dict, prefix: str, *args: object) -> None:
-        """Checkpoints from when this layer was a BatchNorm subclass hold the statistics at its own level."""
-        for key in self._BN_KEYS:
-            if prefix + key in state:
-                state[f"{prefix}norm.{key}"] = state.pop(prefix + key)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         x = self.norm(x)
         if self.to_gain is None:
             return x
         return x * (1 + self.to_gain(cond))[:, :, None, None] + self.to_bias(cond)[:, :, None, None]
+
+
+def upgrade_state(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """``state`` with the keys of checkpoints saved when ``ConditionalBatchNorm2d`` was a BatchNorm subclass (its
+    statistics and affine at its own level) moved into its ``norm`` child, as ``model`` holds them now."""
+    state = dict(state)
+    for name, module in model.named_modules():
+        if isinstance(module, ConditionalBatchNorm2d):
+            for key in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+                if f"{name}.{key}" in state:
+                    state[f"{name}.norm.{key}"] = state.pop(f"{name}.{key}")
+    return state
 
 
 class SelfAttention(nn.Module):

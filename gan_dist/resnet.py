@@ -44,8 +44,9 @@ def check_attention(options: ResNetOptions, start: int, stages: int) -> None:
     coarsest and the full resolution, exclusive."""
     sizes = [start * 2 ** i for i in range(1, stages)]
     if options.attention and options.attention not in sizes:
-        raise ConfigError(f"model.resnet.attention: {options.attention} is not a stage of this resolution; "
-                          f"use one of {', '.join(map(str, sizes))}, or 0")
+        choices = f"use one of {', '.join(map(str, sizes))}, or 0" if sizes else (
+            f"at {start * 2 ** stages} px no stage lies between the coarsest and the image's; set 0")
+        raise ConfigError(f"model.resnet.attention: {options.attention} is not a stage of this resolution; {choices}")
 
 
 class GBlock(nn.Module):

@@ -44,6 +44,7 @@ from torch import nn
 from torch.func import functional_call
 
 from gan_dist import cli
+from gan_dist.config import UsageError
 from gan_dist.data import GRID_ROWS, class_rows, grid_classes, row_names, to_pixels
 from gan_dist.models import label_count
 from gan_dist.sampling import SampleWriter, fixed_noise, generate, load_generator, save_grid
@@ -105,10 +106,34 @@ def walks(generator: nn.Module, z_dim: int, steps: int, seed: int, device: torch
     return torch.cat([line, gap, arc, gap, labels_walk])
 
 
-def write_npz(path: Path, images: torch.Tensor, labels: torch.Tensor) -> None:
-    """Written through an open file: ``np.savez`` given a name would append ``.npz`` to other suffixes."""
+def available_memory() -> int:
+    """Bytes this machine can still give (MemAvailable), or 0 where it does not say."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def check_npz_size(n: int, shape: tuple[int, ...], z_dim: int, rows: int, free: int) -> None:
+    """``n`` samples must fit in memory: their uint8 pixels, latents and labels (the file is written at once)."""
+    per_image = int(np.prod(shape)) + 4 * z_dim + 8
+    if free and n * per_image > free:
+        fits = free // per_image // rows
+        raise UsageError(f"--n-per-class: {n:,} samples of {'×'.join(map(str, shape))} need "
+                             f"{n * per_image / 2**30:.1f} GiB in memory, and {free / 2**30:.1f} GiB are free here; "
+                             f"ask for at most {fits:,} per class")
+
+
+def write_npz(path: Path, generator: nn.Module, z: torch.Tensor, labels: torch.Tensor, batch: int = 1000) -> None:
+    """G's samples as uint8, made a batch at a time (no float copy of them all), written through an open file:
+    ``np.savez`` given a name would append ``.npz`` to other suffixes."""
+    images = np.concatenate([to_uint8(generate(generator, z[i:i + batch], labels[i:i + batch]))
+                             for i in range(0, len(labels), batch)])
     with path.open("wb") as f:
-        np.savez_compressed(f, images=to_uint8(images), labels=labels.cpu().numpy())
+        np.savez_compressed(f, images=images, labels=labels.cpu().numpy())
 
 
 def image_path(text: str) -> Path:
@@ -171,7 +196,9 @@ def write(args: argparse.Namespace) -> int:
     what = f"{num_classes} classes" if num_classes else "unconditional"
     print(f"sampling the {which} ({cfg.model.arch}, {info.name} {c}×{h}×{w}, {what}) of {args.checkpoint} "
           f"on {args.device}, seed {args.seed}")
-    z_dim = cfg.model.z_dim
+    z_dim, rows = cfg.model.z_dim, class_rows(num_classes)
+    if args.npz:
+        check_npz_size(rows * args.n_per_class, info.shape, z_dim, rows, available_memory())
     try:
         for out in (args.grid, args.npz, args.interpolate):  # fail before the sampling, not after
             if out:
@@ -181,9 +208,9 @@ def write(args: argparse.Namespace) -> int:
             print(f"wrote {save_grid(generate(generator, z, labels), args.grid, args.n)}: "
                   f"rows {row_names(info, classes)}")
         if args.npz:
-            labels = torch.arange(class_rows(num_classes), device=args.device).repeat_interleave(args.n_per_class)
+            labels = torch.arange(rows, device=args.device).repeat_interleave(args.n_per_class)
             z = latents(z_dim, len(labels), args.seed, Stream.NPZ).to(args.device)
-            write_npz(args.npz, generate(generator, z, labels), labels)
+            write_npz(args.npz, generator, z, labels)
             print(f"wrote {args.npz}: {len(labels)} images, " +
                   (f"{args.n_per_class} per class of {num_classes}" if num_classes else "unconditional"))
         if args.interpolate:

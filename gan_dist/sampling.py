@@ -15,8 +15,9 @@ from torchvision.utils import make_grid, save_image
 
 from gan_dist.checkpoint import IncompatibleCheckpoint, check_finite, check_shapes, load_file, naming
 from gan_dist.config import Config, ConfigError, DatasetInfo, WriteError
-from gan_dist.configio import resolve
+from gan_dist.configio import ImportFailed, resolve
 from gan_dist.data import GRID_ROWS, grid_classes, row_names
+from gan_dist.layers import upgrade_state
 from gan_dist.models import build_generator
 from gan_dist.schedule import Component, Position
 from gan_dist.seeds import Stream, derive_seed
@@ -41,15 +42,19 @@ def generator_from_state(state: dict, path: Path, device: torch.device | str = "
     run, engine = state["run"], state["engine"]
     try:
         cfg = resolve(run["config"])  # its ``imports`` first: G may be a user's architecture
+    except ImportFailed as e:
+        raise IncompatibleCheckpoint(f"checkpoint {path}: its config {e}; the module must be importable here, "
+                                     "e.g. its folder on PYTHONPATH") from None
     except ConfigError as e:
         raise IncompatibleCheckpoint(f"checkpoint {path}: its config does not fit this gan_dist ({e})") from None
     info = DatasetInfo.from_dict(run["data"])
     generator = build_generator(cfg.model, info).to(device)
     name = "generator_ema" if use_ema and "generator_ema" in engine else "generator"
+    weights = upgrade_state(engine[name], generator)
     with naming(path):
-        check_finite(name, engine[name])
-        check_shapes("generator", engine[name], generator)
-    generator.load_state_dict(engine[name])
+        check_finite(name, weights)
+        check_shapes("generator", weights, generator)
+    generator.load_state_dict(weights)
     return generator.eval().requires_grad_(False), cfg, info
 
 

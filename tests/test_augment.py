@@ -96,6 +96,16 @@ def test_bcr_with_no_operation_is_refused_naming_the_key():
         load_config(None, ["loss.bcr.weight=10", "loss.bcr.policy=[]"])
 
 
-def test_ada_with_an_unconditional_d_is_refused_naming_the_key():
-    with pytest.raises(ConfigError, match="augment.kind: ada takes a conditional D"):
-        load_config(None, ["augment.kind=ada", "model.conditioning=none"])
+def test_ada_steers_an_unconditional_d_too():
+    """r_t = E[sign(D(x))] reads no label: a flat folder trains with ADA as a labelled one does."""
+    from conftest import CPU
+    from shapes import batch, info
+
+    from gan_dist.engine import GANEngine
+
+    flat = info(3, 16, 0)
+    eng = GANEngine(load_config(None, ["model.arch=dcgan", "model.dcgan.width=8", "model.conditioning=none",
+                                       "augment.kind=ada", "augment.ada_interval=1", "augment.ada_p=0.5"]), CPU, flat)
+    images, _ = batch(8, flat)
+    metrics = eng.iteration(0, [(images, torch.zeros(8, dtype=torch.long))])
+    assert metrics["augment_p"].item() != 0.5 and all(torch.isfinite(v) for v in metrics.values())

@@ -17,7 +17,7 @@ from gan_dist.amp import SKIPPED, native_bf16
 from gan_dist.config import ConfigError, Diverged, LogConfig
 from gan_dist.configio import load_config
 from gan_dist.engine import GANEngine
-from gan_dist.layers import ConditionalBatchNorm2d
+from gan_dist.layers import ConditionalBatchNorm2d, upgrade_state
 from gan_dist.models import build_generator
 from gan_dist.monitor import MetricLogger
 from gan_dist.schedule import Position
@@ -45,7 +45,7 @@ def test_checkpoints_of_the_batchnorm_subclass_still_load():
     state = {k.replace("norm1.norm.", "norm1.").replace("norm2.norm.", "norm2."): v + 1 if v.is_floating_point()
              else v for k, v in g.state_dict().items()}
     assert "blocks.0.norm1.running_mean" in state
-    g.load_state_dict(state)
+    g.load_state_dict(upgrade_state(state, g))
     assert torch.equal(g.blocks[0].norm1.norm.running_mean, state["blocks.0.norm1.running_mean"])
 
 
