@@ -178,8 +178,8 @@ class DataConfig:
     skip_bad: bool = opt(False, "skip (and count) unreadable images instead of stopping")
     cache_dir: str = opt("~/.cache/gan_dist/data", "where converted uint8 datasets are cached")
     verify: Literal["names", "content"] = opt(
-        "names", "what keys the cache to the files: names (path, size, mtime: instant) or content (hashes every "
-        "file at each start: catches a file rewritten at its old size with its mtime kept, as cp -p and rsync -a do)")
+        "names", "what keys the cache to the files: names (path, size, mtime and inode change time, which every "
+        "rewrite moves, cp -p and rsync -a included: one stat per file) or content (hashes every file at each start)")
     resident: Literal["auto", "on", "off"] = opt(
         "auto", "on: the split as one tensor on the training device; off: streamed from the memory-mapped "
         "cache by DataLoader workers; auto: on when it fits data.resident_max_gb"

@@ -71,6 +71,22 @@ def grid_classes(num_classes: int, rows: int = GRID_ROWS) -> list[int]:
     return [round(i * (num_classes - 1) / (rows - 1)) for i in range(rows)]
 
 
+def class_notes(split: Split) -> list[str]:
+    """What a user may not expect of the split's classes: names that look like numbers but are ordered as text
+    (the labels follow it: ``10`` is label 0 before ``2``), and classes of one image (none left for the test split
+    when it is held out)."""
+    names, notes = split.info.class_names, []
+    if names and all(n.isdigit() for n in names) and sorted(names, key=int) != list(names):
+        shown = ", ".join(f"{label}={name}" for label, name in enumerate(names[:8])) + ", ..." * (len(names) > 8)
+        notes.append(f"labels follow the class folders' names sorted as text, not as numbers: {shown}")
+    counts = np.bincount(split.labels, minlength=len(names)) if names else np.array([])
+    single = [names[c] for c in np.flatnonzero(counts == 1)]
+    if single:
+        notes.append(f"{len(single)} class{'es' if len(single) > 1 else ''} of one image (no test image when the "
+                     f"test split is held out from it): {', '.join(single[:8])}" + ", ..." * (len(single) > 8))
+    return notes
+
+
 def row_names(info: DatasetInfo, classes: Sequence[int]) -> str:
     """What the rows of a grid are, for captions and messages: ``0 airplane, 11 ..., 99 truck``."""
     def name(c: int) -> str:  # "3 cat"; a name that starts with its number ("3", "3 - three") as it is
@@ -111,8 +127,23 @@ def to_device(array: np.ndarray, device: torch.device | str) -> torch.Tensor:
 
 # ---- the cache ---------------------------------------------------------------------------------
 
-CHECKS = {"names": "names, sizes and mtimes", "content": "content hashes"}
+CHECKS = {"names": "names, sizes, mtimes and inode change times", "content": "content hashes"}
 """What ``data.verify`` keys the cache to, as the data line says it."""
+
+
+def file_entry(path: Path, root: Path, verify: str, skip_bad: bool) -> list:
+    """What keys the cache to one file: its name and size, and its content's hash or its two times. The inode's
+    change time moves on every rewrite, and no copy that keeps the mtime (cp -p, rsync -a) can set it back. A
+    file that cannot be read is an error, or with ``skip_bad`` an entry that says so (decoding then skips it)."""
+    name = str(path.relative_to(root))
+    try:
+        st = path.stat()
+        marks = [file_sha256(path)] if verify == "content" else [st.st_mtime_ns, st.st_ctime_ns]
+    except OSError as e:
+        if skip_bad:
+            return [name, f"unreadable: {e.strerror or e}"]
+        raise DataError(f"cannot read {path}: {e.strerror or e}; data.skip_bad=true skips unreadable files") from None
+    return [name, st.st_size, *marks]
 
 
 def file_sha256(path: Path) -> str:
@@ -133,10 +164,10 @@ def cache_path(cfg: DataConfig, source: Source) -> Path:
     """``<cache_dir>/<name>-<key>``: the key hashes the source's files (relative path, size, and mtime or
     with ``data.verify=content`` a hash of the bytes), its root and everything the conversion depends on."""
     try:
-        listing = [[str(p.relative_to(source.root)), p.stat().st_size,
-                    file_sha256(p) if cfg.verify == "content" else p.stat().st_mtime_ns] for p in source.files()]
+        files = source.files()
     except OSError as e:
         raise DataError(f"cannot list {source.root}: {e}") from None
+    listing = [file_entry(p, source.root, cfg.verify, cfg.skip_bad) for p in files]
     recipe = {"format": CACHE_FORMAT, "name": cfg.name, "root": str(source.root.resolve()), "files": listing,
               "resolution": cfg.resolution, "channels": cfg.channels, "holdout": cfg.holdout,
               "skip_bad": cfg.skip_bad}

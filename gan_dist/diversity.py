@@ -24,6 +24,8 @@ LATENTS = 16
 """Latents per class: the spread's standard error is then about 18% of itself, enough to tell 0.05 from 0.5."""
 REAL_PER_CLASS = 512
 """Real images per class for the reference spread (all of a smaller class)."""
+MIN_REAL_SPREAD = 1 / 255
+"""Real images of a class that spread less than one grey level are all alike: nothing to compare G's spread with."""
 
 
 def pixel_spread(images: torch.Tensor) -> float:
@@ -40,12 +42,19 @@ class ZSpread:
         self.names = [row_names(split.info, [c]) for c in self.classes] if num_classes > 1 else ["all"]
         self.warn, self.flagged = warn, ()
         picks = np.random.default_rng(seed)
-        self.real = []
+        real = []
         for c in self.classes:
             members = np.flatnonzero(split.labels == c) if num_classes > 1 else np.arange(len(split))
             members = members if len(members) > 1 else np.arange(len(split))  # one image has no spread
             members = np.sort(picks.permutation(members)[:REAL_PER_CLASS])
-            self.real.append(max(pixel_spread(to_unit(torch.from_numpy(np.asarray(split.images[members])))), 1e-3))
+            real.append(pixel_spread(to_unit(torch.from_numpy(np.asarray(split.images[members])))))
+        flat = [name for name, spread in zip(self.names, real, strict=True) if spread < MIN_REAL_SPREAD]
+        self.note = (f"z_spread: the real images of {', '.join(flat)} are all alike, so G's spread there has nothing "
+                     "to be measured against; left out of z_spread") if flat else None
+        """Said once, by the rank that warns: a ratio to no spread means nothing."""
+        keep = [i for i, spread in enumerate(real) if spread >= MIN_REAL_SPREAD]
+        self.classes, self.names = [self.classes[i] for i in keep], [self.names[i] for i in keep]
+        self.real = [real[i] for i in keep]
         n = len(self.classes)
         self.z = latents(z_dim, n * LATENTS, seed, Stream.DIVERSITY).to(device)
         self.labels = torch.tensor(self.classes, device=device).repeat_interleave(LATENTS)
@@ -68,6 +77,11 @@ class ZSpread:
     def record(self, generator: nn.Module, warn_here: bool) -> dict[str, float]:
         """The log record's fields, the mean and the worst class; a warning on stderr when ``warn_here``
         (rank 0) and the collapsed classes change."""
+        if self.note and warn_here:
+            print(self.note, file=sys.stderr, flush=True)
+            self.note = None
+        if not self.classes:
+            return {}
         ratios = self.measure(generator)
         warning = self.check(ratios)
         if warning and warn_here:

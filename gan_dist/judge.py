@@ -200,7 +200,9 @@ def _train(spec: JudgeSpec, data: JudgeData, env: DistEnv) -> tuple[JudgeNet, fl
     model = DDP(net, device_ids=[env.device.index] if env.device.type == "cuda" else None) \
         if env.distributed else net
     images, labels = (to_device(a, env.device) for a in data.train)
-    batches = ResidentBatches(images, labels, max(1, spec.batch_size // env.world_size), env.rank, env.world_size,
+    # The recipe's global batch, or a smaller one where a small split has fewer images per rank.
+    per_rank = max(1, min(spec.batch_size // env.world_size, len(labels) // env.world_size))
+    batches = ResidentBatches(images, labels, per_rank, env.rank, env.world_size,
                               derive_seed(spec.seed, Stream.JUDGE_ORDER))
     epochs = epochs_for(spec, len(labels))
     opt = torch.optim.Adam(net.parameters(), lr=spec.lr)

@@ -17,8 +17,8 @@ class Position:
         self.steps_per_epoch, self.n_critic = steps_per_epoch, n_critic
         self.batch_size, self.world_size = batch_size, world_size
         self.step = self.epoch = self.batch = 0
-        self.resharded_from: int | None = None
-        """The world size of the checkpoint, when it was another one."""
+        self.resharded: str | None = None
+        """How the checkpoint's world size or batch differed from this run's (then re-positioned), if they did."""
 
     @property
     def epoch_ended(self) -> bool:
@@ -39,13 +39,16 @@ class Position:
                 "batch_size": self.batch_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Another world size re-shards from the same point of the epoch, counted in samples seen, to the
-        step boundary at or before it; the run is then no longer bit-exact."""
+        """Another world size or batch re-positions at the same point of the epoch, counted in samples seen, to
+        the step boundary at or before it; the run is then no longer bit-exact."""
         self.step, self.epoch, self.batch = state["step"], state["epoch"], state["batch"]
-        if state["world_size"] != self.world_size:
+        changes = [f"{what} {state[key]} -> {mine}" for what, key, mine in (
+            ("world size", "world_size", self.world_size), ("train.batch_size", "batch_size", self.batch_size))
+            if state[key] != mine]
+        if changes:
             seen = state["batch"] * state["world_size"] * state["batch_size"]
             self.batch = seen // (self.world_size * self.batch_size * self.n_critic) * self.n_critic
-            self.resharded_from = state["world_size"]
+            self.resharded = ", ".join(changes)
         self._roll()  # data that shrank since the save can end the epoch before the saved batch
 
     def __str__(self) -> str:

@@ -318,6 +318,13 @@ def _tree(folder: Path) -> tuple[tuple[str, ...], list[list[Path]]]:
         if not loose:
             raise DataError(f"{folder} has no images: expected <class>/<image> or a flat folder of images ({exts})")
         return (), [loose]
+    root = folder.resolve()
+    for d in classes:
+        target = d.resolve()
+        if d.is_symlink() and (target == root or root in target.parents or target in root.parents):
+            raise DataError(f"class folder {d} is a link to {target}, which holds the data root {folder} or lies in "
+                            "it: the class would take other classes' images; remove the link, or link a folder "
+                            "outside the data root")
     groups = []
     for d in classes:
         images = sorted(p for p in d.rglob("*") if _is_image(p)

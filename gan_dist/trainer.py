@@ -26,7 +26,7 @@ from gan_dist import cli
 from gan_dist.checkpoint import Checkpointer, IncompatibleCheckpoint
 from gan_dist.config import Config, ConfigError, DatasetInfo, Diverged, UsageError, WriteError
 from gan_dist.configio import to_dict, to_yaml
-from gan_dist.data import CHECKS, DataError, ShardedBatches, Split, load_split, make_batches
+from gan_dist.data import CHECKS, DataError, ShardedBatches, Split, class_notes, load_split, make_batches
 from gan_dist.dist import DistEnv, PeerFailed, StepAgreement, lost_peer, setup, teardown
 from gan_dist.diversity import ZSpread
 from gan_dist.engine import GANEngine
@@ -151,8 +151,8 @@ class Trainer:
             "run": self.record, "position": self.pos, "engine": engine, "best": best}, engine.finite)
         resumed = self.checkpointer.restore(cfg.train.resume)
         if resumed is not None:
-            note = (f"; world size {self.pos.resharded_from} -> {env.world_size}: data re-sharded, the run is no "
-                    "longer bit-exact") if self.pos.resharded_from else ""
+            note = (f"; {self.pos.resharded}: data re-sharded, the run is no longer bit-exact"
+                    if self.pos.resharded else "")
             self._say(f"resuming from {resumed} at {self.pos}{note}")
             if self.record.ramps_from is not None:
                 self._say(f"schedule: the ramps span {engine.ramps.length:.0f} steps, not the checkpoint's "
@@ -165,8 +165,8 @@ class Trainer:
         if classes == 1:
             self._say("data: one class: conditioning on it changes nothing; model.conditioning=none trains the "
                       "same data unconditionally")
-        self._say(f"data: {describe_data(self.info, built.split.name, classes)}; {self.data}; "
-                  f"cache keyed by {CHECKS[cfg.data.verify]}")
+        self._say("; ".join([f"data: {describe_data(self.info, built.split.name, classes)}", str(self.data),
+                             f"cache keyed by {CHECKS[cfg.data.verify]}", *class_notes(built.split)]))
         self._say(f"precision: {self.cfg.amp.dtype} ({engine.amp.reason}); layout: {self.cfg.amp.memory_format}")
         self._say(f"loss: {engine.loss.summary}")
         if cfg.augment.kind != "none":
@@ -184,7 +184,11 @@ class Trainer:
                                    lambda: engine.learning_rates, probes)
         self.components: list[Component] = [self.logger, SampleWriter(
             self.cfg, env, self.info, classes, lambda: engine.sampler, self.logger.log_image)]
-        if cfg.eval.every_steps > 0:
+        every = cfg.eval.every_steps
+        if every > 0 and self.pos.step // every == self.total_steps // every:
+            self._say(f"eval: eval.every_steps={every} falls on no step from {self.pos.step + 1} to the last, "
+                      f"{self.total_steps}: nothing is scored, and the judge is not trained")
+        elif every > 0:
             self.components.append(Evaluation(evaluator(self.cfg, env), self.logger, best, lambda: engine.sampler,
                                               self.checkpointer.save))
         self.components.append(self.checkpointer)  # after the others: its checkpoint holds what they did
