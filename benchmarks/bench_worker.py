@@ -5,6 +5,7 @@ how its steps are timed and split into phases, and the result it writes for the 
 # No ``from __future__ import annotations``: DDP checks a comm hook's annotations as live objects.
 import argparse
 import contextlib
+import dataclasses
 import itertools
 import json
 import resource
@@ -149,6 +150,10 @@ class Workload:
         """What a log step adds on rank 0 beyond the metrics' all-reduce (None: nothing)."""
         return None
 
+    def eager(self) -> contextlib.AbstractContextManager:
+        """Steps inside run uncompiled: where FLOPs are counted (the default: the workload is never compiled)."""
+        return contextlib.nullcontext()
+
     def close(self) -> None:
         """Leave the process as found (process groups)."""
 
@@ -262,6 +267,20 @@ class EngineWorkload(Workload):
             self.agreement.exchange(False, False)
         return sum(real.shape[0] for real, _ in batch)
 
+    @contextlib.contextmanager
+    def eager(self) -> Iterator[None]:
+        """Under ``train.compile``, the engine's steps on its modules as built, without torch.compile (the same
+        weights and DDP): FlopCounterMode counts those, never the compiled code, which it is reported to leave
+        slow afterwards. CUDA graphs are not stepped meanwhile."""
+        eng = self.engine
+        nets, graphed = eng.nets, eng.graphed
+        bare = {k: getattr(getattr(nets, k), "_orig_mod", getattr(nets, k)) for k in ("G", "D", "fake_G")}
+        eng.nets, eng.graphed = dataclasses.replace(nets, **bare), False
+        try:
+            yield
+        finally:
+            eng.nets, eng.graphed = nets, graphed
+
     def log_step_extra_ms(self) -> float | None:
         """The z_spread measurement, the median of 5 (every rank runs it at every log step)."""
         if self.z_spread is None:
@@ -328,7 +347,7 @@ def measure(work: Workload, steps: int, warmup: int) -> dict[str, Any]:
     work.train_step(next(counter), work.next_batch())
     clock.sync()
     first_step_s = time.perf_counter() - start
-    with FlopCounterMode(display=False) as flops:
+    with work.eager(), FlopCounterMode(display=False) as flops:  # never on compiled code
         counted = work.train_step(next(counter), work.next_batch())
     for _ in range(warmup):
         work.train_step(next(counter), work.next_batch())

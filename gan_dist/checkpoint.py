@@ -11,6 +11,7 @@ file, never a half-file under a valid name.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import sys
@@ -33,6 +34,8 @@ are refused, naming their version."""
 REQUIRED = ("format_version", "step", "run", "engine")
 """What every reader needs: the step, the run record (config, data) and the engine (the weights)."""
 _NAME = re.compile(r"step_(\d+)\.pt")
+MANIFEST = "saved.json"
+"""In the checkpoints folder: the rolling checkpoints the run wrote, the only ones it ever prunes."""
 
 
 class Stateful(Protocol):
@@ -104,6 +107,15 @@ def _reason(e: Exception) -> str:
         return f"it holds objects other than tensors and builtins: {first.split('. ')[0]}"
     lines = text.strip().splitlines()
     return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
+def _is_checkpoint(path: Path) -> bool:
+    """Whether ``path`` reads as a gan_dist checkpoint (its tensors memory-mapped, not read)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # unreadable, or not torch.save's: not ours to delete
+        return False
+    return isinstance(state, dict) and all(k in state for k in REQUIRED)
 
 
 def load_file(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
@@ -179,6 +191,8 @@ class Checkpointer(Component):
         """Rank 0's clock asked for a save, as the ranks agreed (``StepAgreement``): the same on every rank."""
         self.last_saved: Path | None = None
         """The newest rolling checkpoint this run wrote or resumed from."""
+        self.named: set[str] = set()
+        """Files in the folder that this run did not write, already named on the console."""
         if env.is_main:
             self.folder.mkdir(parents=True, exist_ok=True)
             for stale in self.folder.glob(".step_*.pt.tmp*"):  # left by a crash mid-write
@@ -225,22 +239,50 @@ class Checkpointer(Component):
             if self.env.is_main:
                 atomic_save(self.state(step), path)
                 if name is None:
-                    self._prune(step)
+                    self._prune(step, path.name)
         if name is None:
             self.last_save, self.last_saved = time.monotonic(), path
         if self.env.is_main:
             print(f"saved {path}", flush=True)
         return path
 
-    def _prune(self, step: int) -> None:
-        """Keep the newest ``keep_last`` checkpoints up to the one just saved at ``step``.
+    def _prune(self, step: int, saved: str) -> None:
+        """Keep the newest ``keep_last`` checkpoints this run wrote, up to ``saved``, just saved at ``step``.
 
-        A file with a later step is not this run's past (a stale copy, or a run resumed from an older
-        file): it is never deleted, and never counted, so it cannot push out a fresh save.
+        Only files in the run's manifest (``saved.json``) are ever deleted: a ``step_<N>.pt`` that another tool
+        put there is named once and left alone. A file with a later step is not this run's past (a stale copy,
+        or a run resumed from an older file): it is never deleted, and never counted.
         """
-        ours = [p for saved, p in self._by_step() if saved <= step]
+        written = self._manifest() | {saved}
+        ours = [p for saved, p in self._by_step() if saved <= step and p.name in written]
+        foreign = sorted(p.name for _, p in self._by_step() if p.name not in written and p.name not in self.named)
+        if foreign:
+            print(f"checkpoints: left alone, not written by this run: {', '.join(foreign)}", flush=True)
+            self.named |= set(foreign)
         for old in ours[self.cfg.keep_last:]:
             old.unlink(missing_ok=True)
+        self._write_manifest(written & {p.name for _, p in self._by_step()})
+
+    def _manifest(self) -> set[str]:
+        """The rolling checkpoints this run wrote. Runs from before the manifest start it from the files that
+        read as gan_dist checkpoints."""
+        path = self.folder / MANIFEST
+        try:
+            return set(json.loads(path.read_text()))
+        except FileNotFoundError:
+            return {p.name for _, p in self._by_step() if _is_checkpoint(p)}
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{path} is unreadable ({e}); delete it to start it afresh from the "
+                                  "checkpoints that are there") from None
+
+    def _write_manifest(self, names: set[str]) -> None:
+        path = self.folder / MANIFEST
+        tmp = path.with_name(f".{MANIFEST}.tmp")
+        try:
+            tmp.write_text(json.dumps(sorted(names, key=lambda n: int(_NAME.fullmatch(n).group(1)))) + "\n")
+            os.replace(tmp, path)
+        except OSError as e:
+            raise CheckpointError(f"writing {path} failed: {write_reason(e)}") from None
 
     def restore(self, resume: str) -> Path | None:
         """Load the components from the checkpoint ``resume`` picks; returns its path (None: a fresh start).

@@ -187,6 +187,7 @@ def build_cache(cfg: DataConfig, source: Source, path: Path) -> None:
     at the end: a crash leaves no cache at ``path``, and of two builders of one key the first
     rename wins while the other's copy (identical) is dropped."""
     start = time.perf_counter()
+    print(f"data: building the cache of {source.root} (a stop signal takes effect once it is built)", flush=True)
     decoded: Decoded = source.read()
     info = DatasetInfo(cfg.name, decoded.channels, decoded.resolution, len(decoded.class_names),
                        decoded.class_names, {s: len(labels) for s, (_, labels) in decoded.splits.items()},

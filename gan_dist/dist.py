@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +54,10 @@ class DistEnv:
     def shard(self, n: int) -> slice:
         """This rank's contiguous share of ``n`` items: gathering in rank order restores the full order."""
         return slice(n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size)
+
+    def largest_shard(self, n: int) -> int:
+        """The most items any rank's ``shard`` of ``n`` holds: loops over it take alike many turns on every rank."""
+        return -(-n // self.world_size)
 
     def raise_together(self, error: Exception | None, elsewhere: Exception | None = None) -> None:
         """Every rank calls this; if any rank has an error, every rank raises.
@@ -123,6 +127,27 @@ class DistEnv:
         parts = [torch.empty_like(padded) for _ in range(self.world_size)]
         tdist.all_gather(parts, padded)
         return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes, strict=True)])
+
+
+class Stopped(Exception):
+    """Every rank agreed, inside a long phase (judge training, an evaluation), to stop on a signal."""
+
+    def __init__(self, phase: str) -> None:
+        super().__init__(phase)
+        self.phase = phase
+
+
+class StopPoints:
+    """A long phase's places to stop at: every ``every``-th call, the ranks agree whether any of them was
+    signalled, and all raise ``Stopped`` together. Ranks must call alike (the same loops, the same counts)."""
+
+    def __init__(self, env: DistEnv, requested: Callable[[], bool], every: int = 8) -> None:
+        self.env, self.requested, self.every, self.calls = env, requested, every, 0
+
+    def __call__(self, phase: str) -> None:
+        self.calls += 1
+        if self.calls % self.every == 0 and self.env.any(self.requested()):
+            raise Stopped(phase)
 
 
 class StepAgreement:

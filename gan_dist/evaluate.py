@@ -29,7 +29,7 @@ import json
 import sys
 import time
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,7 +43,7 @@ from gan_dist.amp import tf32
 from gan_dist.config import Config, ConfigError, DatasetInfo, EvalConfig, UsageError
 from gan_dist.configio import load_config, resolve, to_dict
 from gan_dist.data import DataError, Split, class_rows, load_split, to_device
-from gan_dist.dist import DistEnv, setup, teardown
+from gan_dist.dist import DistEnv, StopPoints, setup, teardown
 from gan_dist.judge import DEFAULT_SPEC, JudgeSpec, load_or_train
 from gan_dist.models import label_count
 from gan_dist.sampling import generate, load_generator
@@ -143,7 +143,7 @@ class Evaluator:
     """
 
     def __init__(self, cfg: Config, env: DistEnv, spec: JudgeSpec = DEFAULT_SPEC,
-                 reference: Split | None = None) -> None:
+                 reference: Split | None = None, stop: StopPoints | None = None) -> None:
         features = cfg.eval.features
         inception = open_inception(cfg.eval, env.device) if features == "inception" else None
         reference = reference if reference is not None else load_split(cfg.data, env, cfg.eval.reference)
@@ -163,9 +163,9 @@ class Evaluator:
             if counts.min() < 4:  # 2 per class in each half of the real-vs-real floor
                 raise DataError(f"{self.data.name} {reference.name} split has {counts.min()} image(s) of class "
                                 f"{counts.argmin()}; intra-class FID and its floor need 4 or more of every class")
-        self.cfg, self.env = cfg.eval, env
+        self.cfg, self.env, self.stop = cfg.eval, env, stop
         with tf32():
-            self.space = inception or load_or_train(cfg.data, cfg.eval.judge_dir, env, spec)
+            self.space = inception or load_or_train(cfg.data, cfg.eval.judge_dir, env, spec, stop)
             self.real, cache = self._reference(reference)
         self.real_radii = metrics.knn_radii(self.real.features, NEIGHBOURS)
         latents = torch.Generator().manual_seed(cfg.eval.seed)
@@ -202,7 +202,9 @@ class Evaluator:
         mine = self.env.shard(len(labels))
 
         def embed() -> tuple[torch.Tensor, torch.Tensor]:
-            features, logits = self.space(to_device(reference.images[mine], self.env.device), self.cfg.batch_size)
+            images = reference.images[mine]
+            features, logits = self._batches(len(images), len(labels), "the reference's features",
+                                             lambda i, n: self.space(to_device(images[i:i + n], self.env.device), n))
             return self.env.all_gather_cat(features), self.env.all_gather_cat(logits)
 
         if self.cfg.features == "judge":
@@ -244,14 +246,26 @@ class Evaluator:
         same dict on every rank: ``self.metrics``, ``n_samples`` and ``seconds`` (rank 0's wall time).
         """
         start = time.perf_counter()
-        mine, b, device = self.env.shard(self.labels.shape[0]), self.cfg.batch_size, self.env.device
+        mine, device = self.env.shard(self.labels.shape[0]), self.env.device
         z, labels = self.z[mine].to(device), self.labels[mine].to(device)
-        with tf32():
-            parts = [self.space(generate(generator, z[i:i + b], labels[i:i + b], b), b) for i in range(0, len(z), b)]
-        if not parts:  # a rank with no samples still enters the gathers
-            parts = [self.space(torch.empty(0, *self.data.shape, device=device), b)]
-        features, logits = (torch.cat(p) for p in zip(*parts, strict=True))
+        features, logits = self._batches(len(z), len(self.labels), "an evaluation", lambda i, n: self.space(
+            generate(generator, z[i:i + n], labels[i:i + n], n), n))
         return self._scores(self._gather(features, logits, labels), start)
+
+    def _batches(self, n: int, total: int, phase: str, embed: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``embed(start, size)`` over this rank's ``n`` of ``total`` items in batches, with a stop point before
+        each: every rank takes the turns the largest share needs (a rank with fewer items embeds nothing in its
+        last ones), so that the ranks agree at the same points."""
+        b, parts = self.cfg.batch_size, []
+        empty = torch.empty(0, *self.data.shape, device=self.env.device)
+        with tf32():
+            for i in range(0, max(self.env.largest_shard(total), 1), b):
+                if self.stop is not None:
+                    self.stop(phase)
+                parts.append(embed(i, min(b, n - i)) if i < n else self.space(empty, b))
+        features, logits = (torch.cat(p) for p in zip(*parts, strict=True))
+        return features, logits
 
     def score_images(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         """Scores of given samples (uint8 [N, C, H, W], or float in [-1, 1]; every rank holds all of them)."""

@@ -45,7 +45,7 @@ from gan_dist.metrics import in_batches
 from gan_dist.seeds import Stream, derive_seed
 
 if TYPE_CHECKING:
-    from gan_dist.dist import DistEnv
+    from gan_dist.dist import DistEnv, StopPoints
 
 JUDGE_VERSION = 2  # bump when JudgeNet or the training loop changes: old caches then stop matching
 ROTATIONS = 4  # the proxy task's classes: 0, 90, 180 and 270 degrees
@@ -185,7 +185,7 @@ def turned(images: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _train(spec: JudgeSpec, data: JudgeData, env: DistEnv) -> tuple[JudgeNet, float]:
+def _train(spec: JudgeSpec, data: JudgeData, env: DistEnv, stop: StopPoints | None) -> tuple[JudgeNet, float]:
     """Adam, one-cycle schedule, random shifts; the global batch is ``spec.batch_size`` at any world size.
 
     The split stays uint8 on the device and each batch is converted there. The rotation task turns
@@ -212,6 +212,8 @@ def _train(spec: JudgeSpec, data: JudgeData, env: DistEnv) -> tuple[JudgeNet, fl
     model.train()
     for epoch in range(epochs):
         for x, targets in batches.epoch(epoch):
+            if stop is not None:
+                stop("the judge's training")
             x = shifted(x, spec.shift, gen)
             if rotation:
                 targets = torch.randint(0, ROTATIONS, (x.shape[0],), generator=gen).to(x.device)
@@ -254,8 +256,10 @@ def _read(path: Path, spec: JudgeSpec, info: DatasetInfo, device: torch.device) 
     return Judge(net.eval().requires_grad_(False), info)
 
 
-def load_or_train(cfg: DataConfig, judge_dir: str | Path, env: DistEnv, spec: JudgeSpec = DEFAULT_SPEC) -> Judge:
-    """The cached judge for this data and recipe, trained and cached first if no rank can read it.
+def load_or_train(cfg: DataConfig, judge_dir: str | Path, env: DistEnv, spec: JudgeSpec = DEFAULT_SPEC,
+                  stop: StopPoints | None = None) -> Judge:
+    """The cached judge for this data and recipe, trained and cached first if no rank can read it; ``stop``
+    cuts the training short on a signal.
 
     Every rank calls this. Rank 0 alone writes the cache file, atomically.
     """
@@ -265,7 +269,7 @@ def load_or_train(cfg: DataConfig, judge_dir: str | Path, env: DistEnv, spec: Ju
     judge = _read(path, spec, data.info, env.device)
     if not env.any(judge is None):
         return judge
-    net, seconds = _train(spec, data, env)
+    net, seconds = _train(spec, data, env, stop)
     n_train = len(data.train[1])
     info = {
         "key": key,

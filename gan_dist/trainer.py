@@ -27,7 +27,7 @@ from gan_dist.checkpoint import Checkpointer, IncompatibleCheckpoint
 from gan_dist.config import Config, ConfigError, DatasetInfo, Diverged, UsageError, WriteError
 from gan_dist.configio import to_dict, to_yaml
 from gan_dist.data import CHECKS, DataError, ShardedBatches, Split, class_notes, load_split, make_batches
-from gan_dist.dist import DistEnv, PeerFailed, StepAgreement, lost_peer, setup, teardown
+from gan_dist.dist import DistEnv, PeerFailed, StepAgreement, Stopped, StopPoints, lost_peer, setup, teardown
 from gan_dist.diversity import ZSpread
 from gan_dist.engine import GANEngine
 from gan_dist.models import check_resolution
@@ -189,7 +189,9 @@ class Trainer:
             self._say(f"eval: eval.every_steps={every} falls on no step from {self.pos.step + 1} to the last, "
                       f"{self.total_steps}: nothing is scored, and the judge is not trained")
         elif every > 0:
-            self.components.append(Evaluation(evaluator(self.cfg, env), self.logger, best, lambda: engine.sampler,
+            stop_points = StopPoints(env, lambda: self.stop.signum is not None)
+            self.components.append(Evaluation(evaluator(self.cfg, env, stop=stop_points), self.logger, best,
+                                              lambda: engine.sampler,
                                               self.checkpointer.save))
         self.components.append(self.checkpointer)  # after the others: its checkpoint holds what they did
         # Last: a start that fails before here leaves no W&B run open.
@@ -223,6 +225,10 @@ class Trainer:
         agreement = StepAgreement(self.env)
         try:
             code = self._loop(agreement)
+        except Stopped as e:  # in a phase longer than a step (an evaluation): skipped; the step is saved
+            agreement.drain()
+            self._say(f"stopped by signal ({self.stop.name}) in {e.phase} at step {self.pos.step}: it is skipped")
+            return self._stopped(interrupted=True)
         except Diverged as e:
             agreement.drain()
             last = self.checkpointer.last_saved
@@ -262,9 +268,13 @@ class Trainer:
                 component.run(pos)
         return stopping
 
-    def _stopped(self) -> int:
-        """The ranks agreed to stop at this step: save, settle the exit status, write the last record."""
-        self._catch_up([self.checkpointer])
+    def _stopped(self, interrupted: bool = False) -> int:
+        """The ranks agreed to stop at this step: save, settle the exit status, write the last record. When a
+        component was ``interrupted``, the checkpointer after it has not run at this step, due or not."""
+        if interrupted:
+            self.checkpointer.run(self.pos)
+        else:
+            self._catch_up([self.checkpointer])
         self.stop.settle()  # saved: the exit status is decided
         self._catch_up([self.logger])
         self._say(f"stopped by signal ({self.stop.name}) at step {self.pos.step}; exit {cli.EXIT_REQUEUE} to requeue")
@@ -357,6 +367,11 @@ def train(cfg: Config, stop: cli.StopFlag, evaluator: Callable[[Config, DistEnv]
         reason = cli.error_line(f"lost a peer: a collective failed ({str(e).splitlines()[0]}); every checkpoint "
                                 "on disk is complete, and relaunching resumes from the newest", env.rank)
         return cli.EXIT_LOST_PEER
+    except Stopped as e:  # every rank agreed, before training began
+        if env.is_main:
+            print(f"stopped by signal ({stop.name}) in {e.phase}, before the first step: nothing new to save; "
+                  f"exit {cli.EXIT_REQUEUE} to requeue", flush=True)
+        return cli.EXIT_REQUEUE
     except KeyboardInterrupt:
         reason = "aborted by a second interrupt; every checkpoint on disk is complete"
         return cli.EXIT_ABORTED

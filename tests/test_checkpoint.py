@@ -42,7 +42,8 @@ def trained(tmp_path, idx_root) -> Path:
 
 
 def test_keep_last_prunes_and_nothing_temporary_is_left(trained):
-    assert sorted(p.name for p in (trained / "checkpoints").iterdir()) == ["step_4.pt", "step_5.pt"]
+    assert sorted(p.name for p in (trained / "checkpoints").iterdir()) == ["saved.json", "step_4.pt", "step_5.pt"]
+    assert json.loads((trained / "checkpoints" / "saved.json").read_text()) == ["step_4.pt", "step_5.pt"]
 
 
 def test_contents_load_with_weights_only(trained):
@@ -51,7 +52,7 @@ def test_contents_load_with_weights_only(trained):
     assert state.keys() == {"format_version", "step", "run", "position", "engine", "best"}  # one entry per part
     assert state["position"] == {"step": 5, "epoch": 0, "batch": 5, "world_size": 1, "batch_size": 16}
     assert {"generator", "discriminator", "opt_g", "opt_d", "scaler", "loss"} == state["engine"].keys()
-    assert {"config", "data", "wandb_run_id", "rng"} == state["run"].keys()
+    assert {"config", "data", "wandb_run_id", "ramp_steps", "rng"} == state["run"].keys()
     assert state["run"]["config"]["train"]["max_steps"] == 5
     assert state["engine"]["opt_d"]["state"]  # Adam moments are there
     assert state["best"] == {"fid": math.inf, "features": "judge"}
@@ -84,7 +85,7 @@ def test_a_broken_later_checkpoint_never_prunes_fresh_saves(trained, idx_root, c
     assert train(trained, idx_root, **{"train.max_steps": 7, "checkpoint.every_steps": 1,
                                        "checkpoint.keep_last": 2}) == 0
     assert "step_9.pt is not a gan_dist checkpoint" in capsys.readouterr().err
-    assert sorted(p.name for p in (trained / "checkpoints").iterdir()) == ["step_6.pt", "step_7.pt",
+    assert sorted(p.name for p in (trained / "checkpoints").iterdir()) == ["saved.json", "step_6.pt", "step_7.pt",
                                                                            "step_9.pt.corrupt"]
 
 
@@ -144,7 +145,8 @@ def test_no_readable_checkpoint_exits_2_naming_them(trained, idx_root, capsys):
     err = capsys.readouterr().err
     assert f"no checkpoint in {trained / 'checkpoints'} is readable (step_5.pt, step_4.pt;" in err
     assert len(err.splitlines()) == 1
-    assert sorted(p.name for p in (trained / "checkpoints").iterdir()) == ["step_4.pt", "step_5.pt"]
+    assert sorted(p.name for p in (trained / "checkpoints").iterdir()) == ["saved.json", "step_4.pt", "step_5.pt"]
+    assert json.loads((trained / "checkpoints" / "saved.json").read_text()) == ["step_4.pt", "step_5.pt"]
 
 
 def test_resume_never_refuses_to_overwrite(trained, idx_root, capsys):

@@ -8,7 +8,7 @@ import torch
 
 from benchmarks.gpu_stages.mode import RECIPES, Mode
 from benchmarks.gpu_stages.report import Report, guarded, raised
-from benchmarks.gpu_stages.run import Run
+from benchmarks.gpu_stages.run import Run, last_values
 from gan_dist.dist import setup
 
 DTYPES = {"cuda": ("bfloat16", "float16", "float32"), "cpu": ("bfloat16", "float32")}
@@ -67,15 +67,14 @@ def matrix_case(mode: Mode, report: Report, recipe: str, dtype: str, extra: tupl
     ms = 1e3 * (time.perf_counter() - start) / sizes.steps
     report.check(f"{name}: {sizes.steps} steps" + (" without a host sync" if mode.cuda else ""), True,
                  f"{ms:.2f} ms/step")
-    finite = all(bool(torch.isfinite(v).all()) for v in values.values()) and \
-        all(bool(torch.isfinite(t).all()) for _, t in run.tensors())
-    report.check(f"{name}: losses and weights finite",
-                 finite, "last " + ", ".join(f"{k} {v[-1]:.4f}" for k, v in values.items()))
+    report.check(f"{name}: losses and weights finite", run.finite(values), last_values(values))
     misplaced = off_device(run)
     report.check(f"{name}: everything on {mode.device}", not misplaced, ", ".join(misplaced[:5]))
 
 
 def matrix(mode: Mode, report: Report) -> None:
-    """Every recipe in every dtype, and n_critic=2 under the GradScaler's dtype."""
+    """Every recipe (benchmarks/gpu_stages/mode.py's RECIPES) in every dtype the device computes, and n_critic=2
+    under the GradScaler's dtype, built as the trainer builds it. Checked per combination: the resolved dtype and
+    GradScaler, the steps without a host sync (CUDA), losses and weights finite, every tensor on the device."""
     for recipe, dtype, extra in combinations(mode.device):
         guarded(report, f"{case_name(recipe, dtype, extra)}: ran", matrix_case, mode, report, recipe, dtype, extra)

@@ -28,6 +28,9 @@ RECIPES = {
     "mlp": Recipe("configs/mnist_cgan.yaml", "mlp"),
     "dcgan": Recipe("configs/mnist_dcgan.yaml", "dcgan"),
     "dcgan_bn": Recipe(None, "dcgan", ("model.arch=dcgan",)),
+    # configs/folder_small.yaml's networks and loss on the stage's data (the file's data section is an RGB folder's)
+    "resnet": Recipe(None, "resnet", ("model.arch=resnet", "model.conditioning=projection", "model.spectral_norm=true",
+                                      "loss.kind=hinge", "ema.enabled=true")),
 }
 
 
@@ -53,9 +56,10 @@ class Sizes:
 
 
 SIZES = {
-    "cuda": Sizes(batch=64, model={}, warmup=3, steps=20, resumed=("mlp", "dcgan"), run_steps=300, signal_after=20,
-                  log_every=10, worlds=(2, 4), agreement_calls=300, bench=("--steps", "200", "--warmup", "30"),
-                  sweep=tuple(64 * 2**i for i in range(9)), rgb_batch=256, n_per_class=200, judge=DEFAULT_SPEC),
+    # Sized for one call of a few minutes: the steps are cheap on a GPU, each process's start and CUDA init are not.
+    "cuda": Sizes(batch=64, model={}, warmup=3, steps=20, resumed=("mlp",), run_steps=300, signal_after=20,
+                  log_every=10, worlds=(2,), agreement_calls=300, bench=("--steps", "100", "--warmup", "10"),
+                  sweep=(64, 1024, 16384), rgb_batch=256, n_per_class=200, judge=DEFAULT_SPEC),
     "cpu": Sizes(batch=16, model={"mlp": ("model.mlp.g_hidden=[32]", "model.mlp.d_hidden=[32]"),
                                   "dcgan": ("model.dcgan.width=8",),
                                   "resnet": ("model.resnet.g_width=8", "model.resnet.d_width=8")},

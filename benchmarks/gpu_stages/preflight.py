@@ -47,7 +47,9 @@ def graph_kernel_us(device: torch.device, n: int = 1000) -> float:
 
 
 def preflight(mode: Mode, report: Report) -> None:
-    """Versions, the device's speed limits, the data, and what ``amp.dtype=auto`` picks here."""
+    """What the machine is. Checked: a CUDA device is visible (on CUDA), and the data is there (the MLP recipe
+    builds on it). Measured: Python, torch, the GPU, CUDA/cuDNN/NCCL versions, the matmul ceiling, µs per kernel
+    launched eagerly and replayed from a CUDA graph, and what ``amp.dtype=auto`` resolves to."""
     report.measure("python", platform.python_version())
     report.measure("torch", torch.__version__)
     if mode.cuda and not report.check("CUDA device visible", torch.cuda.is_available(), "torch sees no GPU"):

@@ -1,6 +1,7 @@
 """What a stage records, and the evidence its checks quote from the commands it runs."""
 
 import json
+import os
 import subprocess
 import traceback
 from collections.abc import Callable, Sequence
@@ -37,6 +38,12 @@ class Report:
         met = value >= bar
         self.data["targets"].append({"name": name, "value": value, "bar": bar, "met": met})
         print(f"  target {name} = {value:.2f} (bar >= {bar}): {'met' if met else 'NOT met'}", flush=True)
+        self._save()
+
+    def skip(self, reason: str) -> None:
+        """The stage cannot run here (a CUDA-only stage in the CPU mode): reported as skipped, with ``reason``."""
+        self.data["skipped"] = reason
+        print(f"  skipped: {reason}", flush=True)
         self._save()
 
     def note(self, text: str) -> None:
@@ -83,10 +90,11 @@ def guarded(report: Report, name: str, fn: Callable[..., Any], *args: Any) -> No
         report.check(name, False, raised(e))
 
 
-def run_cmd(cmd: Sequence[str | Path]) -> subprocess.CompletedProcess:
-    """A command in the repository root, its stderr merged into its stdout; the stage's timeout bounds it."""
+def run_cmd(cmd: Sequence[str | Path], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """A command in the repository root, its stderr merged into its stdout, ``env`` added to this process's
+    environment; the stage's timeout bounds it."""
     return subprocess.run([str(c) for c in cmd], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
+                          text=True, env=os.environ | env if env else None)
 
 
 def torchrun(nproc: int) -> list[str]:

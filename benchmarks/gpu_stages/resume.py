@@ -1,8 +1,6 @@
 """Stage ``resume``: the trainer's entry points, and a run stopped by SIGTERM and resumed against one that
 was not."""
 
-import contextlib
-import json
 import shutil
 import signal
 import subprocess
@@ -13,31 +11,19 @@ from typing import Any
 
 import torch
 
+from benchmarks.gpu_stages.cli_run import TRAIN, logged, train_args
 from benchmarks.gpu_stages.mode import PY, REPO, Mode
 from benchmarks.gpu_stages.report import Report, guarded, line_with, outcome, run_cmd, tail, torchrun
 from benchmarks.gpu_stages.run import differences
-
-
-def train_args(mode: Mode, recipe: str, run_dir: Path) -> list[str]:
-    """gan_dist.train's arguments for a short run with the process group and DDP at world size 1."""
-    sizes = mode.sizes
-    return [*mode.config_args(recipe), *mode.overrides(recipe), f"run_dir={run_dir}",
-            f"train.max_steps={sizes.run_steps}", "checkpoint.every_steps=0", f"log.every_steps={sizes.log_every}",
-            "log.wandb.mode=disabled", "log.progress=false", "dist.force_ddp=true", f"dist.backend={mode.backend}"]
 
 
 def final_checkpoint(mode: Mode, run_dir: Path) -> Path:
     return run_dir / "checkpoints" / f"step_{mode.sizes.run_steps}.pt"
 
 
-def logged_step(metrics: Path) -> int:
-    """The highest step in ``metrics.jsonl`` so far (a line being written is skipped)."""
-    steps = [0]
-    with contextlib.suppress(FileNotFoundError):
-        for line in metrics.read_text().splitlines():
-            with contextlib.suppress(json.JSONDecodeError):
-                steps.append(json.loads(line)["step"])
-    return max(steps)
+def logged_step(run_dir: Path) -> int:
+    """The highest step in ``run_dir/metrics.jsonl`` so far."""
+    return max([0, *(r["step"] for r in logged(run_dir))])
 
 
 def flat_tensors(state: Any, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -48,11 +34,11 @@ def flat_tensors(state: Any, prefix: str = "") -> dict[str, torch.Tensor]:
     return {k: v for key, sub in items for k, v in flat_tensors(sub, f"{prefix}.{key}" if prefix else str(key)).items()}
 
 
-def signalled_run(cmd: list[str], metrics: Path, after: int) -> tuple[int, str, bool]:
+def signalled_run(cmd: list[str], run_dir: Path, after: int) -> tuple[int, str, bool]:
     """Run ``cmd``, SIGTERM it once it logged step ``after``; (exit status, output, whether it was signalled)."""
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
-        while proc.poll() is None and logged_step(metrics) < after:
+        while proc.poll() is None and logged_step(run_dir) < after:
             time.sleep(0.01)
         signalled = proc.poll() is None
         if signalled:
@@ -67,19 +53,18 @@ def resume_case(mode: Mode, report: Report, recipe: str) -> None:
     straight, broken = mode.work / f"{recipe}_straight", mode.work / f"{recipe}_resumed"
     for run_dir in (straight, broken):
         shutil.rmtree(run_dir, ignore_errors=True)
-    train = ["-m", "gan_dist.train"]
-    proc = run_cmd([*torchrun(1), *train, *train_args(mode, recipe, straight)])
+    proc = run_cmd([*torchrun(1), *TRAIN, *train_args(mode, recipe, straight)])
     ok = proc.returncode == 0 and final_checkpoint(mode, straight).exists()
     if not report.check(f"{recipe}: torchrun world 1, {mode.backend} group and DDP (dist.force_ddp)", ok,
                         outcome(proc, ok, "done:")):
         return
-    rc, out, signalled = signalled_run([PY, *train, *train_args(mode, recipe, broken)], broken / "metrics.jsonl",
+    rc, out, signalled = signalled_run([PY, *TRAIN, *train_args(mode, recipe, broken)], broken,
                                        mode.sizes.signal_after)
     evidence = line_with(out, "stopped by signal") if rc == 75 else f"signalled {signalled}, exit {rc}: {tail(out)}"
     if not report.check(f"{recipe}: SIGTERM -> exit 75 with a checkpoint",
                         signalled and rc == 75 and "stopped by signal" in out, evidence):
         return
-    proc = run_cmd([PY, *train, *train_args(mode, recipe, broken)])
+    proc = run_cmd([PY, *TRAIN, *train_args(mode, recipe, broken)])
     ok = proc.returncode == 0 and "resuming from" in proc.stdout
     if not report.check(f"{recipe}: resumed to the end", ok, outcome(proc, ok, "resuming from")):
         return
@@ -96,6 +81,9 @@ def resume_case(mode: Mode, report: Report, recipe: str) -> None:
 
 
 def resume(mode: Mode, report: Report) -> None:
-    """The MLP bitwise; the recommended DCGAN's largest difference is reported (GPU kernels may differ)."""
+    """Per recipe of the mode's ``resumed`` (the MLP on CUDA). Checked: ``gan_dist.train`` under torchrun at
+    world size 1 with the process group and DDP ends with its checkpoint; SIGTERM gives exit 75 with a
+    checkpoint; plain ``python -m`` resumes it to the end; the MLP's resumed run equals the uninterrupted one
+    bitwise. Measured: another recipe's largest difference (GPU kernels may differ)."""
     for recipe in mode.sizes.resumed:
         guarded(report, f"{recipe}: ran", resume_case, mode, report, recipe)

@@ -1,6 +1,7 @@
 """A training run inside a stage's process, and the comparison of two runs' tensors."""
 
 import math
+import time
 from collections.abc import Iterator
 
 import torch
@@ -31,11 +32,25 @@ class Run:
             self.step += 1
         return metrics
 
+    def timed(self, steps: int) -> tuple[list[Metrics], float]:
+        """``train(steps)`` and its seconds, the device synchronised before and after."""
+        sync = torch.cuda.synchronize if self.env.device.type == "cuda" else lambda: None
+        sync()
+        start = time.perf_counter()
+        metrics = self.train(steps)
+        sync()
+        return metrics, time.perf_counter() - start
+
     def read(self, metrics: list[Metrics]) -> dict[str, torch.Tensor]:
-        """Each metric the loss names (``engine.loss.names``), over the steps that reported it, on the host;
-        one that no step reported (a lazy regularizer between its steps) is left out."""
+        """Each metric an iteration reports (``engine.metric_names``), over the steps that reported it, on the
+        host; one that no step reported (a lazy regularizer between its steps) is left out."""
         return {name: torch.stack([m[name] for m in metrics if name in m]).float().cpu()
-                for name in self.engine.loss.names if any(name in m for m in metrics)}
+                for name in self.engine.metric_names if any(name in m for m in metrics)}
+
+    def finite(self, values: dict[str, torch.Tensor]) -> bool:
+        """Whether the metrics ``read`` gave and every tensor of the run are finite."""
+        return all(bool(torch.isfinite(v).all()) for v in values.values()) and \
+            all(bool(torch.isfinite(t).all()) for _, t in self.tensors())
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Every parameter, buffer and optimizer state tensor the run keeps."""
@@ -46,6 +61,11 @@ class Run:
         for tag, opt in (("opt_g", eng.opt_g), ("opt_d", eng.opt_d)):
             for i, state in enumerate(opt.state.values()):
                 yield from ((f"{tag}.{i}.{k}", t) for k, t in state.items() if torch.is_tensor(t))
+
+
+def last_values(values: dict[str, torch.Tensor]) -> str:
+    """The last value of each metric ``Run.read`` gave: a check's evidence."""
+    return "last " + ", ".join(f"{k} {v[-1]:.4f}" for k, v in values.items())
 
 
 def differences(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, float]:

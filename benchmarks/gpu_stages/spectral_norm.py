@@ -11,7 +11,8 @@ SN_TOLERANCE = 0.05  # relative error of the power-iteration estimate after the 
 
 
 def spectral_norm(mode: Mode, report: Report) -> None:
-    """torch's power-iteration estimate in D against the exact largest singular value, after training."""
+    """The DCGAN recipe trained a few steps. Checked: in each spectrally normalised layer of D, torch's
+    power-iteration estimate of the largest singular value within 5% of the exact one."""
     cfg = mode.config("dcgan")
     run = Run(cfg, setup(cfg.dist))
     run.train(mode.sizes.warmup + mode.sizes.steps)

@@ -41,7 +41,9 @@ def run_bench(mode: Mode, report: Report, tag: str, *args: str | Path | int) -> 
 
 
 def throughput(mode: Mode, report: Report, compile_mode: str | None = None) -> None:
-    """(a) against (b) at the tutorial's batch, eager, and against its twin with ``train.compile``."""
+    """``benchmarks/bench.py`` on the MLP recipe at the tutorial's batch: (a) the tutorial's loop against (b),
+    eager, and (b)'s twin with ``train.compile`` (its FLOPs counted on an eager step). Checked: the bench ran.
+    Measured: each case's img/s, x(a), ms/step, TFLOP/s and first step. Target (CUDA): gan_dist's x(a)."""
     compare = ["--compare", f"train.compile={compile_mode}"] if compile_mode else []
     cases = run_bench(mode, report, compile_mode or "eager", "--batch", mode.sizes.batch, *compare, *mode.data,
                       *mode.model("mlp"))  # the bench's default config: the MLP recipe
@@ -53,7 +55,7 @@ def throughput(mode: Mode, report: Report, compile_mode: str | None = None) -> N
 def rgb_throughput(mode: Mode, report: Report, arch: str) -> None:
     """The 32x32 RGB recipe of ``arch`` (configs/cifar10_<arch>.yaml: projection D under spectral norm, hinge,
     EMA) at ``rgb_batch``, on an image folder the stage colours from the mode's data, against the same
-    networks in the bench's plain PyTorch loop: img/s, x(a), the step's split and FLOP/s."""
+    networks in the bench's plain PyTorch loop. Checked: the bench ran. Measured: img/s, x(a), ms/step, FLOP/s."""
     data = load_config(None, list(mode.data)).data
     folder = mode.work / f"rgb_{arch}"
     n = write_split(IdxSource(data), data.split, 8 * mode.sizes.rgb_batch, np.random.default_rng(0), folder)
@@ -65,7 +67,8 @@ def rgb_throughput(mode: Mode, report: Report, arch: str) -> None:
 
 
 def batch_sweep(mode: Mode, report: Report) -> None:
-    """(b) from batch 64 up: TFLOP/s against the matmul ceiling the same process times in the same dtype."""
+    """(b) at the mode's ``sweep`` batches, in this process. Measured: img/s and TFLOP/s against the matmul
+    ceiling the same process times in the same dtype. Target (CUDA): the best % of that ceiling."""
     rows, best = [], 0.0
     for batch in mode.sizes.sweep:
         work = EngineWorkload(mode.config("mlp", f"train.batch_size={batch}"))
