@@ -19,7 +19,7 @@ import argparse
 import importlib
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,11 +48,10 @@ class Stage:
     and it is skipped (reported, never failed) when too little is left. Speed stages only, after all others."""
     kwargs: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def run(self) -> Callable[[Mode, Report], None]:
+    def run(self, mode: Mode, report: Report) -> None:
+        """Import the stage's module and run it (an import error is the stage's failure, as any other)."""
         module, function = self.target.split(":")
-        fn = getattr(importlib.import_module(f"benchmarks.gpu_stages.{module}"), function)
-        return lambda mode, report: fn(mode, report, **self.kwargs)
+        getattr(importlib.import_module(f"benchmarks.gpu_stages.{module}"), function)(mode, report, **self.kwargs)
 
 
 def bench_stage(compile_mode: str | None, timeout_s: int, spare: bool = False) -> Stage:

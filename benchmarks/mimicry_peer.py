@@ -1,6 +1,7 @@
 """Mimicry's cGAN-PD (SNGAN with a projection D, ``torch-mimicry``) on an image folder: a peer for gan_dist.
 
-Runs in its own venv, not gan_dist's (it imports neither gan_dist nor its packages)::
+Runs in its own venv, not gan_dist's: of gan_dist it imports only ``gan_dist.pixels`` (numpy and PIL), so that
+it reads every image exactly as gan_dist does::
 
     python3 -m venv /opt/mimicry-venv
     /opt/mimicry-venv/bin/pip install torch==2.14.1 torchvision==0.29.1
@@ -18,8 +19,8 @@ trains on; for a folder without them, ``python benchmarks/subset_folder.py --roo
 It trains Mimicry's ``CGANPDGenerator32``/``CGANPDDiscriminator32`` with Mimicry's own ``Trainer`` as
 its CIFAR-10 baseline ships: hinge loss, 5 D steps per G step, batch 64, Adam 2e-4 with betas
 (0.0, 0.9), the learning rates decayed linearly to 0 over ``--steps`` G steps. Images are read as
-gan_dist reads a folder (classes are the class folders sorted by name; alpha composited on black,
-the centre square resized to 32×32 with Lanczos) and scaled to [-1, 1]. It prints the measured
+gan_dist reads a folder (classes are the class folders sorted by name; ``gan_dist.pixels.decode``) and
+scaled to [-1, 1]. It prints the measured
 seconds per G step (5 D steps and 1 G step) and writes ``--out``: ``images`` uint8 [N, 32, 32, 3]
 and ``labels`` int64 [N] from the final G in eval mode: ``--n-per-class`` times the classes, their labels in the
 training split's proportions (``--labels uniform``: as many of each).
@@ -47,7 +48,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # gan_dist.pixels from this checkout, not installed
+from gan_dist.pixels import decode  # noqa: E402
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # gan_dist's, case-insensitive
 RESOLUTION = 32
@@ -69,22 +72,6 @@ def import_mimicry() -> Any:
     import torch_mimicry
 
     return torch_mimicry
-
-
-def fit(img: Image.Image) -> np.ndarray:
-    """uint8 [32, 32, 3] as gan_dist fits an image: alpha on black, centre square, Lanczos resize."""
-    if img.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grey to 8 bits, rounded
-        img = Image.fromarray(((np.asarray(img).astype(np.int64) * 255 + 32767) // 65535).astype(np.uint8), "L")
-    if img.mode in ("RGBA", "LA", "La", "RGBa", "PA") or "transparency" in img.info:
-        img = Image.alpha_composite(Image.new("RGBA", img.size, (0, 0, 0, 255)), img.convert("RGBA"))
-    img = img.convert("RGB")
-    w, h = img.size
-    if (w, h) != (RESOLUTION, RESOLUTION):
-        side = min(w, h)
-        left, top = (w - side) / 2, (h - side) / 2
-        img = img.resize((RESOLUTION, RESOLUTION), Image.Resampling.LANCZOS,
-                         box=(left, top, left + side, top + side), reducing_gap=3.0)
-    return np.asarray(img, dtype=np.uint8)
 
 
 def class_folders(split: Path) -> list[Path]:
@@ -113,10 +100,7 @@ def read_train(root: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
                        and not any(part.startswith(".") for part in p.relative_to(folder).parts))
         if not files:
             sys.exit(f"class folder {folder} has no images")
-        for path in files:
-            with Image.open(path) as img:
-                img.load()
-                images.append(fit(img))
+        images += [decode(path, RESOLUTION, 3).transpose(1, 2, 0) for path in files]
         labels += [label] * len(files)
     return np.stack(images), np.array(labels, dtype=np.int64), names
 

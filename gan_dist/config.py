@@ -410,15 +410,15 @@ class EvalConfig:
                               "by FID in eval.features' space", ge=0)
     n_samples: int = opt(10000, "generated samples per evaluation, split evenly over classes and ranks", ge=10)
     seed: int = opt(1234, "seed of the evaluation latents, fixed so runs compare", ge=0)
-    labels: Literal["data", "uniform"] = opt(
-        "data", "the samples' labels: data: 2 of each class, the rest in the reference's proportions, so that the "
-        "samples and the reference hold the same mix of classes, as FID and recall assume; uniform: as many of each")
     features: Literal["judge", "inception"] = opt(
         "judge", "feature space of the scores: judge (a small CNN trained here on the data) or inception "
         "(torch-fidelity's InceptionV3, the papers' FID, KID and IS; pip install -e '.[metrics]')")
     inception_weights: str | None = opt(None, "eval.features=inception: torch-fidelity's "
                                               "weights-inception-2015-12-05-6726825d.pth; never downloaded")
     reference: Literal["train", "test"] = opt("test", "split the samples are scored against")
+    labels: Literal["data", "uniform"] = opt(
+        "data", "the samples' labels: data: 2 of each class, the rest in the reference's proportions, so that the "
+        "samples and the reference hold the same mix of classes, as FID and recall assume; uniform: as many of each")
     judge_dir: str = opt("~/.cache/gan_dist/judges", "cache of the trained judge classifiers")
     features_dir: str = opt("~/.cache/gan_dist/features", "cache of the reference splits' Inception features")
     batch_size: int = opt(500, "generation and feature batch", ge=1)

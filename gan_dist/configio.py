@@ -219,7 +219,7 @@ class ImportFailed(ConfigError):
 
     def __init__(self, module: str, e: Exception) -> None:
         super().__init__(f"imports: cannot import {module!r} ({type(e).__name__}: {e})")
-        self.module = module
+        self.module, self.missing = module, isinstance(e, ModuleNotFoundError)
 
 
 def import_extensions(modules: Any) -> None:

@@ -160,8 +160,15 @@ def content_hash(data: JudgeData, spec: JudgeSpec) -> str:
     return digest.hexdigest()[:16]
 
 
-def epochs_for(spec: JudgeSpec, n_train: int) -> int:
-    return max(1, math.ceil(spec.samples / n_train))
+def batch_per_rank(spec: JudgeSpec, n_train: int, world_size: int) -> int:
+    """The recipe's global batch split over the ranks, or a smaller one where a small split has fewer images."""
+    return max(1, min(spec.batch_size // world_size, n_train // world_size))
+
+
+def epochs_for(spec: JudgeSpec, n_train: int, batch: int | None = None) -> int:
+    """Epochs of ``spec.samples`` images seen; at a global ``batch`` below the recipe's (a split too small for it),
+    as many steps as the recipe's batch would take, not as many images."""
+    return max(1, math.ceil(spec.samples / n_train * (batch or spec.batch_size) / spec.batch_size))
 
 
 def shifted(images: torch.Tensor, most: int, gen: torch.Generator) -> torch.Tensor:
@@ -200,11 +207,10 @@ def _train(spec: JudgeSpec, data: JudgeData, env: DistEnv, stop: StopPoints | No
     model = DDP(net, device_ids=[env.device.index] if env.device.type == "cuda" else None) \
         if env.distributed else net
     images, labels = (to_device(a, env.device) for a in data.train)
-    # The recipe's global batch, or a smaller one where a small split has fewer images per rank.
-    per_rank = max(1, min(spec.batch_size // env.world_size, len(labels) // env.world_size))
+    per_rank = batch_per_rank(spec, len(labels), env.world_size)
     batches = ResidentBatches(images, labels, per_rank, env.rank, env.world_size,
                               derive_seed(spec.seed, Stream.JUDGE_ORDER))
-    epochs = epochs_for(spec, len(labels))
+    epochs = epochs_for(spec, len(labels), per_rank * env.world_size)
     opt = torch.optim.Adam(net.parameters(), lr=spec.lr)
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=spec.lr, total_steps=epochs * len(batches),
                                                    pct_start=0.15)
@@ -269,6 +275,9 @@ def load_or_train(cfg: DataConfig, judge_dir: str | Path, env: DistEnv, spec: Ju
     judge = _read(path, spec, data.info, env.device)
     if not env.any(judge is None):
         return judge
+    if env.is_main:
+        print(f"judge: none cached for this data and recipe; training one on {len(data.train[1])} images "
+              f"({spec.samples:,} seen), to be cached as {path}", flush=True)
     net, seconds = _train(spec, data, env, stop)
     n_train = len(data.train[1])
     info = {
@@ -278,7 +287,7 @@ def load_or_train(cfg: DataConfig, judge_dir: str | Path, env: DistEnv, spec: Ju
         "shape": list(data.info.shape),
         "n_train": n_train,
         "n_heldout": len(data.heldout[1]),
-        "epochs": epochs_for(spec, n_train),
+        "epochs": epochs_for(spec, n_train, batch_per_rank(spec, n_train, env.world_size) * env.world_size),
         "accuracy": _accuracy(net, data, env, spec.batch_size),
         "train_seconds": round(seconds, 1),
         "spec": dataclasses.asdict(spec),

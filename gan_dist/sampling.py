@@ -43,8 +43,8 @@ def generator_from_state(state: dict, path: Path, device: torch.device | str = "
     try:
         cfg = resolve(run["config"])  # its ``imports`` first: G may be a user's architecture
     except ImportFailed as e:
-        raise IncompatibleCheckpoint(f"checkpoint {path}: its config {e}; the module must be importable here, "
-                                     "e.g. its folder on PYTHONPATH") from None
+        fix = "the module must be importable here: put its folder on PYTHONPATH" if e.missing else "fix the module"
+        raise IncompatibleCheckpoint(f"checkpoint {path}: its config {e}; {fix}") from None
     except ConfigError as e:
         raise IncompatibleCheckpoint(f"checkpoint {path}: its config does not fit this gan_dist ({e})") from None
     info = DatasetInfo.from_dict(run["data"])

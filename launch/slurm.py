@@ -99,6 +99,13 @@ class SlurmConfig:
             )
         if self.apptainer_image and self.pyxis_image:
             raise ConfigError("apptainer_image and pyxis_image: choose one container runtime")
+        image = Path(self.apptainer_image) if self.apptainer_image else None
+        if image is not None and image.is_absolute() and image.parent.is_dir() and not image.exists():
+            raise ConfigError(f"apptainer_image: {image} does not exist (its folder does, here); build it with "
+                              "apptainer build (docker/README.md), or name the path it has on the cluster")
+        if image is not None and not image.exists():
+            print(f"warning: apptainer_image {image} is not here; it must exist on the cluster's nodes",
+                  file=sys.stderr, flush=True)
         for option in self.sbatch:
             name, _, value = option.removeprefix("--").partition("=")
             name = name.replace("_", "-")

@@ -35,11 +35,13 @@ def logged(run_dir: Path) -> list[dict[str, Any]]:
     return records
 
 
-def short_run(mode: Mode, recipe: str, run_dir: Path, steps: int, *extra: str,
-              env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, list[dict[str, Any]]]:
-    """``python -m gan_dist.train`` for ``steps`` steps in a fresh ``run_dir``; the process and what it logged."""
+def short_run(mode: Mode, recipe: str, run_dir: Path, steps: int, *extra: str, env: dict[str, str] | None = None,
+              timeout_s: float | None = None) -> tuple[subprocess.CompletedProcess, list[dict[str, Any]]]:
+    """``python -m gan_dist.train`` for ``steps`` steps in a fresh ``run_dir`` (``env`` and ``timeout_s`` as
+    ``run_cmd`` takes them); the process and what it logged."""
     shutil.rmtree(run_dir, ignore_errors=True)
-    proc = run_cmd([PY, *TRAIN, *train_args(mode, recipe, run_dir, *extra, steps=steps)], env=env)
+    proc = run_cmd([PY, *TRAIN, *train_args(mode, recipe, run_dir, *extra, steps=steps)], env=env,
+                   timeout_s=timeout_s)
     return proc, logged(run_dir)
 
 

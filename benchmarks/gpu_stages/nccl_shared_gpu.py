@@ -2,6 +2,7 @@
 
 import re
 import time
+from pathlib import Path
 
 import torch
 
@@ -16,11 +17,11 @@ ROOT_CAUSE = re.compile(r"Root Cause.*?exitcode\s*:\s*(-?\d+)", re.DOTALL)  # to
 def nccl_shared_gpu(mode: Mode, report: Report) -> None:
     """``torchrun --nproc_per_node=GPUs+1 -m gan_dist.train ... dist.backend=nccl`` (2 ranks on one GPU).
     Checked: the first rank to fail exits 2 (torchrun itself exits 1, its summary naming each rank's status),
-    and the refusal is a one-line config error naming the limit. Measured: the seconds until it is refused.
+    and the refusal is one line per rank (``error (rank R): dist.backend: NCCL takes one GPU per rank, ...``)
+    with no traceback through gan_dist. Measured: the seconds until it is refused.
     A hang here (NCCL built on one GPU for two ranks) is this stage's timeout. CUDA only."""
     if not mode.cuda:
-        return report.skip("NCCL needs CUDA; on the CPU the same command is refused for that (dist.backend=nccl "
-                           "needs CUDA) before the GPU count matters")
+        return report.skip("NCCL needs CUDA (on the CPU gan_dist refuses dist.backend=nccl for that alone)")
     ranks = torch.cuda.device_count() + 1
     start = time.perf_counter()
     proc = run_cmd([*torchrun(ranks), *TRAIN, *train_args(mode, "mlp", mode.work / "nccl_shared", "dist.backend=nccl")])
@@ -31,6 +32,8 @@ def nccl_shared_gpu(mode: Mode, report: Report) -> None:
                  f"torchrun exit {proc.returncode}, first failed rank's exit {first}"
                  + ("" if first == 2 else f": {tail(proc.stdout)}"))
     lines = [line for line in proc.stdout.splitlines() if REFUSAL in line]
-    report.check(f"the refusal: one line per rank, '{REFUSAL}'",
-                 0 < len(lines) <= ranks and all(line.startswith("config error: ") for line in lines),
-                 lines[0] if lines else tail(proc.stdout))
+    traced = [line.strip() for line in proc.stdout.splitlines() if line.strip().startswith('File "') and
+              "gan_dist" in Path(line.split('"')[1]).parts]  # a rank's traceback, not torchrun's own
+    report.check(f"the refusal: at most one line per rank naming '{REFUSAL}', no traceback",
+                 0 < len(lines) <= ranks and not traced, traced[-1] if traced else lines[0] if lines
+                 else tail(proc.stdout))

@@ -90,11 +90,17 @@ def guarded(report: Report, name: str, fn: Callable[..., Any], *args: Any) -> No
         report.check(name, False, raised(e))
 
 
-def run_cmd(cmd: Sequence[str | Path], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_cmd(cmd: Sequence[str | Path], env: dict[str, str] | None = None,
+            timeout_s: float | None = None) -> subprocess.CompletedProcess:
     """A command in the repository root, its stderr merged into its stdout, ``env`` added to this process's
-    environment; the stage's timeout bounds it."""
-    return subprocess.run([str(c) for c in cmd], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, env=os.environ | env if env else None)
+    environment. The stage's timeout bounds it; ``timeout_s`` (for one process, not torchrun's ranks) kills it
+    sooner, and it then exits 124 with the output it had written, so the stage can still report from it."""
+    try:
+        return subprocess.run([str(c) for c in cmd], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env=os.environ | env if env else None, timeout=timeout_s)
+    except subprocess.TimeoutExpired as e:
+        out = e.output.decode(errors="replace") if isinstance(e.output, bytes) else e.output or ""
+        return subprocess.CompletedProcess(e.cmd, 124, f"{out}\n(killed after {timeout_s:g} s)")
 
 
 def torchrun(nproc: int) -> list[str]:
