@@ -18,7 +18,7 @@ Cases, each in a fresh process (so that peak memory is its own), alternating A B
       plain: the config's own G and D trained by a hand-written PyTorch loop at the same precision
         (``benchmarks/plain.py``): no DDP, checkpoints or logging. Its bar is like for like.
       Either shares the data, the batch and the thread count with (b).
-  (b) gan_dist on one process: dist.setup, then ``gan_dist.trainer.build`` (config -> env -> data -> engine),
+  (b) gan_dist on one process: dist.setup, then ``gan_dist.training.trainer.build`` (config -> env -> data -> engine),
       the trainer's own wiring (``--compare data.resident=off`` times streamed batches beside resident ones).
   (c) gan_dist on --nproc ranks under torchrun, the same batch per rank (skipped when --nproc is 1).
 Every process runs one step under a FLOP counter, drops --warmup steps, then times --steps. A step is
@@ -62,7 +62,7 @@ from benchmarks.tutorial import tutorial_misfit
 from gan_dist import cli
 from gan_dist.amp import native_bf16
 from gan_dist.config import Config, DatasetInfo
-from gan_dist.data import load_split
+from gan_dist.data.cache import load_split
 from gan_dist.dist import usable_cores
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.bench_worker import PHASES
 from gan_dist.config import Config, DatasetInfo
-from gan_dist.models import build_models
+from gan_dist.models.base import build_models
 
 # (numerator, denominator, bar) per device: medians of per-round images/s ratios. The bars are the
 # documented targets; docs/BENCHMARKS.md says what each means. They are reported, never enforced.

@@ -38,10 +38,10 @@ from benchmarks.tutorial import (
 )
 from gan_dist.config import Config, DataError
 from gan_dist.configio import load_config
-from gan_dist.data import load_split
+from gan_dist.data.cache import load_split
 from gan_dist.dist import DistEnv, StepAgreement, setup, teardown, usable_cores
-from gan_dist.diversity import ZSpread
-from gan_dist.trainer import build
+from gan_dist.evaluation.diversity import ZSpread
+from gan_dist.training.trainer import build
 
 PHASES = ("data", "fwd_bwd", "optim", "comm")
 MATMUL_SIZE = {"cpu": 1024, "cuda": 8192}  # side of the square matmul timed as the FLOP/s ceiling, per device

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from gan_dist.config import DataConfig, DataError
-from gan_dist.sources import IdxSource
+from gan_dist.data.sources import IdxSource
 
 SATURATION = 0.85
 

@@ -1,6 +1,6 @@
 """Mimicry's cGAN-PD (SNGAN with a projection D, ``torch-mimicry``) on an image folder: a peer for gan_dist.
 
-Runs in its own venv, not gan_dist's: of gan_dist it imports only ``gan_dist.pixels`` (numpy and PIL), so that
+Runs in its own venv, not gan_dist's: of gan_dist it imports only ``gan_dist.data.files`` (numpy and PIL), so that
 it reads every image exactly as gan_dist does::
 
     python3 -m venv /opt/mimicry-venv
@@ -19,7 +19,7 @@ trains on; for a folder without them, ``python benchmarks/subset_folder.py --roo
 It trains Mimicry's ``CGANPDGenerator32``/``CGANPDDiscriminator32`` with Mimicry's own ``Trainer`` as
 its CIFAR-10 baseline ships: hinge loss, 5 D steps per G step, batch 64, Adam 2e-4 with betas
 (0.0, 0.9), the learning rates decayed linearly to 0 over ``--steps`` G steps. Images are read as
-gan_dist reads a folder (classes are the class folders sorted by name; ``gan_dist.pixels.decode``) and
+gan_dist reads a folder (classes are the class folders sorted by name; ``gan_dist.data.files.decode``) and
 scaled to [-1, 1]. It prints the measured
 seconds per G step (5 D steps and 1 G step) and writes ``--out``: ``images`` uint8 [N, 32, 32, 3]
 and ``labels`` int64 [N] from the final G in eval mode: ``--n-per-class`` times the classes, their labels in the
@@ -49,8 +49,8 @@ from typing import Any
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # gan_dist.pixels from this checkout, not installed
-from gan_dist.pixels import decode  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # gan_dist.data.files from this checkout, not installed
+from gan_dist.data.files import decode  # noqa: E402
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # gan_dist's, case-insensitive
 RESOLUTION = 32

@@ -14,10 +14,10 @@ import torch
 from torch.nn import functional as F
 
 from gan_dist.amp import Amp
-from gan_dist.augment import OPERATIONS, Draws
 from gan_dist.config import Config, DatasetInfo
-from gan_dist.data import to_unit
-from gan_dist.models import build_models, convolutional, label_count
+from gan_dist.data.pixels import to_unit
+from gan_dist.models.base import build_models, convolutional, label_count
+from gan_dist.training.augment import OPERATIONS, Draws
 
 
 def plain_misfit(cfg: Config) -> str | None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from gan_dist.config import DataConfig, DataError
-from gan_dist.sources import FolderSource
+from gan_dist.data.sources import FolderSource
 
 SEED = 20261206
 

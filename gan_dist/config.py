@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import sys
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -96,20 +97,27 @@ class Registry:
     def __init__(self, key: str, what: str, *builtins: str) -> None:
         self.key, self.what, self.builtins = key, what, builtins
         self._entries: dict[str, tuple[Any, type | None]] = {}
+        self._modules: dict[str, str] = {}
+        """Which module registered each name: the built-in ones are listed in ``builtins``' order."""
 
     def register(self, name: str, options: type | None = None) -> Callable[[T], T]:
+        module = sys._getframe(1).f_globals.get("__name__", "")
+
         def add(builder: T) -> T:
             if name in self._entries:
                 raise ValueError(f"{self.key}: {name!r} is registered twice")
-            self._entries[name] = (builder, options)
+            self._entries[name], self._modules[name] = (builder, options), module
             return builder
         return add
 
     @property
     def entries(self) -> dict[str, tuple[Any, type | None]]:
+        """Every entry: the built-in ones in their modules' order (whichever was imported first), then the rest."""
         for module in self.builtins:
             importlib.import_module(module)  # registers on first import; a no-op after
-        return self._entries
+        rank = {m: i for i, m in enumerate(self.builtins)}
+        order = sorted(self._entries, key=lambda n: rank.get(self._modules[n], len(rank)))  # stable
+        return {n: self._entries[n] for n in order}
 
     def names(self) -> tuple[str, ...]:
         return tuple(self.entries)
@@ -127,9 +135,10 @@ class Registry:
         return self.entries[name][1]
 
 
-ARCHITECTURES = Registry("model.arch", "architecture", "gan_dist.models", "gan_dist.resnet", "gan_dist.r3gan")
-LOSSES = Registry("loss.kind", "loss", "gan_dist.losses")
-DATASETS = Registry("data.name", "dataset", "gan_dist.sources")
+ARCHITECTURES = Registry("model.arch", "architecture", "gan_dist.models.mlp", "gan_dist.models.dcgan",
+                         "gan_dist.models.resnet", "gan_dist.models.r3gan")
+LOSSES = Registry("loss.kind", "loss", "gan_dist.training.objectives")
+DATASETS = Registry("data.name", "dataset", "gan_dist.data.sources")
 
 
 def opt(default: Any, help: str, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
@@ -226,7 +235,7 @@ class LeCamConfig:
 
 
 Operation = Literal["color", "translation", "cutout"]
-"""The differentiable augmentations (``gan_dist.augment.OPERATIONS``)."""
+"""The differentiable augmentations (``gan_dist.training.augment.OPERATIONS``)."""
 
 
 @dataclass(frozen=True)

@@ -28,12 +28,15 @@ from gan_dist import cli
 from gan_dist.checkpoint import load_file, rolling
 from gan_dist.config import Config, ConfigError, DatasetInfo, UsageError
 from gan_dist.configio import resolve, to_dict
-from gan_dist.data import class_rows, load_split
+from gan_dist.data.cache import load_split
+from gan_dist.data.classes import class_rows
 from gan_dist.dist import setup, teardown
-from gan_dist.evaluate import DEFAULT_SPEC, Evaluator, JudgeSpec, check_features, check_reference
-from gan_dist.models import label_count
-from gan_dist.monitor import start_wandb
-from gan_dist.sampling import generator_from_state
+from gan_dist.evaluate import check_reference
+from gan_dist.evaluation.evaluator import Evaluator, check_features
+from gan_dist.evaluation.judge import DEFAULT_SPEC, JudgeSpec
+from gan_dist.models.base import label_count
+from gan_dist.models.loading import generator_from_state
+from gan_dist.training.monitor import start_wandb
 
 PLOTTED = (("fid", "FID ↓"), ("recall", "recall ↑"), ("cond_acc", "conditional accuracy ↑"))
 

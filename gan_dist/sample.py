@@ -45,10 +45,12 @@ from torch.func import functional_call
 
 from gan_dist import cli
 from gan_dist.config import UsageError
-from gan_dist.data import GRID_ROWS, class_rows, grid_classes, row_names, to_pixels
-from gan_dist.models import label_count
-from gan_dist.sampling import SampleWriter, fixed_noise, generate, load_generator, save_grid
+from gan_dist.data.classes import GRID_ROWS, class_rows, grid_classes, row_names
+from gan_dist.data.pixels import to_pixels
+from gan_dist.models.base import label_count
+from gan_dist.models.loading import generate, load_generator
 from gan_dist.seeds import Stream, latents
+from gan_dist.training.samples import SampleWriter, fixed_noise, save_grid
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

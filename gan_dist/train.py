@@ -7,8 +7,8 @@ Several ranks on one machine (NCCL on GPUs, gloo on CPU):
 Offline, on Debian's Fashion-MNIST (apt-get install dataset-fashion-mnist):
     python -m gan_dist.train data.name=fashion_mnist data.root=/usr/share/datasets/fashion-mnist
 Slurm: python -m launch.slurm (it ends up in ``main`` below, with the same arguments).
-In Python: ``gan_dist.trainer.Trainer(cfg, env, cli.StopFlag(), gan_dist.evaluate.Evaluator).fit()``;
-``gan_dist.trainer.build(cfg, env)`` gives the data and the engine alone.
+In Python: ``gan_dist.training.trainer.Trainer(cfg, env, StopFlag(), Evaluator).fit()``;
+``gan_dist.training.trainer.build(cfg, env)`` gives the data and the engine alone.
 
 ``--help`` lists every config key; ``--dry-run`` prints the resolved config and exits.
 Exit status: 0 done; 2 bad config, data, checkpoint or run_dir; 3 diverged (non-finite losses or
@@ -26,6 +26,7 @@ from collections.abc import Sequence
 
 from gan_dist import cli
 from gan_dist.configio import describe, load_config, to_yaml
+from gan_dist.signals import StopFlag
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -44,7 +45,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     # First of all, before torch loads (seconds): a signal during start-up is a clean stop, not a
     # silent death. This module imports nothing heavy for that reason; the trainer comes below.
-    stop = cli.StopFlag()
+    stop = StopFlag()
     args = parse_args(argv)
 
     def body() -> int:
@@ -52,8 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.dry_run:
             print(to_yaml(cfg), end="")
             return 0
-        from gan_dist.evaluate import Evaluator, check_features
-        from gan_dist.trainer import train
+        from gan_dist.evaluation.evaluator import Evaluator, check_features
+        from gan_dist.training.trainer import train
 
         if cfg.eval.every_steps > 0:
             check_features(cfg.eval)  # Inception's weights, before any data or process group

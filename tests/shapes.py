@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from gan_dist.config import DatasetInfo, ModelConfig
-from gan_dist.models import DCGANOptions, MLPOptions
+from gan_dist.models.dcgan import DCGANOptions
+from gan_dist.models.mlp import MLPOptions
 
 
 def info(channels: int = 1, resolution: int = 28, classes: int = 10) -> DatasetInfo:

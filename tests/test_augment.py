@@ -7,11 +7,11 @@ import pytest
 import torch
 from conftest import CPU
 
-from gan_dist.augment import OPERATIONS, Augment, Draws
 from gan_dist.config import AugmentConfig, ConfigError
 from gan_dist.configio import load_config
 from gan_dist.dist import DistEnv
 from gan_dist.seeds import NoiseStream, Stream
+from gan_dist.training.augment import OPERATIONS, Augment, Draws
 
 
 def images(n: int, seed: int = 0) -> torch.Tensor:
@@ -101,7 +101,7 @@ def test_ada_steers_an_unconditional_d_too():
     from conftest import CPU
     from shapes import batch, info
 
-    from gan_dist.engine import GANEngine
+    from gan_dist.training.engine import GANEngine
 
     flat = info(3, 16, 0)
     eng = GANEngine(load_config(None, ["model.arch=dcgan", "model.dcgan.width=8", "model.conditioning=none",

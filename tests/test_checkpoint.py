@@ -19,11 +19,13 @@ import torch.multiprocessing as mp
 from conftest import base_overrides, file_group, run, write_folder
 
 from gan_dist import checkpoint
-from gan_dist.checkpoint import FORMAT_VERSION, REQUIRED, Checkpointer, CheckpointError, load_file
+from gan_dist.checkpoint import FORMAT_VERSION, REQUIRED, CheckpointError, load_file
 from gan_dist.config import CheckpointConfig
 from gan_dist.dist import DistEnv, teardown
 from gan_dist.train import main
-from gan_dist.trainer import BestScore
+from gan_dist.training import checkpointer as checkpointer_module
+from gan_dist.training.checkpointer import Checkpointer
+from gan_dist.training.trainer import BestScore
 
 ONE_RANK = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"))
 
@@ -121,7 +123,7 @@ def test_a_best_fid_of_the_other_feature_space_is_not_kept():
 def test_a_timed_save_is_asked_for_once_per_interval(tmp_path, monkeypatch):
     """The agreement brings the save one step after the ask: asked again meanwhile, it saved twice in a row."""
     clock = [1000.0]
-    monkeypatch.setattr(checkpoint, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    monkeypatch.setattr(checkpointer_module, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
     checkpointer = Checkpointer(CheckpointConfig(every_minutes=1), tmp_path, ONE_RANK, {"run": Recorder()})
     asked = []
     for _ in range(4):

@@ -8,7 +8,7 @@ from conftest import REPO
 from shapes import batch, info
 
 from gan_dist.configio import load_config
-from gan_dist.models import build_models, label_count
+from gan_dist.models.base import build_models, label_count
 
 RECIPES = {  # the shape each recipe's data has
     "mnist_cgan.yaml": info(1, 28, 10),

@@ -21,20 +21,10 @@ from conftest import CPU, REPO, base_overrides, file_group, write_cifar, write_f
 from PIL import Image
 from torchvision.datasets import FashionMNIST
 
-from gan_dist.config import DataConfig
-from gan_dist.data import (
-    DataError,
-    ResidentBatches,
-    ShardedBatches,
-    Split,
-    StreamedBatches,
-    has_split,
-    load_split,
-    loader_workers,
-    make_batches,
-    to_pixels,
-    to_unit,
-)
+from gan_dist.config import DataConfig, DataError
+from gan_dist.data.batches import ResidentBatches, ShardedBatches, StreamedBatches, loader_workers, make_batches
+from gan_dist.data.cache import Split, has_split, load_split
+from gan_dist.data.pixels import to_pixels, to_unit
 from gan_dist.train import main
 
 REAL_MNIST = Path("/work/shared/data/mnist")
@@ -367,16 +357,15 @@ def test_failed_build_leaves_no_cache(tmp_path, cache, monkeypatch):
 
 
 def test_a_cache_built_meanwhile_by_another_node_is_kept(tmp_path, cache):
-    from gan_dist import data
-    from gan_dist.data import open_source
+    from gan_dist.data.cache import build_cache, cache_path, open_source
 
     write_folder(tmp_path / "images", {"a": 3}, size=8)
     cfg = config(tmp_path / "images", cache, name="folder")
     source = open_source(cfg)
-    path = data.cache_path(cfg, source)
-    data.build_cache(cfg, source, path)
+    path = cache_path(cfg, source)
+    build_cache(cfg, source, path)
     stamp = (path / "info.json").stat().st_mtime_ns
-    data.build_cache(cfg, source, path)  # the second builder of the same key
+    build_cache(cfg, source, path)  # the second builder of the same key
     assert (path / "info.json").stat().st_mtime_ns == stamp and len(list(cache.iterdir())) == 1
 
 
@@ -587,7 +576,8 @@ def test_abandoned_streamed_epoch_stops_its_workers(digits):
 def test_streamed_workers_let_the_process_exit_cleanly(digits):
     script = textwrap.dedent(f"""
         import numpy as np, torch
-        from gan_dist.data import Split, StreamedBatches
+        from gan_dist.data.cache import Split
+        from gan_dist.data.batches import StreamedBatches
         images = np.load({str(digits.images.filename)!r}, mmap_mode="r")
         split = Split("test", images, np.zeros(len(images), dtype=np.int64), None)
         feed = StreamedBatches(split, 8, 0, 1, seed=0, workers=2, prefetch=2)

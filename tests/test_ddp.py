@@ -14,9 +14,10 @@ from shapes import DIGITS
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from gan_dist.configio import load_config
-from gan_dist.data import load_split, make_batches
+from gan_dist.data.batches import make_batches
+from gan_dist.data.cache import load_split
 from gan_dist.dist import DistEnv, setup, teardown
-from gan_dist.engine import GANEngine
+from gan_dist.training.engine import GANEngine
 
 STEPS = 3
 GLOBAL_BATCH = 16
@@ -190,7 +191,7 @@ def test_two_half_batches_equal_one_full_batch(two_ranks, run):
         for key in one[net]:
             torch.testing.assert_close(two[net][key], one[net][key], rtol=1e-5, atol=1e-6, msg=f"{net}.{key}")
     # And the check has teeth: one step moves the parameters far more than the tolerance.
-    from gan_dist.models import build_generator
+    from gan_dist.models.base import build_generator
 
     torch.manual_seed(0)
     init = build_generator(load_config(None, EQUIVALENCE[run]).model, DIGITS).state_dict()

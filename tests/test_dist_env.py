@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from gan_dist import dist
 from gan_dist.config import ConfigError, DistConfig
 from gan_dist.configio import load_config
-from gan_dist.engine import GANEngine
+from gan_dist.training.engine import GANEngine
 
 
 @pytest.mark.parametrize(("local_rank", "gpus", "index"), [(0, 1, 0), (3, 1, 0), (3, 2, 1), (5, 8, 5)])

@@ -8,8 +8,8 @@ import torch
 from shapes import info
 from torch import nn
 
-from gan_dist.data import Split
-from gan_dist.diversity import ZSpread
+from gan_dist.data.cache import Split
+from gan_dist.evaluation.diversity import ZSpread
 
 DESCRIBED = info(3, 8, 3)
 

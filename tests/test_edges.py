@@ -19,15 +19,16 @@ import torch
 from conftest import CPU, base_overrides, run, write_folder
 from shapes import RGB32, info
 
-from gan_dist.checkpoint import Checkpointer
 from gan_dist.config import CheckpointConfig, ConfigError, DataError, UsageError
 from gan_dist.configio import load_config
-from gan_dist.data import Split, cache_path, class_notes, open_source
-from gan_dist.diversity import ZSpread
+from gan_dist.data.cache import Split, cache_path, open_source
+from gan_dist.data.classes import class_notes
 from gan_dist.evaluate import NpzError, read_npz
-from gan_dist.models import build_generator
+from gan_dist.evaluation.diversity import ZSpread
+from gan_dist.models.base import build_generator
 from gan_dist.sample import check_npz_size
-from gan_dist.schedule import Position
+from gan_dist.training.checkpointer import Checkpointer
+from gan_dist.training.position import Position
 
 
 class Part:
@@ -103,19 +104,19 @@ def test_an_image_rewritten_with_its_old_size_and_mtime_is_a_new_cache_key(tmp_p
 
 
 def test_an_unreadable_file_under_content_hashing_is_skipped_and_counted_with_skip_bad(tmp_path, monkeypatch):
-    from gan_dist import data
+    from gan_dist.data import cache
 
     root = tmp_path / "images"
     write_folder(root, {"a": 3, "b": 3}, size=16)
     bad = sorted((root / "a").iterdir())[0]
-    real = data.file_sha256
+    real = cache.file_sha256
 
     def denied(path: Path) -> str:
         if path == bad:
             raise PermissionError(13, "Permission denied")
         return real(path)
 
-    monkeypatch.setattr(data, "file_sha256", denied)
+    monkeypatch.setattr(cache, "file_sha256", denied)
     strict = load_config(None, ["data.name=folder", f"data.root={root}", "data.verify=content"]).data
     with pytest.raises(DataError, match=f"cannot read {bad}: Permission denied; data.skip_bad=true skips"):
         cache_path(strict, open_source(strict))
@@ -171,7 +172,7 @@ def test_imports_taking_a_built_in_name_are_one_line_in_evaluate_and_sample(tmp_
 
 def test_a_checkpoint_whose_imports_cannot_be_imported_names_pythonpath(tmp_path):
     from gan_dist.checkpoint import FORMAT_VERSION, IncompatibleCheckpoint
-    from gan_dist.sampling import generator_from_state
+    from gan_dist.models.loading import generator_from_state
 
     state = {"format_version": FORMAT_VERSION, "step": 1, "run": {"config": {"imports": ["gone_module"]}, "data": {}},
              "engine": {}}

@@ -10,13 +10,14 @@ from conftest import CPU
 from shapes import DIGITS, RGB32, arch_overrides, batch, info, model_config
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from gan_dist.augment import Augment
 from gan_dist.config import AugmentConfig, Config, ConfigError, ModelConfig
 from gan_dist.configio import load_config
-from gan_dist.engine import GANEngine
-from gan_dist.losses import BCE, BCEOptions, Hinge
-from gan_dist.models import EMA, Discriminator, build_generator, dcgan_stages, label_count
+from gan_dist.models.base import Discriminator, build_generator, dcgan_stages, label_count
+from gan_dist.models.ema import EMA
 from gan_dist.seeds import NoiseStream, Stream
+from gan_dist.training.augment import Augment
+from gan_dist.training.engine import GANEngine
+from gan_dist.training.objectives import BCE, BCEOptions, Hinge
 
 
 def engine(*overrides: str) -> GANEngine:
@@ -293,7 +294,7 @@ def test_r1_composes_with_autocast():
 ])
 def test_resnet_is_built_from_the_description(described, extra):
     """Any stage layout; class-conditional BatchNorm with classes, plain BatchNorm without them."""
-    from gan_dist.layers import ConditionalBatchNorm2d
+    from gan_dist.models.layers import ConditionalBatchNorm2d
 
     conditioning = "projection" if described.num_classes else "none"
     cfg = load_config(None, ["model.arch=resnet", "model.resnet.g_width=8", "model.resnet.d_width=8",

@@ -20,10 +20,13 @@ import torch
 from conftest import run, write_cifar, write_folder, write_idx
 from torch import nn
 
-from gan_dist import cli, evaluate, judge
-from gan_dist.config import Config, DataConfig, EvalConfig, ModelConfig
-from gan_dist.data import DatasetInfo, load_split, to_unit
+from gan_dist import cli, evaluate
+from gan_dist.config import Config, DataConfig, DatasetInfo, EvalConfig, ModelConfig
+from gan_dist.data.cache import load_split
+from gan_dist.data.pixels import to_unit
 from gan_dist.dist import DistEnv
+from gan_dist.evaluation import judge
+from gan_dist.evaluation.evaluator import METRICS, ConfigError, Evaluator
 from gan_dist.train import main as train_main
 
 SPEC = judge.JudgeSpec(width=4, features=16, samples=2000, batch_size=32, lr=1e-2)
@@ -217,11 +220,11 @@ def test_the_task_and_the_shape_are_in_the_key(data_root: Path) -> None:
 
 def test_evaluator_scores_a_good_generator_near_real_and_far_from_noise(data_root: Path, tmp_path: Path) -> None:
     cfg = eval_config(data_root, tmp_path / "judges")
-    evaluator = evaluate.Evaluator(cfg, ONE_RANK, SPEC)
+    evaluator = Evaluator(cfg, ONE_RANK, SPEC)
     torch.manual_seed(0)
     good = evaluator.run(BankGenerator(cfg.data, 10))
     floors = evaluator.floors()
-    assert set(good) == {*evaluate.METRICS, "n_samples", "seconds"} and good["n_samples"] == 200
+    assert set(good) == {*METRICS, "n_samples", "seconds"} and good["n_samples"] == 200
     assert good["cond_acc"] > 0.9 and floors["floor_real_cond_acc"] > 0.9
     assert good["fid"] < floors["floor_noise_fid"] / 10 and floors["floor_real_fid"] < floors["floor_noise_fid"] / 10
     noise_kid = floors["floor_noise_kid"]
@@ -234,32 +237,32 @@ def test_evaluator_scores_a_good_generator_near_real_and_far_from_noise(data_roo
 
 def test_run_is_score_images_of_the_fixed_latents(data_root: Path, tmp_path: Path) -> None:
     cfg = eval_config(data_root, tmp_path / "judges")
-    evaluator = evaluate.Evaluator(cfg, ONE_RANK, SPEC)
+    evaluator = Evaluator(cfg, ONE_RANK, SPEC)
     generator = BankGenerator(cfg.data, 10)
     by_run = evaluator.run(generator)
     by_images = evaluator.score_images(generator(evaluator.z, evaluator.labels), evaluator.labels)
-    assert {k: by_run[k] for k in evaluate.METRICS} == pytest.approx({k: by_images[k] for k in evaluate.METRICS})
+    assert {k: by_run[k] for k in METRICS} == pytest.approx({k: by_images[k] for k in METRICS})
     assert torch.bincount(evaluator.labels).tolist() == [20] * 10
 
 
 def test_due_follows_every_steps(data_root: Path, tmp_path: Path) -> None:
     cfg = eval_config(data_root, tmp_path / "judges")
     cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, every_steps=50))
-    evaluator = evaluate.Evaluator(cfg, ONE_RANK, SPEC)
+    evaluator = Evaluator(cfg, ONE_RANK, SPEC)
     assert [s for s in range(1, 160) if evaluator.due(s)] == [50, 100, 150]
 
 
 def test_evaluator_on_rgb_data(cifar_root: Path, tmp_path: Path) -> None:
     """Conditional on CIFAR's shape: every metric; unconditional on the same data: no class metrics."""
     cfg = eval_config(cifar_root, tmp_path / "judges", name="cifar10")
-    evaluator = evaluate.Evaluator(cfg, ONE_RANK, SPEC)
+    evaluator = Evaluator(cfg, ONE_RANK, SPEC)
     good, floors = evaluator.run(BankGenerator(cfg.data, 10)), evaluator.floors()
     assert evaluator.info["shape"] == [3, 32, 32] and evaluator.info["conditioned_on"] == 10
-    assert set(good) == {*evaluate.METRICS, "n_samples", "seconds"}
+    assert set(good) == {*METRICS, "n_samples", "seconds"}
     assert good["cond_acc"] > 0.9 and good["fid"] < floors["floor_noise_fid"] / 10
 
     plain = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, conditioning="none"))
-    evaluator = evaluate.Evaluator(plain, ONE_RANK, SPEC)
+    evaluator = Evaluator(plain, ONE_RANK, SPEC)
     assert evaluator.info["judge_task"] == "classes" and evaluator.info["judge_cache"] == "hit"  # the same judge
     assert evaluator.metrics == ("fid", "kid", "kid_std", "precision", "recall") and not evaluator.labels.any()
     scores = evaluator.run(BankGenerator(cfg.data, 0))
@@ -269,7 +272,7 @@ def test_evaluator_on_rgb_data(cifar_root: Path, tmp_path: Path) -> None:
 
 def test_evaluator_on_unlabelled_data(flat_root: Path, tmp_path: Path) -> None:
     cfg = eval_config(flat_root, tmp_path / "judges", n_samples=60, name="folder", conditioning="none")
-    evaluator = evaluate.Evaluator(cfg, ONE_RANK, SPEC)
+    evaluator = Evaluator(cfg, ONE_RANK, SPEC)
     assert evaluator.info["judge_task"] == "rotation" and evaluator.info["num_classes"] == 0
     good, floors = evaluator.run(BankGenerator(cfg.data, 0)), evaluator.floors()
     unconditional = ("fid", "kid", "kid_std", "precision", "recall")
@@ -279,8 +282,8 @@ def test_evaluator_on_unlabelled_data(flat_root: Path, tmp_path: Path) -> None:
 
 
 def test_evaluator_refuses_too_few_samples_per_class(cifar_root: Path, tmp_path: Path) -> None:
-    with pytest.raises(evaluate.ConfigError, match=r"eval.n_samples: needs at least 20 \(2 per class of 10"):
-        evaluate.Evaluator(eval_config(cifar_root, tmp_path, n_samples=19, name="cifar10"), ONE_RANK, SPEC)
+    with pytest.raises(ConfigError, match=r"eval.n_samples: needs at least 20 \(2 per class of 10"):
+        Evaluator(eval_config(cifar_root, tmp_path, n_samples=19, name="cifar10"), ONE_RANK, SPEC)
 
 
 # ---------------------------------------------------------------------------------------------- read_npz
@@ -365,7 +368,7 @@ def test_cli_two_gloo_ranks_equal_one_rank(checkpoint: Path, tmp_path: Path) -> 
     assert one["world_size"] == 1 and one["judge_cache"] == "hit" and one["judge_key"] == two["judge_key"]
     assert one["kind"] == "checkpoint" and one["n_samples"] == 100
     assert one["judge_trained_on"] == "mnist/train" and not one["reference_is_training_data"]
-    for key in evaluate.METRICS:
+    for key in METRICS:
         assert {key, f"floor_real_{key}", f"floor_noise_{key}"} <= one.keys()
     numbers = [k for k, v in one.items() if isinstance(v, float) and k != "seconds"]
     assert {k: two[k] for k in numbers} == pytest.approx({k: one[k] for k in numbers}, rel=1e-5, abs=1e-6)

@@ -37,9 +37,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from gan_dist.config import ARCHITECTURES, DATASETS, LOSSES, DataError, DatasetInfo, ModelConfig, opt
-from gan_dist.losses import Objective
-from gan_dist.models import Architecture, label_count
-from gan_dist.sources import Decoded, Source, convert_arrays
+from gan_dist.training.objectives import Objective
+from gan_dist.models.base import Architecture, label_count
+from gan_dist.data.sources import Decoded, Source, convert_arrays
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,11 @@ from gan_dist import dist
 from gan_dist.amp import SKIPPED, native_bf16
 from gan_dist.config import ConfigError, Diverged, LogConfig
 from gan_dist.configio import load_config
-from gan_dist.engine import GANEngine
-from gan_dist.layers import ConditionalBatchNorm2d, upgrade_state
-from gan_dist.models import build_generator
-from gan_dist.monitor import MetricLogger
-from gan_dist.schedule import Position
+from gan_dist.models.base import build_generator
+from gan_dist.models.layers import ConditionalBatchNorm2d, upgrade_state
+from gan_dist.training.engine import GANEngine
+from gan_dist.training.monitor import MetricLogger
+from gan_dist.training.position import Position
 
 CONDITIONAL_G = {"resnet": ["model.arch=resnet", "model.resnet.g_width=8"],
                  "dcgan_batchnorm": ["model.arch=dcgan", "model.dcgan.width=8", "model.dcgan.g_label=batchnorm"]}

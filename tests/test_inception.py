@@ -23,8 +23,10 @@ from test_evaluate import ONE_RANK, data_config, one_thread, train_tiny  # noqa:
 from torch import nn
 
 import gan_dist
-from gan_dist import cli, evaluate, metrics
+from gan_dist import cli, evaluate
 from gan_dist.config import Config, EvalConfig, ModelConfig
+from gan_dist.evaluation import scores as metrics
+from gan_dist.evaluation.evaluator import INCEPTION_METRICS, Evaluator
 from gan_dist.train import main as train_main
 
 
@@ -130,7 +132,7 @@ def test_our_kid_for_the_judge_is_torch_fidelitys_kid() -> None:
 
 
 def test_one_channel_is_replicated_and_float_images_are_rounded_to_pixels(weights: Path) -> None:
-    from gan_dist.inception import Inception
+    from gan_dist.evaluation.inception import Inception
 
     space = Inception(str(weights), torch.device("cpu"))
     grey = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
@@ -161,7 +163,7 @@ def test_checkpoint_two_gloo_ranks_equal_one_rank_on_one_channel_data(weights: P
     assert one["world_size"] == 1 and one["reference_cache"] == "computed"
     assert one["input"] == "uint8 RGB: the data's one channel replicated to three"
     assert one["reference"] == "mnist/test" and one["n_reference"] == 20 and one["n_samples"] == 10
-    assert set(evaluate.INCEPTION_METRICS) <= one.keys() and "cond_acc" not in one and one["fid"] > 1
+    assert set(INCEPTION_METRICS) <= one.keys() and "cond_acc" not in one and one["fid"] > 1
     numbers = [k for k, v in one.items() if isinstance(v, float) and k != "seconds"]
     assert {k: two[k] for k in numbers} == pytest.approx({k: one[k] for k in numbers}, rel=1e-4, abs=1e-6)
     for name in ("features", "logits"):
@@ -176,22 +178,22 @@ def test_reference_features_are_cached_per_content_split_and_weights(weights: Pa
     cfg = Config(data=data_config(tmp_path / "data"), model=ModelConfig(z_dim=8, conditioning="none"),
                  eval=EvalConfig(n_samples=10, features="inception", inception_weights=str(weights), reference="train",
                                  features_dir=str(tmp_path / "features"), batch_size=8))
-    first = evaluate.Evaluator(cfg, ONE_RANK)
+    first = Evaluator(cfg, ONE_RANK)
     assert first.info["reference_cache"] == "computed" and first.info["reference"] == "mnist/train"
     assert first.info["reference_is_training_data"] and first.info["kid_subset_size"] == 8
     assert first.info["reference_key"].startswith("mnist-train-") and len(first.info["weights_sha256"]) == 64
-    again = evaluate.Evaluator(cfg, ONE_RANK)
+    again = Evaluator(cfg, ONE_RANK)
     assert again.info["reference_cache"] == "hit" and again.info["reference_key"] == first.info["reference_key"]
     assert torch.equal(again.real.features, first.real.features) and torch.equal(again.real.logits, first.real.logits)
     floors = again.floors()
-    assert set(floors) == {f"floor_{end}_{k}" for end in ("real", "noise") for k in evaluate.INCEPTION_METRICS}
+    assert set(floors) == {f"floor_{end}_{k}" for end in ("real", "noise") for k in INCEPTION_METRICS}
     assert floors["floor_real_fid"] < floors["floor_noise_fid"] and floors["floor_real_kid"] < floors["floor_noise_kid"]
 
     images = tmp_path / "data" / "train-images-idx3-ubyte"
     pixels = bytearray(images.read_bytes())
     pixels[16 + 300] ^= 0xFF  # one pixel of the first image: other data
     images.write_bytes(bytes(pixels))
-    changed = evaluate.Evaluator(cfg, ONE_RANK)
+    changed = Evaluator(cfg, ONE_RANK)
     assert changed.info["reference_cache"] == "computed"
     assert changed.info["reference_key"] != first.info["reference_key"]
 
@@ -205,7 +207,7 @@ def test_training_evaluates_in_inceptions_space_and_keeps_best_by_its_fid(weight
     evals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
              if "eval/fid" in line]
     assert [e["step"] for e in evals] == [1, 2]
-    assert all({f"eval/{k}" for k in evaluate.INCEPTION_METRICS} <= e.keys() for e in evals)
+    assert all({f"eval/{k}" for k in INCEPTION_METRICS} <= e.keys() for e in evals)
     assert "eval/cond_acc" not in evals[0] and (checkpoint.parent / "best.pt").exists()
     assert f"new best FID {evals[0]['eval/fid']:.3f}" in capsys.readouterr().out
 
@@ -269,7 +271,7 @@ def test_training_checks_the_weights_before_any_work(tmp_path: Path, capsys: pyt
 def test_without_torch_fidelity_inception_is_a_config_error(monkeypatch: pytest.MonkeyPatch,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # import torch_fidelity now fails
-    monkeypatch.delitem(sys.modules, "gan_dist.inception", raising=False)
+    monkeypatch.delitem(sys.modules, "gan_dist.evaluation.inception", raising=False)
     monkeypatch.delattr(gan_dist, "inception", raising=False)
     assert evaluate.main(["--npz", "none.npz", "eval.features=inception", "eval.inception_weights=w.pth"]) == 2
     assert capsys.readouterr().err == ("config error: eval.features=inception needs torch-fidelity: "

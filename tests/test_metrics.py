@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from gan_dist import metrics
+from gan_dist.evaluation import scores as metrics
 
 scipy_linalg = pytest.importorskip("scipy.linalg")
 scipy_distance = pytest.importorskip("scipy.spatial.distance")

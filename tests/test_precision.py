@@ -78,7 +78,7 @@ def test_channels_last_trains_the_same_networks_in_another_layout():
 
     from gan_dist.configio import load_config
     from gan_dist.dist import DistEnv
-    from gan_dist.engine import GANEngine
+    from gan_dist.training.engine import GANEngine
 
     cfg = load_config(None, ["model.arch=resnet", "model.resnet.g_width=8", "model.resnet.d_width=8",
                              "amp.memory_format=channels_last", "amp.enabled=false"])

@@ -14,12 +14,12 @@ from shapes import DIGITS, RGB32, batch, info
 
 from gan_dist.config import ConfigError
 from gan_dist.configio import load_config
-from gan_dist.engine import GANEngine
-from gan_dist.losses import RpGAN
-from gan_dist.models import Discriminator, build_generator
-from gan_dist.r3gan import Block, Resample
-from gan_dist.ramps import Ramps, ema_decay, ema_half_life_kimg, run_steps
+from gan_dist.models.base import Discriminator, build_generator
+from gan_dist.models.r3gan import Block, Resample
 from gan_dist.seeds import NoiseStream
+from gan_dist.training.engine import GANEngine
+from gan_dist.training.objectives import RpGAN
+from gan_dist.training.ramps import Ramps, ema_decay, ema_half_life_kimg, run_steps
 
 R3GAN = ["model.arch=r3gan", "model.r3gan.widths=[32,16]", "model.r3gan.group_size=8",
          "model.conditioning=projection"]
@@ -189,7 +189,7 @@ def test_fake_labels_follow_the_data_when_asked():
 
 
 def test_evaluation_labels_follow_the_reference_with_two_of_each_at_least():
-    from gan_dist.evaluate import eval_labels
+    from gan_dist.evaluation.evaluator import eval_labels
 
     labels = eval_labels(np.array([600, 300, 98, 2]), 1000, "data")
     assert torch.bincount(labels).tolist() == [597, 300, 99, 4]  # 2 each, then 992 by share

@@ -14,10 +14,11 @@ from conftest import write_cifar, write_folder, write_idx
 from PIL import Image
 
 from gan_dist import sample, train
-from gan_dist.data import GRID_ROWS, grid_classes
-from gan_dist.models import label_count
-from gan_dist.sampling import fixed_noise, generate, load_generator
+from gan_dist.data.classes import GRID_ROWS, grid_classes
+from gan_dist.models.base import label_count
+from gan_dist.models.loading import generate, load_generator
 from gan_dist.seeds import Stream, derive_seed
+from gan_dist.training.samples import fixed_noise
 
 TILE = 30  # save_grid: a 28-pixel image plus 2 of padding; the grid has 2 more at its far edges
 MLP = ["model.mlp.g_hidden=[32]", "model.mlp.d_hidden=[32]"]

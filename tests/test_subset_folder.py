@@ -7,7 +7,7 @@ from conftest import write_folder
 
 from benchmarks.subset_folder import shares, write_subset
 from gan_dist.config import DataConfig
-from gan_dist.sources import FolderSource
+from gan_dist.data.sources import FolderSource
 
 
 def test_shares_keep_each_class_and_sum_to_n():

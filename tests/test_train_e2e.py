@@ -12,7 +12,8 @@ import yaml
 from conftest import base_overrides, run, torchrun_cmd, write_cifar, write_folder
 from PIL import Image
 
-from gan_dist import evaluate, judge
+from gan_dist import evaluate
+from gan_dist.evaluation import judge
 
 
 def test_torchrun_two_ranks_writes_run_dir_from_rank0_only(tmp_path, idx_root):
@@ -176,7 +177,7 @@ def test_progress_without_a_terminal_prints_a_line_with_the_eta(capsys):
 
     from gan_dist.config import LogConfig
     from gan_dist.dist import DistEnv
-    from gan_dist.monitor import Progress
+    from gan_dist.training.monitor import Progress
 
     env = DistEnv(0, 0, 1, 1, torch.device("cpu"))
     progress = Progress(LogConfig(progress_seconds=1e-9), env, total=100, done=10, images_per_step=64)

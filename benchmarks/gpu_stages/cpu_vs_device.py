@@ -9,7 +9,7 @@ from benchmarks.gpu_stages.report import Report, guarded
 from benchmarks.gpu_stages.run import differences
 from gan_dist.config import DatasetInfo
 from gan_dist.dist import setup
-from gan_dist.trainer import build
+from gan_dist.training.trainer import build
 
 DROPOUT_OFF = {"mlp": ("model.mlp.d_dropout=0",), "dcgan": ()}  # the DCGAN's D has no dropout
 CPU_VS_DEVICE = {"loss_rtol": 1e-5, "grad_rtol": 1e-4}  # the gradient one's is relative to the tensor's max

@@ -8,7 +8,7 @@ import numpy as np
 from benchmarks.gpu_stages.mode import PY, Mode
 from benchmarks.gpu_stages.report import Report, outcome, run_cmd
 from benchmarks.gpu_stages.resume import final_checkpoint
-from gan_dist import evaluate
+from gan_dist.evaluation.evaluator import METRICS
 
 
 def evaluate_cmd(mode: Mode) -> list[str]:
@@ -30,8 +30,8 @@ def evaluate_and_sample(mode: Mode, report: Report) -> None:
     ok = proc.returncode == 0 and scores.exists()
     if report.check(f"evaluate on {mode.device}", ok, outcome(proc, ok, "")):
         record = json.loads(scores.read_text())
-        sane = all(math.isfinite(record[k]) for k in evaluate.METRICS) and 0 <= record["cond_acc"] <= 1
-        report.check("evaluate: finite scores", sane, ", ".join(f"{k} {record[k]:.3f}" for k in evaluate.METRICS))
+        sane = all(math.isfinite(record[k]) for k in METRICS) and 0 <= record["cond_acc"] <= 1
+        report.check("evaluate: finite scores", sane, ", ".join(f"{k} {record[k]:.3f}" for k in METRICS))
         report.measure("judge accuracy", record["judge_accuracy"])
     grid, npz = mode.out / "samples_grid.png", mode.work / "samples.npz"
     proc = run_cmd([PY, "-m", "gan_dist.sample", "--checkpoint", checkpoint, "--grid", grid, "--npz", npz,

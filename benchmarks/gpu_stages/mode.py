@@ -6,7 +6,7 @@ from pathlib import Path
 
 from gan_dist.config import Config
 from gan_dist.configio import load_config
-from gan_dist.judge import DEFAULT_SPEC, JudgeSpec
+from gan_dist.evaluation.judge import DEFAULT_SPEC, JudgeSpec
 
 REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable

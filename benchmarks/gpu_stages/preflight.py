@@ -10,7 +10,7 @@ from benchmarks.gpu_stages.mode import Mode
 from benchmarks.gpu_stages.report import Report
 from gan_dist.config import DataError
 from gan_dist.dist import setup, usable_cores
-from gan_dist.trainer import build
+from gan_dist.training.trainer import build
 
 
 def launch_us(device: torch.device, n: int = 2000) -> float:

@@ -8,12 +8,12 @@ import torch
 
 from gan_dist.config import Config
 from gan_dist.dist import DistEnv
-from gan_dist.losses import Metrics
-from gan_dist.trainer import build
+from gan_dist.training.losses import LossStats
+from gan_dist.training.trainer import build
 
 
 class Run:
-    """A run built as the trainer builds it (``gan_dist.trainer.build``) on the mode's device with its real
+    """A run built as the trainer builds it (``gan_dist.training.trainer.build``) on the mode's device with its real
     data, stepped as ``Trainer.fit`` steps it."""
 
     def __init__(self, cfg: Config, env: DistEnv) -> None:
@@ -23,7 +23,7 @@ class Run:
         self.batches = self.shards.epoch(0)
         self.step = 0
 
-    def train(self, steps: int) -> list[Metrics]:
+    def train(self, steps: int) -> list[LossStats]:
         """``steps`` iterations; their metrics, left on the device (reading them would sync)."""
         metrics = []
         for _ in range(steps):
@@ -32,7 +32,7 @@ class Run:
             self.step += 1
         return metrics
 
-    def timed(self, steps: int) -> tuple[list[Metrics], float]:
+    def timed(self, steps: int) -> tuple[list[LossStats], float]:
         """``train(steps)`` and its seconds, the device synchronised before and after."""
         sync = torch.cuda.synchronize if self.env.device.type == "cuda" else lambda: None
         sync()
@@ -41,7 +41,7 @@ class Run:
         sync()
         return metrics, time.perf_counter() - start
 
-    def read(self, metrics: list[Metrics]) -> dict[str, torch.Tensor]:
+    def read(self, metrics: list[LossStats]) -> dict[str, torch.Tensor]:
         """Each metric an iteration reports (``engine.metric_names``), over the steps that reported it, on the
         host; one that no step reported (a lazy regularizer between its steps) is left out."""
         return {name: torch.stack([m[name] for m in metrics if name in m]).float().cpu()

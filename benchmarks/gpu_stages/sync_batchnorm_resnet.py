@@ -6,7 +6,7 @@ from benchmarks.gpu_stages.mode import Mode
 from benchmarks.gpu_stages.report import Report
 from benchmarks.gpu_stages.run import Run, last_values
 from gan_dist.dist import setup, teardown
-from gan_dist.layers import ConditionalBatchNorm2d
+from gan_dist.models.layers import ConditionalBatchNorm2d
 
 SMALL = ("model.resnet.g_width=16", "model.resnet.d_width=16")
 

@@ -14,7 +14,7 @@ from benchmarks.colour_fashion import write_split
 from benchmarks.gpu_stages.mode import PY, REPO, Mode
 from benchmarks.gpu_stages.report import Report, outcome, run_cmd
 from gan_dist.configio import load_config
-from gan_dist.sources import IdxSource
+from gan_dist.data.sources import IdxSource
 
 SPEED_BARS = {"x_ref": 30.0, "pct_of_ceiling": 40.0}
 

@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from gan_dist.config import ARCHITECTURES, ConfigError, DatasetInfo, ModelConfig, opt
-from gan_dist.models import Architecture, dcgan_stages, label_count
+from gan_dist.models.base import Architecture, dcgan_stages, label_count
 
 LEAK = 0.2
 ACTIVATION_GAIN = math.sqrt(2 / (1 + LEAK**2))  # He's gain for a leaky ReLU

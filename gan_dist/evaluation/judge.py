@@ -1,6 +1,6 @@
 """The judge: a small CNN whose penultimate layer is the default feature space of every metric.
 
-Inception (``eval.features=inception``, ``gan_dist.inception``) sees 299×299 photos and needs its
+Inception (``eval.features=inception``, ``gan_dist.evaluation.inception``) sees 299×299 photos and needs its
 weights file; a judge trained here on the real training split sees what matters in this data, at its
 own channels and resolution. It is built from the data's description (strided conv stages from the
 resolution down to 8 or less) and trained once per dataset, cached under
@@ -40,8 +40,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gan_dist.checkpoint import CheckpointError, atomic_save
 from gan_dist.config import DataConfig, DatasetInfo
-from gan_dist.data import ResidentBatches, has_split, load_split, open_source, to_device, to_unit
-from gan_dist.metrics import in_batches
+from gan_dist.data.batches import ResidentBatches
+from gan_dist.data.cache import has_split, load_split, open_source
+from gan_dist.data.pixels import to_device, to_unit
+from gan_dist.evaluation.scores import in_batches
 from gan_dist.seeds import Stream, derive_seed
 
 if TYPE_CHECKING:

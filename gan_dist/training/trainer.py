@@ -23,21 +23,25 @@ import torch
 from torch import nn
 
 from gan_dist import cli
-from gan_dist.checkpoint import Checkpointer, IncompatibleCheckpoint
-from gan_dist.config import Config, ConfigError, DatasetInfo, Diverged, UsageError, WriteError
+from gan_dist.checkpoint import IncompatibleCheckpoint
+from gan_dist.config import Config, ConfigError, DataError, DatasetInfo, Diverged, UsageError, WriteError
 from gan_dist.configio import to_dict, to_yaml
-from gan_dist.data import CHECKS, DataError, ShardedBatches, Split, class_notes, load_split, make_batches
+from gan_dist.data.batches import ShardedBatches, make_batches
+from gan_dist.data.cache import CHECKS, Split, load_split
+from gan_dist.data.classes import class_notes
 from gan_dist.dist import DistEnv, PeerFailed, StepAgreement, Stopped, StopPoints, lost_peer, setup, teardown
-from gan_dist.diversity import ZSpread
-from gan_dist.engine import GANEngine
-from gan_dist.models import check_resolution
-from gan_dist.monitor import MetricLogger, Progress
-from gan_dist.ramps import run_steps
-from gan_dist.sampling import SampleWriter
-from gan_dist.schedule import Component, Position
+from gan_dist.evaluation.diversity import ZSpread
+from gan_dist.models.base import check_resolution
+from gan_dist.signals import StopFlag
+from gan_dist.training.checkpointer import Checkpointer
+from gan_dist.training.engine import GANEngine
+from gan_dist.training.monitor import MetricLogger, Progress
+from gan_dist.training.position import Component, Position
+from gan_dist.training.ramps import run_steps
+from gan_dist.training.samples import SampleWriter
 
 if TYPE_CHECKING:
-    from gan_dist.evaluate import Evaluator
+    from gan_dist.evaluation.evaluator import Evaluator
 
 
 @dataclass
@@ -136,7 +140,7 @@ class Trainer:
     ``gan_dist.evaluate.Evaluator``, so training does not import evaluation's judge and Inception.
     """
 
-    def __init__(self, cfg: Config, env: DistEnv, stop: cli.StopFlag,
+    def __init__(self, cfg: Config, env: DistEnv, stop: StopFlag,
                  evaluator: Callable[[Config, DistEnv], Evaluator]) -> None:
         self.env, self.stop = env, stop
         self.run_dir = Path(cfg.run_dir)
@@ -344,7 +348,7 @@ def _prepare_run_dir(run_dir: Path) -> ConfigError | None:
     return None
 
 
-def train(cfg: Config, stop: cli.StopFlag, evaluator: Callable[[Config, DistEnv], Evaluator]) -> int:
+def train(cfg: Config, stop: StopFlag, evaluator: Callable[[Config, DistEnv], Evaluator]) -> int:
     """Join the process group, train, leave it. An error names its rank and is printed last, after the
     group is gone, so it is the line right above a launcher's summary."""
     env = trainer = None

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from gan_dist.amp import SKIPPED
 from gan_dist.config import Diverged, LogConfig, WandbConfig, WriteError
-from gan_dist.schedule import Component, Position
+from gan_dist.training.position import Component, Position
 
 if TYPE_CHECKING:
     from gan_dist.dist import DistEnv

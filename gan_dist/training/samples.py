@@ -1,7 +1,4 @@
-"""Sampling helpers: G rebuilt from a checkpoint, fixed-noise grids, and images from latents.
-
-Shared by the training run's sample grids (``SampleWriter``), ``gan_dist.sample`` and evaluation.
-"""
+"""The run's sample grids: fixed noise, one class per row, written every ``log.samples_every_steps``."""
 
 from __future__ import annotations
 
@@ -13,49 +10,14 @@ import torch
 from torch import nn
 from torchvision.utils import make_grid, save_image
 
-from gan_dist.checkpoint import IncompatibleCheckpoint, check_finite, check_shapes, load_file, naming
-from gan_dist.config import Config, ConfigError, DatasetInfo, WriteError
-from gan_dist.configio import ImportFailed, resolve
-from gan_dist.data import GRID_ROWS, grid_classes, row_names
-from gan_dist.layers import upgrade_state
-from gan_dist.models import build_generator
-from gan_dist.schedule import Component, Position
+from gan_dist.config import Config, DatasetInfo, WriteError
+from gan_dist.data.classes import GRID_ROWS, grid_classes, row_names
+from gan_dist.models.loading import generate
 from gan_dist.seeds import Stream, derive_seed
+from gan_dist.training.position import Component, Position
 
 if TYPE_CHECKING:
     from gan_dist.dist import DistEnv
-
-
-def load_generator(path: str | Path, device: torch.device | str = "cpu",
-                   use_ema: bool = True) -> tuple[nn.Module, Config, DatasetInfo]:
-    """G (its EMA when saved and ``use_ema``) in eval mode, rebuilt from the config and data description
-    the checkpoint carries, so no data is needed.
-
-    Tensors are mapped to ``device``, so a checkpoint trained on GPUs samples on a laptop.
-    """
-    return generator_from_state(load_file(Path(path), device), Path(path), device, use_ema)
-
-
-def generator_from_state(state: dict, path: Path, device: torch.device | str = "cpu",
-                         use_ema: bool = True) -> tuple[nn.Module, Config, DatasetInfo]:
-    """``load_generator`` on a checkpoint already read from ``path``."""
-    run, engine = state["run"], state["engine"]
-    try:
-        cfg = resolve(run["config"])  # its ``imports`` first: G may be a user's architecture
-    except ImportFailed as e:
-        fix = "the module must be importable here: put its folder on PYTHONPATH" if e.missing else "fix the module"
-        raise IncompatibleCheckpoint(f"checkpoint {path}: its config {e}; {fix}") from None
-    except ConfigError as e:
-        raise IncompatibleCheckpoint(f"checkpoint {path}: its config does not fit this gan_dist ({e})") from None
-    info = DatasetInfo.from_dict(run["data"])
-    generator = build_generator(cfg.model, info).to(device)
-    name = "generator_ema" if use_ema and "generator_ema" in engine else "generator"
-    weights = upgrade_state(engine[name], generator)
-    with naming(path):
-        check_finite(name, weights)
-        check_shapes("generator", weights, generator)
-    generator.load_state_dict(weights)
-    return generator.eval().requires_grad_(False), cfg, info
 
 
 def fixed_noise(z_dim: int, columns: int, seed: int, device: torch.device,
@@ -73,18 +35,6 @@ def fixed_noise(z_dim: int, columns: int, seed: int, device: torch.device,
         z = torch.randn(GRID_ROWS * columns, z_dim, generator=gen)
         labels = torch.zeros(GRID_ROWS * columns, dtype=torch.int64)
     return z.to(device), labels.to(device)
-
-
-@torch.no_grad()
-def generate(generator: nn.Module, z: torch.Tensor, labels: torch.Tensor, batch: int = 1000) -> torch.Tensor:
-    """Images in [-1, 1], from G in eval mode (BatchNorm uses its running stats), restoring its mode."""
-    was_training = generator.training
-    generator.eval()
-    try:
-        return torch.cat([generator(z[i:i + batch], labels[i:i + batch]).float()
-                          for i in range(0, z.shape[0], batch)])
-    finally:
-        generator.train(was_training)
 
 
 def save_grid(images: torch.Tensor, path: Path, columns: int) -> Path:

@@ -21,14 +21,15 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gan_dist.amp import SKIPPED, Amp
-from gan_dist.augment import Augment
 from gan_dist.checkpoint import check_finite, check_shapes
 from gan_dist.config import Config, ConfigError, DatasetInfo
-from gan_dist.layers import upgrade_state
-from gan_dist.losses import GANLoss, Metrics, Networks
-from gan_dist.models import EMA, build_models, convolutional, label_count
-from gan_dist.ramps import Ramps, ema_decay
+from gan_dist.models.base import build_models, convolutional, label_count
+from gan_dist.models.ema import EMA
+from gan_dist.models.layers import upgrade_state
 from gan_dist.seeds import NoiseStream, Stream
+from gan_dist.training.augment import Augment
+from gan_dist.training.losses import GANLoss, LossStats, Networks
+from gan_dist.training.ramps import Ramps, ema_decay
 
 if TYPE_CHECKING:
     from gan_dist.dist import DistEnv
@@ -112,7 +113,7 @@ class GANEngine:
         return self.ema.calibrated() if self.ema is not None else self.generator
 
     def d_step(self, real: torch.Tensor, labels: torch.Tensor, z: torch.Tensor, fake_labels: torch.Tensor,
-               d_step: int) -> Metrics:
+               d_step: int) -> LossStats:
         """One D update; ``d_step`` counts D steps from 0 and picks the augmentation's stream."""
         self.opt_d.zero_grad(set_to_none=True)
         metrics = self.loss.d_phase(self.nets, real, labels, z, fake_labels, d_step,
@@ -121,14 +122,14 @@ class GANEngine:
         return metrics
 
     def g_step(self, z: torch.Tensor, fake_labels: torch.Tensor, step: int,
-               real: tuple[torch.Tensor, torch.Tensor] | None = None) -> Metrics:
+               real: tuple[torch.Tensor, torch.Tensor] | None = None) -> LossStats:
         """One G update at iteration ``step``; ``real`` (images, labels) for an objective that pairs."""
         self.opt_g.zero_grad(set_to_none=True)
         metrics = self.loss.g_phase(self.nets, z, fake_labels, self.noise.shared(Stream.AUGMENT_G, step), real)
         self.amp.step(self.opt_g)
         return metrics
 
-    def iteration(self, step: int, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Metrics:
+    def iteration(self, step: int, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> LossStats:
         """One D step per real batch, then one G step; ``step`` picks the random streams.
 
         The metrics are the loss's: the last D step's, any of its lazy terms, and G's; with float16's loss
@@ -140,7 +141,7 @@ class GANEngine:
         if self.graphed:  # CUDA graphs may reuse the previous iteration's output memory from here on
             torch.compiler.cudagraph_mark_step_begin()
         self.noise.seed_dropout(step)
-        metrics: Metrics = {}
+        metrics: LossStats = {}
         skipped = []
         for phase, (real, labels) in enumerate(batches):
             if phase:  # a second step() on opt_d needs the scaler updated in between

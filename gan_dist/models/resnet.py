@@ -25,8 +25,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from gan_dist.config import ARCHITECTURES, ConfigError, DatasetInfo, ModelConfig, opt
-from gan_dist.layers import ConditionalBatchNorm2d, SelfAttention, orthogonal_init, stage_widths
-from gan_dist.models import Architecture, dcgan_stages, label_count
+from gan_dist.models.base import Architecture, dcgan_stages, label_count
+from gan_dist.models.layers import ConditionalBatchNorm2d, SelfAttention, orthogonal_init, stage_widths
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from gan_dist.data import Split, grid_classes, row_names, to_unit
+from gan_dist.data.cache import Split
+from gan_dist.data.classes import grid_classes, row_names
+from gan_dist.data.pixels import to_unit
 from gan_dist.seeds import Stream, latents
 
 LATENTS = 16

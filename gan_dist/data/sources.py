@@ -23,7 +23,7 @@ from torchvision.datasets import CIFAR10, CIFAR100, MNIST, FashionMNIST
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
 from gan_dist.config import DATASETS, DataConfig, DataError, DatasetInfo
-from gan_dist.pixels import GREY_MODES, IMAGE_EXTENSIONS, Failed, decode, each, fit, probe
+from gan_dist.data.files import GREY_MODES, IMAGE_EXTENSIONS, Failed, decode, each, fit, probe
 from gan_dist.seeds import Stream
 
 SPLITS = ("train", "test")

@@ -11,168 +11,24 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from gan_dist.config import LOSSES, BCRConfig, LeCamConfig, LossConfig, PenaltyConfig, opt
+from gan_dist.config import LOSSES, LossConfig
+from gan_dist.training.objectives import LossStats, Objective
+from gan_dist.training.terms import BCR, GradientPenalty, LeCam
 
 if TYPE_CHECKING:
     from gan_dist.amp import Amp
-    from gan_dist.augment import Augment
     from gan_dist.dist import DistEnv
-
-Metrics = dict[str, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class BCEOptions:
-    label_smoothing: float = opt(0.0, "one-sided smoothing: real targets become 1 - this", ge=0, le=0.5)
+    from gan_dist.training.augment import Augment
 
 
-class Objective:
-    """The adversarial terms on D's logits, and the extra metrics they define. An objective that
-    ``pairs`` compares each fake with a real image, so G's phase also runs D on a real batch and hands
-    its logits to ``g``."""
-
-    extra: tuple[str, ...] = ()
-    pairs = False
-
-    def d(self, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
-        raise NotImplementedError
-
-    def g(self, fake: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
-        raise NotImplementedError
-
-
-@LOSSES.register("bce", BCEOptions)
-class BCE(Objective):
-    """The tutorial's loss, on logits. Reports D's mean probabilities: ``d_real`` = D(x), ``d_fake`` = D(G(z))."""
-
-    extra = ("d_real", "d_fake")
-
-    def __init__(self, options: BCEOptions) -> None:
-        self.real_target = 1.0 - options.label_smoothing
-
-    def d(self, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
-        loss = (F.binary_cross_entropy_with_logits(real, torch.full_like(real, self.real_target))
-                + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake)))
-        with torch.no_grad():
-            return loss, {"d_real": torch.sigmoid(real).mean(), "d_fake": torch.sigmoid(fake).mean()}
-
-    def g(self, fake: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
-        return F.binary_cross_entropy_with_logits(fake, torch.ones_like(fake))
-
-
-@LOSSES.register("hinge")
-class Hinge(Objective):
-    """The SNGAN hinge loss. Reports the mean scores, whose margins are at +1 (real) and -1 (fake)."""
-
-    extra = ("score_real", "score_fake")
-
-    def __init__(self, options: None) -> None:
-        del options
-
-    def d(self, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
-        loss = F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean()
-        return loss, {"score_real": real.detach().mean(), "score_fake": fake.detach().mean()}
-
-    def g(self, fake: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
-        return -fake.mean()
-
-
-@LOSSES.register("rpgan")
-class RpGAN(Objective):
-    """The relativistic pairing loss (Jolicoeur-Martineau 2019; R3GAN): D lifts each real image above the
-    fake it is paired with, softplus(D(fake) - D(real)), and G the reverse. Reports the mean margin
-    D(real) - D(fake) of D's step."""
-
-    extra = ("margin",)
-    pairs = True
-
-    def __init__(self, options: None) -> None:
-        del options
-
-    def d(self, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
-        margin = real - fake
-        return F.softplus(-margin).mean(), {"margin": margin.detach().mean()}
-
-    def g(self, fake: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
-        return F.softplus(real - fake).mean()
-
-
-class GradientPenalty:
-    """A zero-centred gradient penalty γ/2 · E‖∇ₓD(x)‖², on real images (R1, Mescheder et al. 2018) or on
-    fakes (R2), lazily: on every ``every``-th D step, times ``every``, so its weight per step is γ/2
-    whatever the interval (StyleGAN2). The gradient is taken with respect to the images before any
-    augmentation."""
-
-    def __init__(self, name: str, cfg: PenaltyConfig, amp: Amp) -> None:
-        self.name, self.metric = name, f"{name}_penalty"
-        self.gamma, self.every, self.amp = cfg.gamma, cfg.every, amp
-
-    def due(self, d_step: int) -> bool:
-        return d_step % self.every == 0
-
-    def penalty(self, logits: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-        """E‖∇ₓD(x)‖² over the batch, differentiable with respect to D's weights."""
-        grad = self.amp.input_grad(logits, real)
-        return grad.float().square().flatten(1).sum(1).mean()
-
-    def weight(self) -> float:
-        return self.gamma / 2 * self.every
-
-    def __str__(self) -> str:
-        return f"{self.name.upper()} γ={self.gamma:g} every {self.every}"
-
-
-class LeCam:
-    """LeCam (Tseng et al. 2021): E relu(D(x) - α_fake)² + E relu(α_real - D(G(z)))², where α are EMAs
-    of D's mean outputs on real and fake images. The means are all-reduced before they enter the EMAs,
-    so every rank holds the same α, and the checkpoint (rank 0's) holds all of them."""
-
-    def __init__(self, cfg: LeCamConfig, env: DistEnv) -> None:
-        self.weight, self.decay, self.world_size = cfg.weight, cfg.decay, env.world_size
-        self.ema = torch.zeros(2, device=env.device)  # real, fake
-
-    def penalty(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
-        ema_real, ema_fake = self.ema.unbind()
-        return F.relu(real - ema_fake).square().mean() + F.relu(ema_real - fake).square().mean()
-
-    def local_stats(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
-        """This rank's mean outputs, to be summed over ranks."""
-        return torch.stack([real.detach().mean(), fake.detach().mean()])
-
-    def absorb(self, total: torch.Tensor) -> None:
-        """The means summed over ranks enter the EMAs (after this step's penalty used them)."""
-        self.ema = self.decay * self.ema + (1 - self.decay) * total / self.world_size
-
-    def state_dict(self) -> dict:
-        return {"ema": self.ema.cpu()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.ema = state["ema"].to(self.ema.device)
-
-
-class BCR:
-    """Balanced consistency regularization (bCR, Zhao et al. 2021): E(D(x) - D(T(x)))² on real images plus
-    the same on fakes, with T every operation of ``loss.bcr.policy``. D learns outputs that T does not change,
-    while it still sees the images themselves; unlike ADA it acts from the first step, whether or not D
-    overfits. T draws from the step's stream after the augmentation, so ranks and resumes agree."""
-
-    def __init__(self, cfg: BCRConfig, augment: Augment) -> None:
-        self.weight, self.policy, self.augment = cfg.weight, cfg.policy, augment
-
-    def penalty(self, score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], images: torch.Tensor,
-                labels: torch.Tensor, logits: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """E(D(x) - D(T(x)))² over a batch: ``logits`` are D's on ``images``, ``score`` runs D on T(images)."""
-        transformed = self.augment.transform(images, self.policy, gen)
-        return (logits - score(transformed, labels)).square().mean()
 
 
 @dataclass(frozen=True)
@@ -235,7 +91,7 @@ class GANLoss:
             return D(self.amp.laid_out(images), labels).float()
 
     def d_phase(self, nets: Networks, real: torch.Tensor, labels: torch.Tensor, z: torch.Tensor,
-                fake_labels: torch.Tensor, d_step: int, gen: torch.Generator) -> Metrics:
+                fake_labels: torch.Tensor, d_step: int, gen: torch.Generator) -> LossStats:
         """D on a real and a fake batch, and backward; ``d_step`` counts D steps from 0 (it schedules the lazy
         penalties), ``gen`` draws the augmentation."""
         with torch.no_grad(), self.amp.autocast():
@@ -279,7 +135,7 @@ class GANLoss:
             term.absorb(part)
 
     def g_phase(self, nets: Networks, z: torch.Tensor, fake_labels: torch.Tensor, gen: torch.Generator,
-                real: tuple[torch.Tensor, torch.Tensor] | None = None) -> Metrics:
+                real: tuple[torch.Tensor, torch.Tensor] | None = None) -> LossStats:
         """G's loss on its fakes through the frozen D, and backward: only G's gradient is all-reduced. An
         objective that pairs also scores ``real`` (images, labels), with no gradient to anything."""
         with nets.frozen_d():
@@ -296,7 +152,7 @@ class GANLoss:
             self.amp.backward(loss)
         return {"g_loss": loss.detach()}
 
-    def end_iteration(self, step: int) -> Metrics:
+    def end_iteration(self, step: int) -> LossStats:
         """After the phases of step ``step``: ADA's adjustment of p (all ranks together)."""
         return self.augment.adjust(step)
 

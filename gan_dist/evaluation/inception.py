@@ -33,8 +33,9 @@ from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, k
 
 from gan_dist.checkpoint import CheckpointError, atomic_save
 from gan_dist.config import ConfigError
-from gan_dist.data import Split, file_sha256, to_pixels
-from gan_dist.metrics import in_batches, kid_subset_size
+from gan_dist.data.cache import Split, file_sha256
+from gan_dist.data.pixels import to_pixels
+from gan_dist.evaluation.scores import in_batches, kid_subset_size
 
 if TYPE_CHECKING:
     from gan_dist.dist import DistEnv
