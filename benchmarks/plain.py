@@ -14,7 +14,7 @@ import torch
 from torch.nn import functional as F
 
 from gan_dist.amp import Amp
-from gan_dist.config import Config, DatasetInfo
+from gan_dist.config import TERMS, Config, DatasetInfo
 from gan_dist.data.pixels import to_unit
 from gan_dist.models.base import build_models, convolutional, label_count
 from gan_dist.training.augment import OPERATIONS, Draws
@@ -22,13 +22,16 @@ from gan_dist.training.augment import OPERATIONS, Draws
 
 def plain_misfit(cfg: Config) -> str | None:
     """Why the plain loop cannot stand for this config, or None when it can."""
-    if cfg.loss.r1.gamma > 0:
-        return "the plain loop has no R1 penalty (loss.r1.gamma > 0)"
+    terms = [name for name, options in cfg.loss.terms.items() if TERMS[name].on(options)]
+    if terms:
+        return f"the plain loop has no terms besides the objective (loss.{terms[0]} is on)"
     if cfg.train.compile != "off":
         return "the plain loop does not compile (train.compile)"
-    if cfg.augment.kind == "ada" or cfg.loss.lecam.weight > 0 or cfg.loss.bcr.weight > 0:
-        return ("the plain loop has no ADA controller, LeCam or bCR term (augment.kind=ada, loss.lecam.weight > 0, "
-                "loss.bcr.weight > 0)")
+    if cfg.augment.kind == "ada":
+        return "the plain loop has no ADA controller (augment.kind=ada)"
+    if cfg.loss.kind not in ("bce", "hinge") or cfg.schedule.ramps() or cfg.train.labels != "uniform":
+        return ("the plain loop writes out bce and hinge, fixed hyperparameters and uniform labels (loss.kind, "
+                "schedule.*, train.labels)")
     return None
 
 

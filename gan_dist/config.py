@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import sys
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,18 +138,22 @@ class Registry:
 ARCHITECTURES = Registry("model.arch", "architecture", "gan_dist.models.mlp", "gan_dist.models.dcgan",
                          "gan_dist.models.resnet", "gan_dist.models.r3gan")
 LOSSES = Registry("loss.kind", "loss", "gan_dist.training.objectives")
+TERMS = Registry("loss", "loss term", "gan_dist.training.terms")
 DATASETS = Registry("data.name", "dataset", "gan_dist.data.sources")
 
 
 def opt(default: Any, help: str, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
-        lt: float | None = None, registry: Registry | None = None, options_of: str | None = None):
+        lt: float | None = None, registry: Registry | None = None, options_of: str | None = None,
+        sections_of: Registry | None = None):
     """A config field with its documentation and an optional numeric range.
 
     A section's default is given as its dataclass, built anew for each config. ``registry``: the
     field names an entry of it. ``options_of``: the field holds the options of the entry that the
-    field named here chooses; its YAML key is that entry's name.
+    field named here chooses; its YAML key is that entry's name. ``sections_of``: the field holds every entry's
+    options of that registry, each under its entry's name.
     """
-    meta = {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt, "registry": registry, "options_of": options_of}
+    meta = {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt, "registry": registry, "options_of": options_of,
+            "sections_of": sections_of}
     if isinstance(default, type) and dataclasses.is_dataclass(default):
         return field(default_factory=default, metadata=meta)
     return field(default=default, metadata=meta)
@@ -219,31 +223,8 @@ class ModelConfig:
         _fill_options(self, "arch", "options")
 
 
-@dataclass(frozen=True)
-class PenaltyConfig:
-    """A zero-centred gradient penalty: R1 on real images, R2 on fakes."""
-
-    gamma: float = opt(0.0, "weight γ of the penalty γ/2·E‖∇ₓD(x)‖² (0: off)", ge=0)
-    every: int = opt(16, "lazy regularization: the penalty, times this, on every this many D steps", ge=1)
-
-
-@dataclass(frozen=True)
-class LeCamConfig:
-    weight: float = opt(0.0, "weight λ of LeCam's ‖D(x) - EMA D(G(z))‖² + ‖D(G(z)) - EMA D(x)‖², hinged "
-                             "(Tseng et al. 2021; 0: off)", ge=0)
-    decay: float = opt(0.99, "decay per D step of the EMAs of D's mean outputs on real and fake images", ge=0, lt=1)
-
-
 Operation = Literal["color", "translation", "cutout"]
 """The differentiable augmentations (``gan_dist.training.augment.OPERATIONS``)."""
-
-
-@dataclass(frozen=True)
-class BCRConfig:
-    weight: float = opt(0.0, "weight λ of bCR's E(D(x) - D(T(x)))² on real and on fake images, T drawn from "
-                             "loss.bcr.policy (Zhao et al. 2021; 0: off)", ge=0)
-    policy: tuple[Operation, ...] = opt(
-        ("translation",), "the operations T applies to every image, in order (as augment.policy)")
 
 
 @dataclass(frozen=True)
@@ -252,16 +233,22 @@ class LossConfig:
                     "pairing loss softplus(D(fake) - D(real)) (R3GAN); options: loss.<kind>.*",
                     registry=LOSSES)
     options: Any = opt(None, "the chosen loss's own section", options_of="kind")
-    r1: PenaltyConfig = opt(PenaltyConfig, "R1: the gradient penalty on real images (Mescheder et al. 2018), "
-                                          "with any loss.kind")
-    r2: PenaltyConfig = opt(PenaltyConfig, "R2: the gradient penalty on generated images (R3GAN pairs it with R1 "
-                                          "and rpgan), with any loss.kind")
-    lecam: LeCamConfig = opt(LeCamConfig, "LeCam regularizer on D's outputs (small data), with any loss.kind")
-    bcr: BCRConfig = opt(BCRConfig, "balanced consistency regularization: D's outputs unchanged by augmentation, "
-                                    "with any loss.kind")
+    terms: Any = opt(None, "each term's own section (loss.r1, loss.r2, loss.lecam, loss.bcr, and any registered "
+                           "by an imports: module), with any loss.kind; a term is on when its weight is above 0",
+                     sections_of=TERMS)
 
     def __post_init__(self) -> None:
         _fill_options(self, "kind", "options")
+        given = self.terms or {}
+        object.__setattr__(self, "terms", {name: given.get(name) or options() for name, (_, options)
+                                           in TERMS.entries.items()})
+
+    def __getattr__(self, name: str) -> Any:
+        """A term's section by its name: ``cfg.loss.r1.gamma``."""
+        terms = self.__dict__.get("terms") or {}
+        if name in terms:
+            return terms[name]
+        raise AttributeError(f"LossConfig has no {name!r}")
 
 
 @dataclass(frozen=True)
@@ -455,8 +442,6 @@ class Config:
     def __post_init__(self) -> None:
         if self.augment.kind != "none" and not self.augment.policy:
             raise ConfigError(f"augment.policy: augment.kind={self.augment.kind} needs at least one operation")
-        if self.loss.bcr.weight > 0 and not self.loss.bcr.policy:
-            raise ConfigError("loss.bcr.policy: loss.bcr.weight > 0 needs at least one operation")
         for name in ("r1", "r2"):
             if getattr(self.loss, name).gamma > 0 and self.train.compile != "off":
                 raise ConfigError(f"loss.{name}.gamma: {name.upper()} differentiates D's gradient, and torch.compile "

@@ -23,9 +23,9 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from gan_dist.config import ARCHITECTURES, DATASETS, LOSSES, Config, ConfigError, Registry
+from gan_dist.config import ARCHITECTURES, DATASETS, LOSSES, TERMS, Config, ConfigError, Registry
 
-REGISTRIES = (ARCHITECTURES, LOSSES, DATASETS)
+REGISTRIES = (ARCHITECTURES, LOSSES, TERMS, DATASETS)
 
 
 def _type_name(tp: Any) -> str:
@@ -109,12 +109,18 @@ def from_dict(cls: type, data: typing.Mapping[str, Any], prefix: str = "") -> An
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     variants = {f.metadata["options_of"]: f.name for f in fields.values() if f.metadata["options_of"]}
-    known = {name: f for name, f in fields.items() if not f.metadata["options_of"]}
+    sections = {f.name: f.metadata["sections_of"] for f in fields.values() if f.metadata.get("sections_of")}
+    known = {name: f for name, f in fields.items() if not f.metadata["options_of"] and name not in sections}
     kwargs: dict[str, Any] = {}
     for name in sorted(data, key=lambda n: n not in variants):  # the choosers first: they decide the sections
         value, key = data[name], f"{prefix}{name}"
+        holder = next((f for f, registry in sections.items() if name in registry.names()), None)
+        if holder is not None:
+            kind = sections[holder].options(name)
+            kwargs.setdefault(holder, {})[name] = from_dict(kind, value if value is not None else {}, f"{key}.")
+            continue
         if name not in known:
-            kwargs.update(_variant_section(cls, known, variants, kwargs, name, value, prefix))
+            kwargs.update(_variant_section(cls, known, variants, kwargs, name, value, prefix, sections))
             continue
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
@@ -128,7 +134,8 @@ def from_dict(cls: type, data: typing.Mapping[str, Any], prefix: str = "") -> An
 
 
 def _variant_section(cls: type, known: dict[str, dataclasses.Field], variants: dict[str, str],
-                     chosen: dict[str, Any], name: str, value: Any, prefix: str) -> dict[str, Any]:
+                     chosen: dict[str, Any], name: str, value: Any, prefix: str,
+                     sections: dict[str, Registry]) -> dict[str, Any]:
     """The options of the entry ``name``, when a chooser field of ``cls`` chose it; else a ConfigError."""
     for selector, options in variants.items():
         registry: Registry = known[selector].metadata["registry"]
@@ -144,8 +151,9 @@ def _variant_section(cls: type, known: dict[str, dataclasses.Field], variants: d
         if kind is None:
             raise ConfigError(f"{prefix}{name}: {prefix}{selector}={name} takes no options")
         return {options: from_dict(kind, value if value is not None else {}, f"{prefix}{name}.")}
-    sections = [n for s in variants for n in known[s].metadata["registry"].names()]
-    raise ConfigError(f"unknown config key '{prefix}{name}'; known here: {', '.join([*known, *sections])}")
+    entries = [n for s in variants for n in known[s].metadata["registry"].names()]
+    entries += [n for registry in sections.values() for n in registry.names()]
+    raise ConfigError(f"unknown config key '{prefix}{name}'; known here: {', '.join([*known, *entries])}")
 
 
 def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -252,6 +260,8 @@ def to_dict(cfg: Any) -> dict[str, Any]:
                 if f.metadata.get("options_of"):
                     if value is not None:
                         out[getattr(v, f.metadata["options_of"])] = plain(value)
+                elif f.metadata.get("sections_of"):
+                    out |= {name: plain(section) for name, section in value.items()}
                 else:
                     out[f.name] = plain(value)
             return out
@@ -275,6 +285,13 @@ def describe(cls: type = Config, prefix: str = "", when: str = "") -> list[str]:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
+        if f.metadata.get("sections_of"):
+            registry = f.metadata["sections_of"]
+            for name in registry.names():
+                doc = (registry[name].__doc__ or "").strip().splitlines()
+                note = f" ({doc[0].rstrip('.')})" if doc else when
+                lines += describe(registry.options(name), f"{prefix}{name}.", note)
+            continue
         if f.metadata["options_of"]:
             selector = next(g for g in dataclasses.fields(cls) if g.name == f.metadata["options_of"])
             registry: Registry = selector.metadata["registry"]

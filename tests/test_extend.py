@@ -1,5 +1,5 @@
 """README: "Adding one touches one module and one recipe". A module outside the package registers an
-architecture, a loss and a data source through the public registries; a recipe names them with their
+architecture, a loss, a term of D's loss and a data source through the public registries; a recipe names them with their
 options, and the real trainer trains on them, end to end, on one CPU process."""
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ import torch
 import yaml
 from conftest import base_overrides, run
 
-from gan_dist.config import ARCHITECTURES, DATASETS, LOSSES
+from gan_dist.config import ARCHITECTURES, DATASETS, LOSSES, TERMS
 from gan_dist.configio import describe, load_config
 from gan_dist.train import main
 
 MODULE = "my_gan_parts"
 PLUGIN = '''
-"""A user's own architecture, loss and data source, kept outside gan_dist."""
+"""A user's own architecture, loss, loss term and data source, kept outside gan_dist."""
 
 from __future__ import annotations
 
@@ -36,8 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gan_dist.config import ARCHITECTURES, DATASETS, LOSSES, DataError, DatasetInfo, ModelConfig, opt
+from gan_dist.config import ARCHITECTURES, DATASETS, LOSSES, TERMS, DataError, DatasetInfo, ModelConfig, opt
 from gan_dist.training.objectives import Objective
+from gan_dist.training.terms import Term
 from gan_dist.models.base import Architecture, label_count
 from gan_dist.data.sources import Decoded, Source, convert_arrays
 
@@ -89,6 +90,29 @@ class LeastSquares(Objective):
         return 0.5 * (fake - self.target).square().mean()
 
 
+@dataclass(frozen=True)
+class DriftOptions:
+    weight: float = opt(0.0, "weight ε of ε·E[D(x)²] on real images (0: off)", ge=0)
+
+
+@TERMS.register("drift", DriftOptions)
+class Drift(Term):
+    """ProGAN's drift penalty: keeps D's scores on real images near 0."""
+
+    metrics = ("drift",)
+
+    @staticmethod
+    def on(options: DriftOptions) -> bool:
+        return options.weight > 0
+
+    def __call__(self, phase):
+        drift = phase.real_logits.square().mean()
+        return self.options.weight * drift, {"drift": drift.detach()}
+
+    def __str__(self) -> str:
+        return f"drift ε={self.options.weight:g}"
+
+
 class NpzSource(Source):
     """<root>/<split>.npz: uint8 images [N, H, W] and their labels."""
 
@@ -116,10 +140,11 @@ class NpzSource(Source):
 
 DATASETS.register("npz")(NpzSource)
 '''
-ADDED = {ARCHITECTURES: "tiny", LOSSES: "least_squares", DATASETS: "npz"}
+ADDED = {ARCHITECTURES: "tiny", LOSSES: "least_squares", TERMS: "drift", DATASETS: "npz"}
 RECIPE = {"data": {"name": "npz"}, "model": {"arch": "tiny", "tiny": {"hidden": 24}},
-          "loss": {"kind": "least_squares", "least_squares": {"target": 0.5}}, "train": {"max_steps": 4}}
-"""The one recipe: the new names, and options of the new architecture and loss."""
+          "loss": {"kind": "least_squares", "least_squares": {"target": 0.5}, "drift": {"weight": 0.01}},
+          "train": {"max_steps": 4}}
+"""The one recipe: the new names, and options of the new architecture, loss and term."""
 
 
 @pytest.fixture
@@ -164,9 +189,11 @@ def test_a_module_and_a_recipe_add_an_architecture_a_loss_and_a_source(
     # The loss's own metrics reach metrics.jsonl by their names.
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4]
-    assert all({"d_loss", "g_loss", "ls_real", "ls_fake"} <= r.keys() for r in records)
+    assert all({"d_loss", "g_loss", "ls_real", "ls_fake", "drift"} <= r.keys() for r in records)
+    assert "drift ε=0.01" in out.out
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert (saved["model"]["tiny"], saved["loss"]["least_squares"]) == ({"hidden": 24}, {"target": 0.5})
+    assert (saved["model"]["tiny"], saved["loss"]["least_squares"], saved["loss"]["drift"]) == (
+        {"hidden": 24}, {"target": 0.5}, {"weight": 0.01})
     weights = torch.load(run_dir / "checkpoints" / "step_4.pt", weights_only=True)["engine"]["generator"]
     assert weights["net.0.weight"].shape == (24, 100 + 2)  # z and the source's 2 classes, into the recipe's width
     assert (run_dir / "samples" / "step_4.png").is_file()
@@ -176,12 +203,13 @@ def test_the_config_takes_the_new_names_and_their_options(plugin: ModuleType) ->
     cfg = load_config(None, ["model.arch=tiny", "model.tiny.hidden=8", "loss.kind=least_squares", "data.name=npz"])
     assert (cfg.model.options, cfg.loss.options) == (plugin.TinyOptions(8), plugin.LeastSquaresOptions())
     shown = "\n".join(describe())
-    assert "model.arch ('mlp' | 'dcgan' | 'resnet' | 'tiny')" in shown and "model.tiny.hidden (int) = 32" in shown
+    assert "model.arch ('mlp' | 'dcgan' | 'resnet' | 'r3gan' | 'tiny')" in shown
+    assert "model.tiny.hidden (int) = 32" in shown
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    (["model.arch=tinny"], "model.arch: unknown architecture 'tinny'; known: mlp, dcgan, resnet, tiny"),
-    (["loss.kind=least_square"], "loss.kind: unknown loss 'least_square'; known: bce, hinge, least_squares"),
+    (["model.arch=tinny"], "model.arch: unknown architecture 'tinny'; known: mlp, dcgan, resnet, r3gan, tiny"),
+    (["loss.kind=least_square"], "loss.kind: unknown loss 'least_square'; known: bce, hinge, rpgan, least_squares"),
     (["data.name=npy"], "data.name: unknown dataset 'npy'; known: mnist, fashion_mnist, idx, cifar10, cifar100, "
                         "folder, npz"),
     (["model.arch=tiny", "model.tiny.hidden=0"], "model.tiny.hidden: expected values >= 1"),
@@ -212,3 +240,19 @@ def test_imports_names_the_module_for_the_command_line(tmp_path: Path) -> None:
     missing = run([sys.executable, "-m", "gan_dist.train", "imports=[no_such_module]", "--dry-run"])
     assert missing.returncode == 2 and missing.stderr.startswith("config error: imports: cannot import"), \
         missing.stderr
+
+
+def test_a_term_that_reports_a_taken_metric_name_is_refused_at_build(plugin: ModuleType, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    """A term's metric names are checked once, when the loss is built: one line naming the name, exit 2."""
+
+    class Clash(plugin.Drift):
+        metrics = ("d_loss",)
+
+    TERMS.register("clash", plugin.DriftOptions)(Clash)
+    write_npz(tmp_path / "npz", 16)
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(RECIPE))
+    status = main(["--config", str(recipe), *base_overrides(tmp_path / "run", tmp_path / "npz"), "loss.clash.weight=1"])
+    err = capsys.readouterr().err
+    assert status == 2 and "the metric names d_loss are reported twice" in err and len(err.splitlines()) == 1, err

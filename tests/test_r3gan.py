@@ -144,7 +144,7 @@ def test_ramps_set_the_optimizers_penalties_augmentation_and_ema_at_each_step():
     eng.apply_ramps(5)
     assert eng.opt_g.param_groups[0]["lr"] == pytest.approx(5e-5)
     assert eng.opt_d.param_groups[0]["betas"] == (0.9, pytest.approx((0.999 + 0.99) / 2))
-    assert eng.loss.r2.gamma == pytest.approx(0.5) and eng.loss.augment.p == pytest.approx(0.5)
+    assert eng.loss.term("r2").gamma == pytest.approx(0.5) and eng.loss.augment.p == pytest.approx(0.5)
     assert eng.ema.decay == pytest.approx(ema_decay(0.4, 8)) and ema_half_life_kimg(eng.ema.decay, 8) == \
         pytest.approx(0.4)
     metrics = eng.iteration(5, [batch(8)])

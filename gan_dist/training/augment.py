@@ -81,6 +81,8 @@ def cutout(x: torch.Tensor, draws: Draws, ratio: float = 0.5) -> torch.Tensor:
 
 
 OPERATIONS = {"color": color, "translation": translation, "cutout": cutout}
+ADA_METRICS = ("augment_p", "ada_rt")
+"""ADA's probability and the E[sign(D(real))] that steers it, as every log record names them."""
 
 
 class Augment:
@@ -98,6 +100,8 @@ class Augment:
         # over ada_kimg thousand images.
         self.speed = global_batch * cfg.ada_interval / (cfg.ada_kimg * 1000)
         self.signs = torch.zeros(2, device=env.device)  # sum of sign(D(real)), count
+        self.metrics = ADA_METRICS if self.adaptive else ()
+        """What ``adjust`` reports, for the logger's names."""
 
     @property
     def enabled(self) -> bool:
@@ -149,7 +153,7 @@ class Augment:
             direction = 1.0 if self.rt > self.cfg.ada_target else -1.0 if self.rt < self.cfg.ada_target else 0.0
             self.p = min(max(self.p + direction * self.speed, 0.0), 1.0)
         device = self.signs.device  # a fill, not a copy of host data: no wait for the device's queue
-        return {"augment_p": torch.full((), self.p, device=device), "ada_rt": torch.full((), self.rt, device=device)}
+        return dict(zip(ADA_METRICS, (torch.full((), v, device=device) for v in (self.p, self.rt)), strict=True))
 
     def state_dict(self) -> dict:
         return {"p": self.p, "rt": self.rt, "signs": self.signs.cpu()}

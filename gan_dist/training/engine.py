@@ -167,8 +167,9 @@ class GANEngine:
                     group["lr"] = lr
                 if beta2 is not None:
                     group["betas"] = (self.betas[net][0], beta2)
-        for term in self.loss.penalties:
-            term.gamma = values.get(f"{term.name}_gamma", term.gamma)
+        for name in ("r1", "r2"):
+            if f"{name}_gamma" in values:
+                self.loss.term(name).gamma = values[f"{name}_gamma"]
         if "augment_p" in values:
             self.loss.augment.p = values["augment_p"]
         if "ema_half_life" in values:

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from gan_dist.config import LOSSES, LossConfig
+from gan_dist.config import LOSSES, TERMS, ConfigError, LossConfig
 from gan_dist.training.objectives import LossStats, Objective
-from gan_dist.training.terms import BCR, GradientPenalty, LeCam
+from gan_dist.training.terms import DPhase, Term, TermContext
 
 if TYPE_CHECKING:
     from gan_dist.amp import Amp
@@ -54,9 +54,9 @@ class Networks:
 
 
 class GANLoss:
-    """The phases of an iteration and every term in them: the configured objective, R1 (``loss.r1.gamma`` >
-    0), LeCam (``loss.lecam.weight`` > 0), bCR (``loss.bcr.weight`` > 0), and the augmentation of D's inputs
-    (``augment.kind``).
+    """The phases of an iteration and every term in them: the configured objective (``loss.kind``), the terms of
+    D's loss that are on (``TERMS``: R1, R2, LeCam, bCR, and any registered from outside), and the augmentation of
+    D's inputs (``augment.kind``).
 
     Each phase runs its networks, adds its terms and calls backward; the engine zeroes and steps the
     optimizers around it. D runs under autocast, the terms in float32.
@@ -64,26 +64,28 @@ class GANLoss:
 
     def __init__(self, cfg: LossConfig, augment: Augment, amp: Amp, env: DistEnv) -> None:
         self.objective: Objective = LOSSES[cfg.kind](cfg.options)
-        self.r1 = GradientPenalty("r1", cfg.r1, amp) if cfg.r1.gamma > 0 else None
-        self.r2 = GradientPenalty("r2", cfg.r2, amp) if cfg.r2.gamma > 0 else None
-        self.penalties = [t for t in (self.r1, self.r2) if t is not None]
-        self.lecam = LeCam(cfg.lecam, env) if cfg.lecam.weight > 0 else None
-        self.bcr = BCR(cfg.bcr, augment) if cfg.bcr.weight > 0 else None
-        self.augment, self.amp, self.env = augment, amp, env
-        self.observers = [t for t in (self.lecam, augment if augment.adaptive else None) if t is not None]
-        """The terms that learn from D's outputs on every rank: their sums share one all-reduce per D step."""
-        self.names = ("d_loss", "g_loss", *self.objective.extra, *(t.metric for t in self.penalties),
-                      *(("lecam_penalty",) if self.lecam else ()), *(("bcr_penalty",) if self.bcr else ()),
-                      *(("augment_p", "ada_rt") if augment.adaptive else ()))
+        context = TermContext(amp, env, augment)
+        self.terms: list[Term] = [TERMS[name](name, options, context) for name, options in cfg.terms.items()
+                                  if TERMS[name].on(options)]
+        self.augment, self.amp, self.env, self.kind = augment, amp, env, cfg.kind
+        self.observers = [t for t in self.terms if t.observes] + ([augment] if augment.adaptive else [])
+        """What learns from D's outputs on every rank: their sums share one all-reduce per D step."""
+        self.names = ("d_loss", "g_loss", *self.objective.extra, *(m for t in self.terms for m in t.metrics),
+                      *augment.metrics)
         """Every metric the phases can report, in a fixed order; a step may report only some (R1 is lazy)."""
-        self.kind = cfg.kind
+        repeated = sorted({n for n in self.names if self.names.count(n) > 1})
+        if repeated:
+            raise ConfigError(f"loss: the metric names {', '.join(repeated)} are reported twice (by the objective, "
+                              "the terms or the augmentation); each name must have one source")
+
+    def term(self, name: str) -> Term | None:
+        """The term of section ``name``, when it is on."""
+        return next((t for t in self.terms if t.name == name), None)
 
     @property
     def summary(self) -> str:
-        """The objective and the regularizers that are on, for the run's start lines."""
-        return " + ".join([self.kind, *map(str, self.penalties),
-                           *([f"LeCam λ={self.lecam.weight}"] if self.lecam else []),
-                           *([f"bCR λ={self.bcr.weight} ({', '.join(self.bcr.policy)})"] if self.bcr else [])])
+        """The objective and the terms that are on, for the run's start lines."""
+        return " + ".join([self.kind, *map(str, self.terms)])
 
     def _discriminate(self, D: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """D's float32 logits on ``images``, as they come (augmented already)."""
@@ -92,35 +94,26 @@ class GANLoss:
 
     def d_phase(self, nets: Networks, real: torch.Tensor, labels: torch.Tensor, z: torch.Tensor,
                 fake_labels: torch.Tensor, d_step: int, gen: torch.Generator) -> LossStats:
-        """D on a real and a fake batch, and backward; ``d_step`` counts D steps from 0 (it schedules the lazy
-        penalties), ``gen`` draws the augmentation."""
+        """D on a real and a fake batch, its terms that are due, and backward; ``d_step`` counts D steps from 0 (it
+        schedules the lazy terms), ``gen`` draws the augmentation and then the terms' randomness."""
         with torch.no_grad(), self.amp.autocast():
             fake = nets.fake_G(z, fake_labels)
-        due = [t for t in self.penalties if t.due(d_step)]
-        if self.r1 in due:
+        due = [t for t in self.terms if t.due(d_step)]
+        if any(t.input_grad == "real" for t in due):
             real = real.detach().requires_grad_(True)
-        if self.r2 in due:
+        if any(t.input_grad == "fake" for t in due):
             fake = fake.detach().requires_grad_(True)
         real_seen, fake_seen = self.augment(real, gen), self.augment(fake, gen)
         real_logits = self._discriminate(nets.D, real_seen, labels)
         fake_logits = self._discriminate(nets.D, fake_seen, fake_labels)
         loss, metrics = self.objective.d(real_logits, fake_logits)
         metrics["d_loss"] = loss.detach()
-        if self.lecam is not None:
-            penalty = self.lecam.penalty(real_logits, fake_logits)
-            loss = loss + self.lecam.weight * penalty
-            metrics["lecam_penalty"] = penalty.detach()
-        if self.bcr is not None:
-            score = functools.partial(self._discriminate, nets.D)
-            penalty = (self.bcr.penalty(score, real_seen, labels, real_logits, gen)
-                       + self.bcr.penalty(score, fake_seen, fake_labels, fake_logits, gen))
-            loss = loss + self.bcr.weight * penalty
-            metrics["bcr_penalty"] = penalty.detach()
+        phase = DPhase(real, fake, labels, fake_labels, real_seen, fake_seen, real_logits, fake_logits,
+                       functools.partial(self._discriminate, nets.D), gen)
         for term in due:
-            logits, images = (real_logits, real) if term is self.r1 else (fake_logits, fake)
-            penalty = term.penalty(logits, images)
-            loss = loss + term.weight() * penalty
-            metrics[term.metric] = penalty.detach()
+            weighted, reported = term(phase)
+            loss = loss + weighted
+            metrics |= reported
         self._observe(real_logits, fake_logits)
         self.amp.backward(loss)
         return metrics
@@ -142,13 +135,14 @@ class GANLoss:
             with self.amp.autocast():
                 fake = nets.G(z, fake_labels)
             fake_logits = self._discriminate(nets.D, self.augment(fake, gen), fake_labels)
-            real_logits = None
             if self.objective.pairs:
                 if real is None:
                     raise ValueError(f"loss.kind={self.kind} compares fakes with reals: G's phase needs a real batch")
                 with torch.no_grad():
                     real_logits = self._discriminate(nets.D, self.augment(real[0], gen), real[1])
-            loss = self.objective.g(fake_logits, real_logits)
+                loss = self.objective.g(fake_logits, real_logits)
+            else:
+                loss = self.objective.g(fake_logits)
             self.amp.backward(loss)
         return {"g_loss": loss.detach()}
 
@@ -157,13 +151,14 @@ class GANLoss:
         return self.augment.adjust(step)
 
     def state_dict(self) -> dict:
-        """The state of the terms that keep one: ADA's p and signs, LeCam's EMAs."""
-        return ({"augment": self.augment.state_dict()} if self.augment.adaptive else {}) | (
-            {"lecam": self.lecam.state_dict()} if self.lecam else {})
+        """The state of the parts that keep one (ADA's p and signs, LeCam's EMAs), each under its name."""
+        parts = {"augment": self.augment.state_dict()} if self.augment.adaptive else {}
+        return parts | {t.name: t.state_dict() for t in self.terms if t.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        """A checkpoint without a term's state (saved with it off) leaves the term as configured."""
+        """A checkpoint without a part's state (saved with it off) leaves the part as configured."""
         if self.augment.adaptive and "augment" in state:
             self.augment.load_state_dict(state["augment"])
-        if self.lecam is not None and "lecam" in state:
-            self.lecam.load_state_dict(state["lecam"])
+        for term in self.terms:
+            if term.name in state:
+                term.load_state_dict(state[term.name])

@@ -1,0 +1,2 @@
+"""The data layer: any image source, converted once into a uint8 cache that every rank memory-maps, its
+description (``DatasetInfo``), and per-rank batches."""
