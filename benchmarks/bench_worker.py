@@ -41,6 +41,7 @@ from gan_dist.configio import load_config
 from gan_dist.data.cache import load_split
 from gan_dist.dist import DistEnv, StepAgreement, setup, teardown, usable_cores
 from gan_dist.evaluation.diversity import ZSpread
+from gan_dist.training.position import Position, iterations
 from gan_dist.training.trainer import build
 
 PHASES = ("data", "fwd_bwd", "optim", "comm")
@@ -240,10 +241,10 @@ class EngineWorkload(Workload):
         self.times_comm = self.env.distributed and self.device.type == "cpu"
         built = build(cfg, self.env)
         self.shards, self.engine = built.data, built.engine
-        self.z_spread = ZSpread(built.split, self.engine.num_classes, cfg.model.z_dim, cfg.train.seed, self.device,
+        self.z_spread = ZSpread(built.split, self.engine.label_classes, cfg.model.z_dim, cfg.train.seed, self.device,
                                 cfg.log.z_spread_warn) if cfg.log.z_spread else None
-        self.batches = _forever(self.shards.epoch)
-        self.n_critic = cfg.train.n_critic
+        self.pos = Position(built.steps_per_epoch, cfg.train.n_critic, cfg.train.batch_size, self.world_size)
+        self.batches = iterations(self.shards, self.pos)
         self.precision = built.cfg.amp.dtype  # what amp.dtype=auto resolved to
         self.agreement = StepAgreement(self.env)
 
@@ -259,7 +260,9 @@ class EngineWorkload(Workload):
                     module.register_comm_hook(AllReduceTimer(clock), timed_allreduce)
 
     def next_batch(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [next(self.batches) for _ in range(self.n_critic)]
+        batches = next(self.batches)
+        self.pos.advance()
+        return batches
 
     def train_step(self, step: int, batch: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
         self.engine.iteration(step, batch)

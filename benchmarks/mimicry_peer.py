@@ -8,7 +8,7 @@ it reads every image exactly as gan_dist does::
     /opt/mimicry-venv/bin/pip install torch-mimicry tensorboard   # pulls tensorflow; its Trainer needs tensorboard
 
 Then, on a folder with ``train/<class>/<image>`` and ``test/<class>/<image>`` (the split gan_dist
-trains on; for a folder without them, ``python benchmarks/subset_folder.py --root DIR --out SPLIT
+trains on; for a folder without them, ``python tools/subset_folder.py --root DIR --out SPLIT
 --n 1000000000`` links all of gan_dist's training images and its seeded test hold-out)::
 
     OMP_NUM_THREADS=4 /opt/mimicry-venv/bin/python benchmarks/mimicry_peer.py --root SPLIT \\
@@ -87,7 +87,7 @@ def read_train(root: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     train, test = root / "train", root / "test"
     if not (train.is_dir() and test.is_dir()):
         sys.exit(f"{root} needs train/ and test/ folders (the split gan_dist trains on): make them with "
-                 "benchmarks/subset_folder.py, whose test split is gan_dist's seeded hold-out")
+                 "tools/subset_folder.py, whose test split is gan_dist's seeded hold-out")
     folders = class_folders(train)
     names = [d.name for d in folders]
     if names != [d.name for d in class_folders(test)]:

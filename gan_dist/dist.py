@@ -150,6 +150,14 @@ class StopPoints:
             raise Stopped(phase)
 
 
+@dataclass(frozen=True)
+class Agreed:
+    """The flags the ranks agreed on one step ago: ``stop`` (any rank's signal), ``timed_save`` (rank 0's clock)."""
+
+    stop: bool = False
+    timed_save: bool = False
+
+
 class StepAgreement:
     """The ranks' per-step decisions (stop on a signal, save on rank 0's clock) without a host barrier.
 
@@ -162,7 +170,7 @@ class StepAgreement:
         self.env = env
         self.pending: tuple[torch.Tensor, Any] | None = None
 
-    def exchange(self, stop: bool, save: bool) -> tuple[bool, bool]:
+    def exchange(self, stop: bool, save: bool) -> Agreed:
         """Offer this step's flags; returns the flags agreed one step ago (both false at first)."""
         flags = torch.tensor([int(stop), int(save and self.env.is_main)], dtype=torch.int32)
         work = (tdist.all_reduce(flags, op=tdist.ReduceOp.MAX, group=self.env.control, async_op=True)
@@ -170,19 +178,19 @@ class StepAgreement:
         previous, self.pending = self.pending, (flags, work)
         return self._read(previous)
 
-    def drain(self) -> tuple[bool, bool]:
+    def drain(self) -> Agreed:
         """Finish the agreement in flight (every rank calls this at the same step), returning its flags."""
         previous, self.pending = self.pending, None
         return self._read(previous)
 
     @staticmethod
-    def _read(entry: tuple[torch.Tensor, Any] | None) -> tuple[bool, bool]:
+    def _read(entry: tuple[torch.Tensor, Any] | None) -> Agreed:
         if entry is None:
-            return False, False
+            return Agreed()
         flags, work = entry
         if work is not None:
             work.wait()
-        return bool(flags[0]), bool(flags[1])
+        return Agreed(bool(flags[0]), bool(flags[1]))
 
 
 _GLOO_TRANSPORT = ("gloo/transport", "Application timeout caused pair closure")

@@ -18,13 +18,13 @@ import torch
 import torch.multiprocessing as mp
 from conftest import base_overrides, file_group, run, write_folder
 
-from gan_dist import checkpoint
 from gan_dist.checkpoint import FORMAT_VERSION, REQUIRED, CheckpointError, load_file
 from gan_dist.config import CheckpointConfig
-from gan_dist.dist import DistEnv, teardown
+from gan_dist.dist import Agreed, DistEnv, teardown
 from gan_dist.train import main
 from gan_dist.training import checkpointer as checkpointer_module
 from gan_dist.training.checkpointer import Checkpointer
+from gan_dist.training.position import Position
 from gan_dist.training.trainer import BestScore
 
 ONE_RANK = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"))
@@ -130,6 +130,16 @@ def test_a_timed_save_is_asked_for_once_per_interval(tmp_path, monkeypatch):
         clock[0] += 40
         asked.append(checkpointer.time_due())
     assert asked == [False, True, False, True]
+
+
+def test_the_checkpointer_decides_a_timed_save_from_the_flags_the_ranks_agreed(tmp_path):
+    """Rank 0's clock only offers a save; ``due`` takes it from the agreed flags, so every rank saves at one step."""
+    checkpointer = Checkpointer(CheckpointConfig(every_steps=10, every_minutes=1), tmp_path, ONE_RANK, {})
+    pos = Position(steps_per_epoch=100, n_critic=1, batch_size=8, world_size=1)
+    pos.step = 7
+    assert not checkpointer.due(pos, Agreed()) and checkpointer.due(pos, Agreed(timed_save=True))
+    pos.step = 10
+    assert checkpointer.due(pos, Agreed())
 
 
 def test_pruning_keeps_later_steps_and_counts_only_earlier_ones(tmp_path):
@@ -291,8 +301,8 @@ def _resume_worker(rank: int, store: Path, run_dir: Path, fault: str) -> None:
     if rank == 1 and fault == "stale listing":  # a directory cache from before step_4.pt was written
         checkpointer.existing = lambda: [folder / "step_2.pt"]
     if rank == 1 and fault == "stale file":  # step_4.pt's name, with the bytes of an older save
-        read = checkpoint.load_file
-        checkpoint.load_file = lambda path, device="cpu": read(path.with_name("step_2.pt"), device)
+        read = checkpointer_module.load_file  # the checkpointer's reader, as it looks it up
+        checkpointer_module.load_file = lambda path, device="cpu": read(path.with_name("step_2.pt"), device)
     try:
         checkpointer.restore("auto")
         got: int | str = position.state["step"]

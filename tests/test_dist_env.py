@@ -38,13 +38,14 @@ def test_cuda_requested_without_a_gpu_is_a_config_error(monkeypatch):
 @pytest.mark.parametrize(("backend", "device", "expected"), [
     ("auto", "cpu", "gloo"), ("auto", "cuda", "nccl"), ("gloo", "cuda", "gloo"), ("gloo", "cpu", "gloo"),
 ])
-def test_backend_follows_the_device_unless_set(backend, device, expected):
-    assert dist._backend(DistConfig(backend=backend), torch.device(device)) == expected
+def test_backend_follows_the_device_unless_set(backend, device, expected, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert dist._backend(DistConfig(backend=backend), torch.device(device), local_world=1) == expected
 
 
 def test_nccl_on_cpu_is_a_config_error():
     with pytest.raises(ConfigError, match="dist.backend=nccl"):
-        dist._backend(DistConfig(backend="nccl"), torch.device("cpu"))
+        dist._backend(DistConfig(backend="nccl"), torch.device("cpu"), local_world=1)
 
 
 def test_force_ddp_at_world_size_1_wraps_both_networks_and_trains_identically():
@@ -62,7 +63,7 @@ def test_force_ddp_at_world_size_1_wraps_both_networks_and_trains_identically():
             for step in range(3):
                 engine.iteration(step, [batch])
                 agreement.exchange(False, False)
-            assert agreement.drain() == (False, False)
+            assert agreement.drain() == dist.Agreed(stop=False, timed_save=False)
             params[forced] = [p.detach().clone() for m in (engine.generator, engine.discriminator)
                               for p in m.parameters()]
         finally:

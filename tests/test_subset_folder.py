@@ -1,13 +1,13 @@
-"""benchmarks/subset_folder.py: a seeded share of each class's training images, the whole test split,
+"""tools/subset_folder.py: a seeded share of each class's training images, the whole test split,
 read back by the real folder source."""
 
 from __future__ import annotations
 
 from conftest import write_folder
 
-from benchmarks.subset_folder import shares, write_subset
 from gan_dist.config import DataConfig
 from gan_dist.data.sources import FolderSource
+from tools.subset_folder import shares, write_subset
 
 
 def test_shares_keep_each_class_and_sum_to_n():

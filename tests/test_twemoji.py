@@ -1,4 +1,4 @@
-"""benchmarks/twemoji.py on a tarball in the npm package's layout, made here: one folder per category,
+"""tools/twemoji.py on a tarball in the npm package's layout, made here: one folder per category,
 skin-tone variants with their emoji, 'Component' left out, transparency composited on white."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from benchmarks import twemoji
+from tools import twemoji
 
 INDEX = [
     {"image": "1f600.png", "category": "Smileys & Emotion"},

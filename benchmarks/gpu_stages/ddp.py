@@ -51,7 +51,7 @@ def ddp_option(mode: Mode, env: DistEnv, cfg: Config) -> dict[str, int]:
     eng.nets.D.register_comm_hook(None, counting_hook(counts, "D"))
     run.train(mode.sizes.steps)
     before = dict(counts)
-    eng.g_step(*eng.noise.draw(run.step, 0, cfg.train.batch_size), run.step, next(run.batches))
+    eng.g_step(*eng.noise.draw(run.step, 0, cfg.train.batch_size), run.step, next(run.batches)[0])
     weights = [*eng.generator.parameters(), *eng.discriminator.parameters(),
                *(eng.ema.module.parameters() if eng.ema else ())]
     return {"mismatched": mismatches_with_rank0(weights, env), "elements": sum(w.numel() for w in weights),

@@ -9,6 +9,7 @@ import torch
 from gan_dist.config import Config
 from gan_dist.dist import DistEnv
 from gan_dist.training.losses import LossStats
+from gan_dist.training.position import Position, iterations
 from gan_dist.training.trainer import build
 
 
@@ -20,16 +21,19 @@ class Run:
         self.env = env
         built = build(cfg, env)
         self.cfg, self.info, self.shards, self.engine = built.cfg, built.info, built.data, built.engine
-        self.batches = self.shards.epoch(0)
-        self.step = 0
+        self.pos = Position(built.steps_per_epoch, cfg.train.n_critic, cfg.train.batch_size, env.world_size)
+        self.batches = iterations(self.shards, self.pos)
+
+    @property
+    def step(self) -> int:
+        return self.pos.step
 
     def train(self, steps: int) -> list[LossStats]:
         """``steps`` iterations; their metrics, left on the device (reading them would sync)."""
         metrics = []
         for _ in range(steps):
-            reals = [next(self.batches) for _ in range(self.cfg.train.n_critic)]
-            metrics.append(self.engine.iteration(self.step, reals))
-            self.step += 1
+            metrics.append(self.engine.iteration(self.pos.step, next(self.batches)))
+            self.pos.advance()
         return metrics
 
     def timed(self, steps: int) -> tuple[list[LossStats], float]:

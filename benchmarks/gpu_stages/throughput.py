@@ -10,11 +10,11 @@ import torch
 
 from benchmarks.bench_report import fmt
 from benchmarks.bench_worker import EngineWorkload, measure
-from benchmarks.colour_fashion import write_split
 from benchmarks.gpu_stages.mode import PY, REPO, Mode
 from benchmarks.gpu_stages.report import Report, outcome, run_cmd
 from gan_dist.configio import load_config
 from gan_dist.data.sources import IdxSource
+from tools.colour_fashion import write_split
 
 SPEED_BARS = {"x_ref": 30.0, "pct_of_ceiling": 40.0}
 

@@ -15,6 +15,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from gan_dist.config import DataConfig, DataError
+from gan_dist.data.cache import CHECKS
+from gan_dist.data.classes import class_notes
 from gan_dist.data.pixels import to_unit
 from gan_dist.seeds import Stream
 
@@ -189,3 +191,18 @@ def make_batches(split: Split, cfg: DataConfig, env: DistEnv, batch_size: int, s
         return ResidentBatches(images, labels, batch_size, env.rank, env.world_size, seed, cfg.flip)
     return StreamedBatches(split, batch_size, env.rank, env.world_size, seed, cfg.flip, device=env.device,
                            workers=loader_workers(cfg, env.device), prefetch=cfg.prefetch)
+
+
+def start_lines(split: Split, batches: ShardedBatches, verify: str, label_classes: int) -> list[str]:
+    """What the run's start says of its data: what the networks are built for, how it is fed and keyed, and what
+    a user may not expect of its classes."""
+    info = split.info
+    c, h, w = info.shape
+    labels = f"{label_classes} classes" if label_classes else "unconditional"
+    line = f"data: {info.name} {split.name} ({info.sizes.get(split.name, '?')} images, {c}×{h}×{w}, {labels}) from " \
+           f"{info.source}"
+    lines = ["; ".join([line, str(batches), f"cache keyed by {CHECKS[verify]}", *class_notes(split)])]
+    if label_classes == 1:
+        lines.insert(0, "data: one class: conditioning on it changes nothing; model.conditioning=none trains the "
+                        "same data unconditionally")
+    return lines

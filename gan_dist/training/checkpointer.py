@@ -24,10 +24,10 @@ from gan_dist.checkpoint import (
     rolling,
 )
 from gan_dist.config import CheckpointConfig, Diverged, write_reason
-from gan_dist.training.position import Component, Position
+from gan_dist.training.position import Component, Context, Position
 
 if TYPE_CHECKING:
-    from gan_dist.dist import DistEnv
+    from gan_dist.dist import Agreed, DistEnv
 
 
 MANIFEST = "saved.json"
@@ -37,9 +37,10 @@ MANIFEST = "saved.json"
 class Checkpointer(Component):
     """Decides when to save, writes the components' states on rank 0 only, and restores them on resume.
 
-    It saves every ``checkpoint.every_steps``, when rank 0's clock says ``every_minutes`` have passed
-    (``on_time``, as the ranks agreed it), and after the last step; ``finite`` is asked on every rank
-    before each save, and weights that are not finite on any rank are never written.
+    It saves every ``checkpoint.every_steps``, when rank 0's clock said ``every_minutes`` had passed
+    (``time_due``, offered to the ranks' agreement and handed back to ``due``), and after the last step;
+    ``finite`` is asked on every rank before each save, and weights that are not finite on any rank are never
+    written.
     """
 
     final = True
@@ -49,8 +50,6 @@ class Checkpointer(Component):
         self.cfg, self.env, self.components, self.finite = cfg, env, components, finite
         self.folder = run_dir / "checkpoints"
         self.last_save = time.monotonic()
-        self.on_time = False
-        """Rank 0's clock asked for a save, as the ranks agreed (``StepAgreement``): the same on every rank."""
         self.last_saved: Path | None = None
         """The newest rolling checkpoint this run wrote or resumed from."""
         self.named: set[str] = set()
@@ -60,6 +59,10 @@ class Checkpointer(Component):
             for stale in self.folder.glob(".step_*.pt.tmp*"):  # left by a crash mid-write
                 stale.unlink(missing_ok=True)
 
+    @classmethod
+    def build(cls, cfg: CheckpointConfig, ctx: Context) -> Checkpointer:
+        return cls(cfg, ctx.run_dir, ctx.env, ctx.states, ctx.engine.finite)
+
     def existing(self) -> list[Path]:
         """Rolling checkpoints, newest first."""
         return [p for _, p in self._by_step()]
@@ -67,8 +70,8 @@ class Checkpointer(Component):
     def _by_step(self) -> list[tuple[int, Path]]:
         return rolling(self.folder)[::-1]
 
-    def due(self, pos: Position) -> bool:
-        return self.on_time or (self.cfg.every_steps > 0 and pos.step % self.cfg.every_steps == 0)
+    def due(self, pos: Position, agreed: Agreed) -> bool:
+        return agreed.timed_save or (self.cfg.every_steps > 0 and pos.step % self.cfg.every_steps == 0)
 
     def run(self, pos: Position) -> None:
         self.save(pos.step)

@@ -58,12 +58,13 @@ class GANEngine:
         """``total_steps``: the run's length, which the ramps of ``schedule.*`` span unless ``schedule.kimg``
         sets theirs; ``class_counts``: the training split's images per class, which ``train.labels=data``
         draws fake labels by."""
-        self.info, self.num_classes = info, label_count(cfg.model, info)
+        self.info, self.label_classes = info, label_count(cfg.model, info)
+        """The labels G and D take: the data's classes, or 0 for an unconditional pair."""
         self.amp = Amp(cfg.amp, env.device, convolutional=convolutional(cfg.model))
         torch.manual_seed(cfg.train.seed)  # identical init on every rank; DDP also broadcasts rank 0's
         g, d = (m.to(memory_format=self.amp.memory_format) for m in build_models(cfg.model, info))
         # Before any SyncBatchNorm conversion: calibrating the average never needs the other ranks.
-        self.ema = EMA(g.to(env.device), cfg.ema.decay, cfg.ema.rampup, cfg.model.z_dim, self.num_classes) \
+        self.ema = EMA(g.to(env.device), cfg.ema.decay, cfg.ema.rampup, cfg.model.z_dim, self.label_classes) \
             if cfg.ema.enabled else None
         if cfg.dist.sync_batchnorm and env.device.type != "cuda":
             raise ConfigError("dist.sync_batchnorm: SyncBatchNorm needs CUDA; on CPU each rank keeps its own stats")
@@ -84,10 +85,10 @@ class GANEngine:
         self.betas = {"g": cfg.optim.g_betas, "d": cfg.optim.d_betas}
         self.ramps = Ramps(cfg, cfg.train.batch_size * env.world_size, total_steps)
         self.global_batch = cfg.train.batch_size * env.world_size
-        if cfg.train.labels == "data" and self.num_classes > 1 and class_counts is None:
+        if cfg.train.labels == "data" and self.label_classes > 1 and class_counts is None:
             raise ValueError("train.labels=data draws labels by the training split's class counts: pass them")
         weights = class_counts if cfg.train.labels == "data" else None
-        self.noise = NoiseStream(cfg.train.seed, env.rank, cfg.model.z_dim, self.num_classes, env.device, weights)
+        self.noise = NoiseStream(cfg.train.seed, env.rank, cfg.model.z_dim, self.label_classes, env.device, weights)
 
     @staticmethod
     def _wrap(module: nn.Module, cfg: Config, env: DistEnv) -> nn.Module:
@@ -174,6 +175,20 @@ class GANEngine:
             self.loss.augment.p = values["augment_p"]
         if "ema_half_life" in values:
             self.ema.decay = ema_decay(values["ema_half_life"], self.global_batch)
+
+    def start_lines(self) -> list[str]:
+        """What the run's start says of the engine: precision, the loss and its terms, the augmentation, the ramps."""
+        lines = [f"precision: {self.amp.config.dtype} ({self.amp.reason}); layout: {self.amp.config.memory_format}",
+                 f"loss: {self.loss.summary}"]
+        if self.loss.augment.enabled:
+            lines.append(f"augment: {self.loss.augment}")
+        if self.ramps.ramps:
+            lines.append(f"schedule: {self.ramps}")
+        if self.graphed and self.graph_blockers():
+            lines.append(f"warning: train.compile=reduce-overhead: {', '.join(self.graph_blockers())} change in "
+                         "place, so CUDA graphs are likely skipped (TORCH_LOGS=cudagraphs says 'mutated inputs') and "
+                         "the run is only compiled; train.compile=default compiles the same without the graphs' memory")
+        return lines
 
     def graph_blockers(self) -> list[str]:
         """What updates buffers in place during a training forward: CUDA graphs (``reduce-overhead``) skip a

@@ -21,10 +21,11 @@ from tqdm import tqdm
 
 from gan_dist.amp import SKIPPED
 from gan_dist.config import Diverged, LogConfig, WandbConfig, WriteError
-from gan_dist.training.position import Component, Position
+from gan_dist.evaluation.diversity import ZSpread
+from gan_dist.training.position import Component, Context, Position
 
 if TYPE_CHECKING:
-    from gan_dist.dist import DistEnv
+    from gan_dist.dist import Agreed, DistEnv
 
 NEVER = 2**62  # "no non-finite value yet", as a first-bad step
 
@@ -75,15 +76,15 @@ class MetricLogger(Component):
     A metric that a step does not report (a lazy regularizer's) is averaged over the steps that do.
     After a resume, steps up to the last one already logged are written again to ``metrics.jsonl``
     with ``"replayed": true`` (the newest record of a step wins) and are not sent to W&B, whose
-    step axis must only rise. ``learning_rates`` go to W&B beside each record; ``probe`` adds its
-    measurements of the step (``z_spread``) to the record.
+    step axis must only rise. ``learning_rates`` go to W&B beside each record; each of ``probes`` adds its
+    measurements at the logged step (``z_spread``, the ramps' values) to the record.
     """
 
     final = True
 
     def __init__(self, cfg: LogConfig, env: DistEnv, run_dir: Path, batch_per_rank: int, names: Sequence[str],
                  learning_rates: Callable[[], dict[str, float]],
-                 probes: Sequence[Callable[[], dict[str, float]]] = ()) -> None:
+                 probes: Sequence[Callable[[int], dict[str, float]]] = ()) -> None:
         self.cfg, self.env, self.names = cfg, env, tuple(names)
         self.run_dir, self.path = run_dir, run_dir / "metrics.jsonl"
         self.learning_rates, self.probes = learning_rates, probes
@@ -97,6 +98,17 @@ class MetricLogger(Component):
         self._skip_slot = torch.tensor([n == SKIPPED for n in self.names], device=device)
         self.steps = 0
         self.window_start = time.perf_counter()
+
+    @classmethod
+    def build(cls, cfg: LogConfig, ctx: Context) -> MetricLogger:
+        engine, probes = ctx.engine, []
+        if cfg.z_spread:  # every rank measures (the same latents and weights): G's SyncBatchNorm is a collective
+            spread = ZSpread(ctx.split, engine.label_classes, ctx.z_dim, ctx.seed, ctx.env.device, cfg.z_spread_warn)
+            probes.append(lambda step: spread.record(engine.generator, ctx.env.is_main))
+        if engine.ramps.ramps:
+            probes.append(lambda step: engine.ramps.at(step - 1))
+        return cls(cfg, ctx.env, ctx.run_dir, ctx.batch_per_rank, engine.metric_names, lambda: engine.learning_rates,
+                   probes)
 
     def open_wandb(self, config: dict[str, Any], run_id: str | None) -> str | None:
         """Rank 0 opens the W&B run (or reopens it, by the id a checkpoint kept); returns its id."""
@@ -132,7 +144,7 @@ class MetricLogger(Component):
         self.first_bad.masked_fill_(bad & (self.first_bad == NEVER), step)
         self.steps += 1
 
-    def due(self, pos: Position) -> bool:
+    def due(self, pos: Position, agreed: Agreed) -> bool:
         return pos.step % self.cfg.every_steps == 0
 
     def run(self, pos: Position) -> None:
@@ -140,7 +152,7 @@ class MetricLogger(Component):
         the images/s; rank 0 writes the window's means, with the probe's measurements beside them."""
         if not self.steps:
             return
-        local = {k: v for probe in self.probes for k, v in probe().items()}
+        local = {k: v for probe in self.probes for k, v in probe(pos.step).items()}
         n = len(self.names)
         elapsed = time.perf_counter() - self.window_start
         rate = torch.tensor([self.steps * self.batch / elapsed], device=self.sums.device)

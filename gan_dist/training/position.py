@@ -2,12 +2,28 @@
 
 The loop advances a ``Position`` and, after every step, runs each ``Component`` that says it is due:
 the metric logger, the sample writer, the evaluation and the checkpointer each decide their own
-cadence from the position, and save and load their own state where they have one.
+cadence from the position and the ranks' agreed flags, and save and load their own state where they have
+one. Each is built the one way, ``build(section, context)``: its config section, and a ``Context`` of what it
+may use.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from gan_dist.checkpoint import Stateful
+    from gan_dist.data.batches import ShardedBatches
+    from gan_dist.data.cache import Split
+    from gan_dist.dist import Agreed, DistEnv
+    from gan_dist.evaluation.evaluator import Evaluator
+    from gan_dist.training.engine import GANEngine
+    from gan_dist.training.monitor import MetricLogger
 
 
 class Position:
@@ -55,14 +71,46 @@ class Position:
         return f"step {self.step} (epoch {self.epoch}, batch {self.batch})"
 
 
+def iterations(data: ShardedBatches, pos: Position,
+               total_steps: int | None = None) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """What each iteration from ``pos`` on uses, to ``total_steps`` (None: without end): ``pos.n_critic`` batches,
+    one per D step. The caller advances ``pos`` once it has taken them; an epoch ends where ``pos`` says."""
+    while total_steps is None or pos.step < total_steps:
+        epoch = pos.epoch
+        batches = data.epoch(epoch, start=pos.batch)
+        while pos.epoch == epoch and (total_steps is None or pos.step < total_steps):
+            yield [next(batches) for _ in range(pos.n_critic)]
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a component may use when it is built: the ranks, the run's folder, the split and the engine it trains
+    (the sampler, the label classes, the metrics), the run's seed and latent size, the states a checkpoint holds,
+    and the services of components built before it: the logger (``sink``) and the checkpointer's ``save``."""
+
+    env: DistEnv
+    run_dir: Path
+    split: Split
+    engine: GANEngine
+    seed: int
+    z_dim: int
+    batch_per_rank: int
+    states: Mapping[str, Stateful]
+    evaluator: Callable[[], Evaluator]
+    """Builds the scorer of ``eval.every_steps`` (the entry point injects evaluation's judge and Inception)."""
+    sink: MetricLogger | None = None
+    save: Callable[..., Path] | None = None
+
+
 class Component:
     """What the loop runs after a step when it says it is due. Every rank asks and runs at the same
-    steps (most components enter collectives), so ``due`` must answer alike on every rank."""
+    steps (most components enter collectives), so ``due`` must answer alike on every rank: it reads only the
+    position and the flags the ranks agreed."""
 
     final = False
     """It also runs after the last step, unless it was due there (the last record, grid and checkpoint)."""
 
-    def due(self, pos: Position) -> bool:
+    def due(self, pos: Position, agreed: Agreed) -> bool:
         raise NotImplementedError
 
     def run(self, pos: Position) -> None:

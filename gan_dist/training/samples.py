@@ -10,14 +10,14 @@ import torch
 from torch import nn
 from torchvision.utils import make_grid, save_image
 
-from gan_dist.config import Config, DatasetInfo, WriteError
+from gan_dist.config import DatasetInfo, LogConfig, WriteError
 from gan_dist.data.classes import GRID_ROWS, grid_classes, row_names
 from gan_dist.models.loading import generate
 from gan_dist.seeds import Stream, derive_seed
-from gan_dist.training.position import Component, Position
+from gan_dist.training.position import Component, Context, Position
 
 if TYPE_CHECKING:
-    from gan_dist.dist import DistEnv
+    from gan_dist.dist import Agreed, DistEnv
 
 
 def fixed_noise(z_dim: int, columns: int, seed: int, device: torch.device,
@@ -55,16 +55,22 @@ class SampleWriter(Component):
     COLUMNS = 10
     final = True
 
-    def __init__(self, cfg: Config, env: DistEnv, info: DatasetInfo, num_classes: int,
-                 sampler: Callable[[], nn.Module], log_image: Callable[[int, str, Path, str], None]) -> None:
-        self.every = cfg.log.samples_every_steps
-        self.env, self.folder = env, Path(cfg.run_dir) / "samples"
+    def __init__(self, every: int, env: DistEnv, run_dir: Path, info: DatasetInfo, num_classes: int, z_dim: int,
+                 seed: int, sampler: Callable[[], nn.Module], log_image: Callable[[int, str, Path, str], None]) -> None:
+        self.every = every
+        self.env, self.folder = env, run_dir / "samples"
         self.sampler, self.log_image = sampler, log_image
         self.classes = grid_classes(num_classes)
         self.rows = row_names(info, self.classes)
-        self.z, self.labels = fixed_noise(cfg.model.z_dim, self.COLUMNS, cfg.train.seed, env.device, self.classes)
+        self.z, self.labels = fixed_noise(z_dim, self.COLUMNS, seed, env.device, self.classes)
 
-    def due(self, pos: Position) -> bool:
+    @classmethod
+    def build(cls, cfg: LogConfig, ctx: Context) -> SampleWriter:
+        engine = ctx.engine
+        return cls(cfg.samples_every_steps, ctx.env, ctx.run_dir, ctx.split.info, engine.label_classes, ctx.z_dim,
+                   ctx.seed, lambda: engine.sampler, ctx.sink.log_image)
+
+    def due(self, pos: Position, agreed: Agreed) -> bool:
         """Every ``log.samples_every_steps`` steps; when that is 0, at the end of each epoch."""
         return pos.step % self.every == 0 if self.every > 0 else pos.epoch_ended
 

@@ -7,13 +7,14 @@ benchmark and the GPU check use it).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,19 +25,17 @@ from torch import nn
 
 from gan_dist import cli
 from gan_dist.checkpoint import IncompatibleCheckpoint
-from gan_dist.config import Config, ConfigError, DataError, DatasetInfo, Diverged, UsageError, WriteError
+from gan_dist.config import Config, ConfigError, DataError, DatasetInfo, Diverged, EvalConfig, UsageError, WriteError
 from gan_dist.configio import to_dict, to_yaml
-from gan_dist.data.batches import ShardedBatches, make_batches
-from gan_dist.data.cache import CHECKS, Split, load_split
-from gan_dist.data.classes import class_notes
-from gan_dist.dist import DistEnv, PeerFailed, StepAgreement, Stopped, StopPoints, lost_peer, setup, teardown
-from gan_dist.evaluation.diversity import ZSpread
+from gan_dist.data.batches import ShardedBatches, make_batches, start_lines
+from gan_dist.data.cache import Split, load_split
+from gan_dist.dist import Agreed, DistEnv, PeerFailed, StepAgreement, Stopped, StopPoints, lost_peer, setup, teardown
 from gan_dist.models.base import check_resolution
 from gan_dist.signals import StopFlag
 from gan_dist.training.checkpointer import Checkpointer
 from gan_dist.training.engine import GANEngine
 from gan_dist.training.monitor import MetricLogger, Progress
-from gan_dist.training.position import Component, Position
+from gan_dist.training.position import Component, Context, Position, iterations
 from gan_dist.training.ramps import run_steps
 from gan_dist.training.samples import SampleWriter
 
@@ -132,75 +131,55 @@ class RunRecord:
         if saved.source != self.info.source:
             self.data_changes.append(f"from {saved.source} then")
 
+    def resume_lines(self, resumed: Path | None, pos: Position) -> list[str]:
+        """What the run's start says of the checkpoint it resumes from, and of what makes it no longer bit-exact."""
+        if resumed is None:
+            return []
+        note = f"; {pos.resharded}: data re-sharded, the run is no longer bit-exact" if pos.resharded else ""
+        lines = [f"resuming from {resumed} at {pos}{note}"]
+        if self.ramps_from is not None:
+            lines.append(f"schedule: the ramps span {self.ramp_steps:.0f} steps, not the checkpoint's "
+                         f"{self.ramps_from:.0f} (the run's length changed; schedule.kimg fixes theirs): the run is no "
+                         "longer bit-exact")
+        if self.data_changes:
+            lines.append(f"data: differs from the checkpoint's ({'; '.join(self.data_changes)}); the run goes on "
+                         "from the same step, and is no longer bit-exact")
+        return lines
+
 
 class Trainer:
-    """Wires the components of one run and drives the loop; every rank runs the same calls.
+    """Builds the components of one run from their sections and drives the loop; every rank runs the same calls.
 
-    ``evaluator(cfg, env)`` builds the scorer for ``eval.every_steps``: the entry point passes
+    ``evaluator(cfg, env, stop=...)`` builds the scorer for ``eval.every_steps``: the entry point passes
     ``gan_dist.evaluate.Evaluator``, so training does not import evaluation's judge and Inception.
     """
 
-    def __init__(self, cfg: Config, env: DistEnv, stop: StopFlag,
-                 evaluator: Callable[[Config, DistEnv], Evaluator]) -> None:
-        self.env, self.stop = env, stop
-        self.run_dir = Path(cfg.run_dir)
+    def __init__(self, cfg: Config, env: DistEnv, stop: StopFlag, evaluator: Callable[..., Evaluator]) -> None:
+        self.env, self.stop, self.run_dir = env, stop, Path(cfg.run_dir)
         env.raise_together(_prepare_run_dir(self.run_dir) if env.is_main else None)
         built = build(cfg, env)
-        self.cfg, self.info, self.data, self.engine = built.cfg, built.info, built.data, built.engine
-        engine = self.engine
+        self.cfg, self.data, self.engine, self.total_steps = built.cfg, built.data, built.engine, built.total_steps
         self.pos = Position(built.steps_per_epoch, cfg.train.n_critic, cfg.train.batch_size, env.world_size)
-        self.total_steps = built.total_steps
-        best, self.record = BestScore(cfg.eval.features), RunRecord(self.cfg, self.info, engine.ramps.length)
-        self.checkpointer = Checkpointer(cfg.checkpoint, self.run_dir, env, {
-            "run": self.record, "position": self.pos, "engine": engine, "best": best}, engine.finite)
+        record = RunRecord(self.cfg, built.info, self.engine.ramps.length)
+        states = {"run": record, "position": self.pos, "engine": self.engine, "best": BestScore(cfg.eval.features)}
+        stop_points = StopPoints(env, lambda: self.stop.signum is not None)
+        ctx = Context(env, self.run_dir, built.split, self.engine, cfg.train.seed, cfg.model.z_dim,
+                      cfg.train.batch_size, states, lambda: evaluator(self.cfg, env, stop=stop_points))
+        self.checkpointer = Checkpointer.build(cfg.checkpoint, ctx)
         resumed = self.checkpointer.restore(cfg.train.resume)
-        if resumed is not None:
-            note = (f"; {self.pos.resharded}: data re-sharded, the run is no longer bit-exact"
-                    if self.pos.resharded else "")
-            self._say(f"resuming from {resumed} at {self.pos}{note}")
-            if self.record.ramps_from is not None:
-                self._say(f"schedule: the ramps span {engine.ramps.length:.0f} steps, not the checkpoint's "
-                          f"{self.record.ramps_from:.0f} (the run's length changed; schedule.kimg fixes theirs): "
-                          "the run is no longer bit-exact")
-            if self.record.data_changes:
-                self._say(f"data: differs from the checkpoint's ({'; '.join(self.record.data_changes)}); the run "
-                          "goes on from the same step, and is no longer bit-exact")
-        classes = engine.num_classes
-        if classes == 1:
-            self._say("data: one class: conditioning on it changes nothing; model.conditioning=none trains the "
-                      "same data unconditionally")
-        self._say("; ".join([f"data: {describe_data(self.info, built.split.name, classes)}", str(self.data),
-                             f"cache keyed by {CHECKS[cfg.data.verify]}", *class_notes(built.split)]))
-        self._say(f"precision: {self.cfg.amp.dtype} ({engine.amp.reason}); layout: {self.cfg.amp.memory_format}")
-        self._say(f"loss: {engine.loss.summary}")
-        if cfg.augment.kind != "none":
-            self._say(f"augment: {engine.loss.augment}")
-        if engine.ramps.ramps:
-            self._say(f"schedule: {engine.ramps}")
-        if engine.graphed and engine.graph_blockers():
-            self._say(f"warning: train.compile=reduce-overhead: {', '.join(engine.graph_blockers())} change in place, "
-                      "so CUDA graphs are likely skipped (TORCH_LOGS=cudagraphs says 'mutated inputs') and the run is "
-                      "only compiled; train.compile=default compiles the same without the graphs' memory")
+        data_lines = start_lines(built.split, self.data, cfg.data.verify, self.engine.label_classes)
+        self._say(*record.resume_lines(resumed, self.pos), *data_lines, *self.engine.start_lines(),
+                  *Evaluation.notes(cfg.eval, self.pos, self.total_steps))
         env.raise_together(self._write_config() if env.is_main else None)
-        probes = [p for p in (_spread_probe(cfg, env, built.split, engine),
-                              (lambda: engine.ramps.at(self.pos.step - 1)) if engine.ramps.ramps else None) if p]
-        self.logger = MetricLogger(cfg.log, env, self.run_dir, cfg.train.batch_size, engine.metric_names,
-                                   lambda: engine.learning_rates, probes)
-        self.components: list[Component] = [self.logger, SampleWriter(
-            self.cfg, env, self.info, classes, lambda: engine.sampler, self.logger.log_image)]
-        every = cfg.eval.every_steps
-        if every > 0 and self.pos.step // every == self.total_steps // every:
-            self._say(f"eval: eval.every_steps={every} falls on no step from {self.pos.step + 1} to the last, "
-                      f"{self.total_steps}: nothing is scored, and the judge is not trained")
-        elif every > 0:
-            stop_points = StopPoints(env, lambda: self.stop.signum is not None)
-            self.components.append(Evaluation(evaluator(self.cfg, env, stop=stop_points), self.logger, best,
-                                              lambda: engine.sampler,
-                                              self.checkpointer.save))
-        self.components.append(self.checkpointer)  # after the others: its checkpoint holds what they did
+        self.logger = MetricLogger.build(cfg.log, ctx)
+        ctx = dataclasses.replace(ctx, sink=self.logger, save=self.checkpointer.save)
+        self.components: list[Component] = [self.logger, SampleWriter.build(cfg.log, ctx),
+                                            *Evaluation.build(cfg.eval, ctx, self.pos, self.total_steps),
+                                            self.checkpointer]  # the checkpointer last: it saves what they did
+        self.agreed = Agreed()
         # Last: a start that fails before here leaves no W&B run open.
-        wandb_config = to_dict(self.cfg) | {"resolved": {"amp": engine.amp.reason, "data": self.info.to_dict()}}
-        self.record.wandb_id = self.logger.open_wandb(wandb_config, self.record.wandb_id)
+        wandb_config = to_dict(self.cfg) | {"resolved": {"amp": self.engine.amp.reason, "data": built.info.to_dict()}}
+        record.wandb_id = self.logger.open_wandb(wandb_config, record.wandb_id)
 
     def _write_config(self) -> WriteError | None:
         """Rank 0 records the resolved config, once the resume check has passed (a refused start changes nothing)."""
@@ -211,66 +190,51 @@ class Trainer:
             return WriteError(path, e)
         return None
 
-    def _say(self, message: str) -> None:
-        if self.env.is_main:
-            print(message, flush=True)
+    def _say(self, *lines: str) -> None:
+        if self.env.is_main and lines:
+            print(*lines, sep="\n", flush=True)
 
     def fit(self) -> int:
         """Train to the last step, or until a stop signal (exit 75) or divergence (exit 3)."""
-        cfg, pos = self.cfg, self.pos
-        group = f" ({self.env.backend} process group)" if self.env.distributed else ""
-        self._say(f"world size {self.env.world_size} on {self.env.device}{group}; global batch "
-                  f"{cfg.train.batch_size * self.env.world_size}; {pos.steps_per_epoch} steps per epoch; "
-                  f"training to step {self.total_steps}")
-        if self.env.any(self.stop.signum is not None):
+        pos, env, batch = self.pos, self.env, self.cfg.train.batch_size * self.env.world_size
+        group = f" ({env.backend} process group)" if env.distributed else ""
+        self._say(f"world size {env.world_size} on {env.device}{group}; global batch {batch}; "
+                  f"{pos.steps_per_epoch} steps per epoch; training to step {self.total_steps}")
+        if env.any(self.stop.signum is not None):
             self._say(f"stopped by signal ({self.stop.name}) before step {pos.step + 1}: nothing new to save; "
                       f"exit {cli.EXIT_REQUEUE} to requeue")
             return cli.EXIT_REQUEUE
-        agreement = StepAgreement(self.env)
+        agreement = StepAgreement(env)
         try:
-            code = self._loop(agreement)
+            with contextlib.ExitStack() as finish:
+                finish.callback(agreement.drain)
+                return self._loop(agreement, Progress(self.cfg.log, env, self.total_steps, pos.step, batch))
         except Stopped as e:  # in a phase longer than a step (an evaluation): skipped; the step is saved
-            agreement.drain()
-            self._say(f"stopped by signal ({self.stop.name}) in {e.phase} at step {self.pos.step}: it is skipped")
+            self._say(f"stopped by signal ({self.stop.name}) in {e.phase} at step {pos.step}: it is skipped")
             return self._stopped(interrupted=True)
         except Diverged as e:
-            agreement.drain()
             last = self.checkpointer.last_saved
             kept = f"{last} is the newest and last good checkpoint" if last else "no checkpoint was saved"
             self._say(f"training diverged: {e}; nothing non-finite was saved; {kept}; exit {cli.EXIT_DIVERGED}")
             return cli.EXIT_DIVERGED
-        agreement.drain()
-        return code
 
-    def _loop(self, agreement: StepAgreement) -> int:
-        cfg, pos = self.cfg, self.pos
-        progress = Progress(cfg.log, self.env, self.total_steps, pos.step, cfg.train.batch_size * self.env.world_size)
-        try:
-            while pos.step < self.total_steps:
-                epoch = pos.epoch
-                batches = self.data.epoch(epoch, start=pos.batch)
-                while pos.epoch == epoch and pos.step < self.total_steps:
-                    if self._step(agreement, batches):
-                        return self._stopped()
-                    progress.update(pos.step)
-        finally:
-            progress.close()
+    def _loop(self, agreement: StepAgreement, progress: Progress) -> int:
+        pos = self.pos
+        with contextlib.closing(progress):
+            for batches in iterations(self.data, pos, self.total_steps):
+                metrics = self.engine.iteration(pos.step, batches)
+                pos.advance()
+                self.logger.update(pos.step, metrics)
+                self.agreed = agreement.exchange(self.stop.signum is not None, self.checkpointer.time_due())
+                for component in self.components:
+                    if component.due(pos, self.agreed):
+                        component.run(pos)
+                if self.agreed.stop:
+                    return self._stopped()
+                progress.update(pos.step)
         self._catch_up(c for c in self.components if c.final)  # the last record, grid and checkpoint
         self._say(f"done: {pos.step} steps in {self.run_dir}")
         return 0
-
-    def _step(self, agreement: StepAgreement, batches: Iterator[Any]) -> bool:
-        """One iteration and the components due after it; returns whether the ranks agreed to stop."""
-        pos = self.pos
-        metrics = self.engine.iteration(pos.step, [next(batches) for _ in range(self.cfg.train.n_critic)])
-        pos.advance()
-        self.logger.update(pos.step, metrics)
-        stopping, self.checkpointer.on_time = agreement.exchange(self.stop.signum is not None,
-                                                                 self.checkpointer.time_due())
-        for component in self.components:
-            if component.due(pos):
-                component.run(pos)
-        return stopping
 
     def _stopped(self, interrupted: bool = False) -> int:
         """The ranks agreed to stop at this step: save, settle the exit status, write the last record. When a
@@ -287,22 +251,12 @@ class Trainer:
     def _catch_up(self, components: Iterable[Component]) -> None:
         """Run each of ``components`` at this step, unless it was due here and has just run."""
         for component in components:
-            if not component.due(self.pos):
+            if not component.due(self.pos, self.agreed):
                 component.run(self.pos)
 
     def close(self) -> None:
         for component in self.components:
             component.close()
-
-
-def _spread_probe(cfg: Config, env: DistEnv, split: Split,
-                  engine: GANEngine) -> Callable[[], dict[str, float]] | None:
-    """``log.z_spread``: the raw G's spread over z per class, for each log record. Every rank measures (the
-    same latents, the same weights): G's BatchNorm may be a SyncBatchNorm, whose forward is a collective."""
-    if not cfg.log.z_spread:
-        return None
-    z_spread = ZSpread(split, engine.num_classes, cfg.model.z_dim, cfg.train.seed, env.device, cfg.log.z_spread_warn)
-    return lambda: z_spread.record(engine.generator, env.is_main)
 
 
 class Evaluation(Component):
@@ -314,7 +268,26 @@ class Evaluation(Component):
         self.evaluator, self.logger, self.best, self.sampler, self.save = evaluator, logger, best, sampler, save
         self.seconds, self.start = 0.0, time.perf_counter()
 
-    def due(self, pos: Position) -> bool:
+    @staticmethod
+    def never_due(cfg: EvalConfig, pos: Position, total_steps: int) -> bool:
+        return cfg.every_steps > 0 and pos.step // cfg.every_steps == total_steps // cfg.every_steps
+
+    @classmethod
+    def notes(cls, cfg: EvalConfig, pos: Position, total_steps: int) -> list[str]:
+        if not cls.never_due(cfg, pos, total_steps):
+            return []
+        return [f"eval: eval.every_steps={cfg.every_steps} falls on no step from {pos.step + 1} to the last, "
+                f"{total_steps}: nothing is scored, and the judge is not trained"]
+
+    @classmethod
+    def build(cls, cfg: EvalConfig, ctx: Context, pos: Position, total_steps: int) -> list[Evaluation]:
+        """The evaluation, or none when ``eval.every_steps`` is 0 or falls on no step left (no judge is trained)."""
+        if cfg.every_steps == 0 or cls.never_due(cfg, pos, total_steps):
+            return []
+        engine = ctx.engine
+        return [cls(ctx.evaluator(), ctx.sink, ctx.states["best"], lambda: engine.sampler, ctx.save)]
+
+    def due(self, pos: Position, agreed: Agreed) -> bool:
         return self.evaluator.due(pos.step)
 
     def run(self, pos: Position) -> None:
@@ -326,13 +299,6 @@ class Evaluation(Component):
             if self.evaluator.env.is_main:
                 print(f"new best FID {self.best.fid:.3f}", flush=True)
             self.save(pos.step, name="best.pt")
-
-
-def describe_data(info: DatasetInfo, split: str, classes: int) -> str:
-    """One line for the start of a run: what the networks were built for."""
-    labels = f"{classes} classes" if classes else "unconditional"
-    c, h, w = info.shape
-    return f"{info.name} {split} ({info.sizes.get(split, '?')} images, {c}×{h}×{w}, {labels}) from {info.source}"
 
 
 def _prepare_run_dir(run_dir: Path) -> ConfigError | None:

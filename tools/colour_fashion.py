@@ -1,6 +1,6 @@
 """Colour Fashion-MNIST: an RGB image folder made from Fashion-MNIST, for ``data.name=folder``.
 
-    python benchmarks/colour_fashion.py --out DIR [--root /usr/share/datasets/fashion-mnist]
+    python tools/colour_fashion.py --out DIR [--root /usr/share/datasets/fashion-mnist]
                                         [--n-train N] [--n-test N] [--seed 0]
 
 Each 28×28 image (read by gan_dist's own IDX reader, raw or .gz, flat or in torchvision's layout)

@@ -1,7 +1,7 @@
 """Twemoji as a labelled RGB image folder, for ``data.name=folder``: real colour images to check quality on.
 
     npm pack emoji-datasource-twitter@16.0.0          # 3,786 64×64 RGBA PNGs and their emoji.json
-    python benchmarks/twemoji.py --tarball emoji-datasource-twitter-16.0.0.tgz --out DIR
+    python tools/twemoji.py --tarball emoji-datasource-twitter-16.0.0.tgz --out DIR
 
 Each image (skin-tone variants included) goes to the folder of its emoji's Unicode category in
 ``emoji.json``, composited on white: ``DIR/<category>/<name>.png``, 64×64 RGB. The 'Component'

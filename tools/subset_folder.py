@@ -1,6 +1,6 @@
 """A smaller copy of an image folder's training split, to see how a recipe copes with less data.
 
-    python benchmarks/subset_folder.py --root /data/twemoji --out /data/twemoji_1k --n 1000
+    python tools/subset_folder.py --root /data/twemoji --out /data/twemoji_1k --n 1000
 
 Writes ``OUT/train/<class>/`` with a seeded ``n`` of the folder's training images (each class keeps its
 share, and at least one image) and ``OUT/test/<class>/`` with all of its test images, as symbolic
