@@ -63,8 +63,8 @@ def choose_layout(cfg: AmpConfig, device_type: str, dtype: torch.dtype, convolut
                   cpu_isa: str | None = None) -> str:
     """``amp.memory_format`` resolved, for conv networks only (an MLP has no images to lay out):
     channels_last on CUDA in a 16-bit dtype (where tensor cores want it), and on CPUs whose torch kernels
-    run AVX-512, where the residual recipe measured 1.22× (float32) and 1.34× (bf16) faster in it
-    (docs/BENCHMARKS.md). Elsewhere contiguous: not measured faster there. ``cpu_isa``: what
+    run AVX-512, where the residual recipe measured faster in it (docs/BENCHMARKS.md). Elsewhere
+    contiguous: not measured faster there. ``cpu_isa``: what
     ``torch.backends.cpu.get_cpu_capability()`` says (read here when not given)."""
     if cfg.memory_format != "auto":
         return cfg.memory_format

@@ -27,8 +27,8 @@ if TYPE_CHECKING:
 
 
 FORMAT_VERSION = 3
-"""3: one entry per component. Formats 1 and 2 (flat) came from builds before the first release and
-are refused, naming their version."""
+"""3: one entry per component, the only format this gan_dist reads. Formats 1 and 2 hold one flat dict;
+they, and any other version, are refused, naming their version."""
 
 
 REQUIRED = ("format_version", "step", "run", "engine")
@@ -95,7 +95,7 @@ def atomic_save(obj: Any, path: Path) -> None:
 
 
 ZIP_MAGIC = b"PK\x03\x04"
-"""How every torch.save file begins (a zip archive, since torch 1.6); a truncated one still does."""
+"""How every torch.save file begins (torch.save writes a zip archive); a truncated one still does."""
 
 
 def _reason(e: Exception) -> str:

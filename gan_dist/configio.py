@@ -3,7 +3,7 @@ defaults (``gan_dist.config``) and checked field by field, so a typo or a bad va
 any process group exists, with a message that names the key; and the resolved config as a dict, YAML
 and the ``--help`` listing.
 
-Why not OmegaConf's structured configs: its stable release (2.3) takes no ``Literal`` and no tuples,
+Why not OmegaConf's structured configs: OmegaConf 2.3's take no ``Literal`` and no tuples,
 which hold every choice and pair here (``amp.dtype``, ``optim.g_betas``, ``augment.policy``); it has no
 numeric bounds, so each range check would be written again; a section whose type follows another
 key (``model.<arch>.*``) is custom either way; and its errors span several lines. This parser is the

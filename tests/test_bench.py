@@ -18,6 +18,8 @@ from benchmarks import bench
 from gan_dist.amp import native_bf16
 from gan_dist.configio import load_config
 
+pytestmark = pytest.mark.integration  # starts processes or services
+
 MLP = load_config(None, [])
 
 BY_PATH = [sys.executable, REPO / "benchmarks" / "bench.py"]

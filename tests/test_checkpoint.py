@@ -43,11 +43,13 @@ def trained(tmp_path, idx_root) -> Path:
     return run_dir
 
 
+@pytest.mark.integration
 def test_keep_last_prunes_and_nothing_temporary_is_left(trained):
     assert sorted(p.name for p in (trained / "checkpoints").iterdir()) == ["saved.json", "step_4.pt", "step_5.pt"]
     assert json.loads((trained / "checkpoints" / "saved.json").read_text()) == ["step_4.pt", "step_5.pt"]
 
 
+@pytest.mark.integration
 def test_contents_load_with_weights_only(trained):
     state = torch.load(trained / "checkpoints" / "step_5.pt", weights_only=True)
     assert state["format_version"] == FORMAT_VERSION and state["step"] == 5
@@ -60,6 +62,7 @@ def test_contents_load_with_weights_only(trained):
     assert state["best"] == {"fid": math.inf, "features": "judge"}
 
 
+@pytest.mark.integration
 def test_auto_resume_says_so_and_continues(trained, idx_root, capsys):
     assert train(trained, idx_root, **{"train.max_steps": 7, "checkpoint.every_steps": 1}) == 0
     assert "resuming from" in capsys.readouterr().out
@@ -70,6 +73,7 @@ def truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
+@pytest.mark.integration
 def test_corrupt_newest_is_moved_aside_with_a_warning(trained, idx_root, capsys):
     truncate(trained / "checkpoints" / "step_5.pt")
     assert train(trained, idx_root, **{"train.max_steps": 6}) == 0
@@ -81,6 +85,7 @@ def test_corrupt_newest_is_moved_aside_with_a_warning(trained, idx_root, capsys)
     assert (trained / "checkpoints" / "step_5.pt.corrupt").is_file()
 
 
+@pytest.mark.integration
 def test_a_broken_later_checkpoint_never_prunes_fresh_saves(trained, idx_root, capsys):
     """A garbage step_9.pt ahead of the run: moved aside, so the saves of steps 6 and 7 are both kept."""
     (trained / "checkpoints" / "step_9.pt").write_bytes(b"garbage")
@@ -150,6 +155,7 @@ def test_pruning_keeps_later_steps_and_counts_only_earlier_ones(tmp_path):
     assert [p.name for p in checkpointer.existing()] == ["step_10.pt", "step_3.pt", "step_2.pt"]
 
 
+@pytest.mark.integration
 def test_no_readable_checkpoint_exits_2_naming_them(trained, idx_root, capsys):
     for name in ("step_4.pt", "step_5.pt"):
         truncate(trained / "checkpoints" / name)
@@ -161,17 +167,20 @@ def test_no_readable_checkpoint_exits_2_naming_them(trained, idx_root, capsys):
     assert json.loads((trained / "checkpoints" / "saved.json").read_text()) == ["step_4.pt", "step_5.pt"]
 
 
+@pytest.mark.integration
 def test_resume_never_refuses_to_overwrite(trained, idx_root, capsys):
     assert train(trained, idx_root, **{"train.resume": "never"}) == 2
     assert "train.resume=never" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_resume_from_an_explicit_path(trained, idx_root, tmp_path, capsys):
     other = tmp_path / "other"
     assert train(other, idx_root, **{"train.max_steps": 6, "train.resume": trained / "checkpoints" / "step_4.pt"}) == 0
     assert "at step 4" in capsys.readouterr().out
 
 
+@pytest.mark.integration
 def test_resume_from_a_plain_pickle_says_it_is_not_a_checkpoint(trained, idx_root, tmp_path, capsys):
     with open(tmp_path / "weights.pkl", "wb") as f:
         pickle.dump({"generator": [0.0]}, f)
@@ -181,6 +190,7 @@ def test_resume_from_a_plain_pickle_says_it_is_not_a_checkpoint(trained, idx_roo
                   "archive (a plain pickle, or another file)\n"
 
 
+@pytest.mark.integration
 def test_resume_from_non_finite_weights_is_refused_at_load(trained, idx_root, tmp_path, capsys):
     state = torch.load(trained / "checkpoints" / "step_5.pt", weights_only=True)
     next(iter(state["engine"]["discriminator"].values())).view(-1)[0] = float("nan")
@@ -191,12 +201,14 @@ def test_resume_from_non_finite_weights_is_refused_at_load(trained, idx_root, tm
     assert len(err.splitlines()) == 1 and not list((tmp_path / "other").rglob("*.pt"))
 
 
+@pytest.mark.integration
 def test_other_model_shape_exits_2_saying_what_differs(trained, idx_root, capsys):
     assert train(trained, idx_root, **{"model.mlp.g_hidden": "[128,512,1024]"}) == 2
     err = capsys.readouterr().err
     assert "generator.net.0.weight" in err and "(256, 110)" in err and "(128, 110)" in err
 
 
+@pytest.mark.integration
 def test_unknown_format_version_exits_2(trained, idx_root, capsys):
     path = trained / "checkpoints" / "step_5.pt"
     state = torch.load(path, weights_only=True)
@@ -222,6 +234,7 @@ def as_flat(path: Path, version: int, data_name: str = "mnist") -> None:
     torch.save(flat, path)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("version", [1, 2])
 def test_a_flat_format_of_the_builds_before_the_first_release_exits_2_naming_it(trained, idx_root, capsys, version):
     as_flat(trained / "checkpoints" / "step_5.pt", version)
@@ -229,6 +242,7 @@ def test_a_flat_format_of_the_builds_before_the_first_release_exits_2_naming_it(
     assert f"format version {version}; this gan_dist reads {FORMAT_VERSION}" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_resuming_on_other_data_exits_2_saying_what_each_is(trained, tmp_path, capsys):
     write_folder(tmp_path / "faces", {"a": 40, "b": 40}, size=28)
     folder = {"data.name": "folder", "data.root": tmp_path / "faces", "data.split": "train",
@@ -239,6 +253,7 @@ def test_resuming_on_other_data_exits_2_saying_what_each_is(trained, tmp_path, c
     assert "this run's data is folder, 3×28×28, 2 classes" in err
 
 
+@pytest.mark.integration
 def test_disk_full_names_the_path_and_keeps_older_checkpoints(trained, idx_root):
     """A file-size limit makes the next save fail mid-write, as a full disk would."""
     before = {p.name: p.read_bytes() for p in (trained / "checkpoints").iterdir()}
@@ -322,10 +337,12 @@ def resume_on_two_ranks(tmp_path: Path, fault: str) -> list[int | str]:
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
+@pytest.mark.integration
 def test_ranks_resume_from_rank_0s_choice_whatever_they_list(tmp_path):
     assert resume_on_two_ranks(tmp_path, "stale listing") == [4, 4]
 
 
+@pytest.mark.integration
 def test_ranks_that_read_other_steps_refuse_together(tmp_path):
     path = tmp_path / "checkpoints" / "step_4.pt"
     assert resume_on_two_ranks(tmp_path, "stale file") == [

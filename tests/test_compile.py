@@ -7,12 +7,15 @@ import shutil
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import CPU, base_overrides, run
 from shapes import DIGITS
 
 from gan_dist.configio import load_config
 from gan_dist.training.engine import GANEngine
+
+pytestmark = pytest.mark.integration  # starts processes or services
 
 # Inductor fuses and reorders float32 reductions, so results agree with eager to rounding, not bitwise.
 TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}

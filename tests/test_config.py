@@ -92,6 +92,7 @@ def test_chosen_options_round_trip_under_their_name():
     assert from_dict(Config, tree) == cfg
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("override", ["train.bogus=1", "train.batch_size=many"])
 def test_cli_exits_2_with_one_line(override):
     proc = run([sys.executable, "-m", "gan_dist.train", override, "--dry-run"], timeout=60)
@@ -100,6 +101,7 @@ def test_cli_exits_2_with_one_line(override):
     assert len(lines) == 1 and override.split("=")[0] in lines[0] and "Traceback" not in proc.stderr
 
 
+@pytest.mark.integration
 def test_a_config_that_is_not_text_is_one_line_and_exit_2(tmp_path):
     (tmp_path / "model.pt").write_bytes(bytes(range(256)))
     proc = run([sys.executable, "-m", "gan_dist.train", "--config", tmp_path / "model.pt", "--dry-run"], timeout=60)
@@ -108,6 +110,7 @@ def test_a_config_that_is_not_text_is_one_line_and_exit_2(tmp_path):
                           "name a YAML file\n"
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(("entry", "args"), [
     ("gan_dist.train", ["--dry-run"]),
     ("gan_dist.evaluate", ["--npz", "missing.npz", "data.download=false"]),
@@ -128,6 +131,7 @@ def test_overrides_may_stand_on_both_sides_of_config(tmp_path, entry, args):
         assert proc.returncode == 2 and proc.stderr.startswith("error: "), proc.stderr
 
 
+@pytest.mark.integration
 def test_dry_run_prints_resolved_config_and_help_lists_keys():
     proc = run([sys.executable, "-m", "gan_dist.train", "train.batch_size=7", "--dry-run"], timeout=60)
     assert proc.returncode == 0

@@ -26,6 +26,7 @@ def test_every_recipe_is_listed():
     assert sorted(p.name for p in (REPO / "configs").glob("*.yaml")) == sorted(RECIPES)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_recipe_builds_networks_for_its_data(name):
     cfg = load_config(REPO / "configs" / name, [])

@@ -19,6 +19,8 @@ from gan_dist.data.cache import load_split
 from gan_dist.dist import DistEnv, setup, teardown
 from gan_dist.training.engine import GANEngine
 
+pytestmark = pytest.mark.integration  # starts processes or services
+
 STEPS = 3
 GLOBAL_BATCH = 16
 

@@ -91,6 +91,7 @@ def _silent_peer_worker(rank: int, store: Path, out: Path) -> None:
     out.write_text(json.dumps(raised))
 
 
+@pytest.mark.integration
 def test_every_error_a_silent_peer_causes_is_told_as_a_lost_peer(tmp_path):
     """The first wait to time out names gloo's transport; gloo then fails every other pending operation
     with a bare sentence. Both are a lost peer (one line, exit 4); any other error keeps its traceback."""

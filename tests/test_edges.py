@@ -30,6 +30,8 @@ from gan_dist.sample import check_npz_size
 from gan_dist.training.checkpointer import Checkpointer
 from gan_dist.training.position import Position
 
+pytestmark = pytest.mark.integration  # starts processes or services
+
 
 class Part:
     def state_dict(self) -> dict:

@@ -145,6 +145,7 @@ def test_ema_checkpoints_and_old_checkpoints_without_it_load():
         assert torch.equal(e, p)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("arch", ["mlp", "dcgan"])
 @pytest.mark.parametrize("conditioning", ["concat", "projection"])
 def test_spectral_norm_keeps_top_singular_value_near_one(arch, conditioning):

@@ -353,6 +353,7 @@ def run_cli(*args: str) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.integration
 def test_cli_two_gloo_ranks_equal_one_rank(checkpoint: Path, tmp_path: Path) -> None:
     """Two ranks train the judge together (DDP) and cache it; one rank then reuses it and agrees."""
     common = ["--checkpoint", str(checkpoint), "--n-per-class", "10", f"eval.judge_dir={tmp_path / 'judges'}",
@@ -380,6 +381,7 @@ def npz_args(npz: Path, out: Path, root: Path, *extra: str) -> list[str]:
             *extra]
 
 
+@pytest.mark.integration
 def test_cli_scores_an_npz(data_root: Path, tmp_path: Path) -> None:
     """The reference itself, as uint8: FID ~0, precision and recall 1, accuracy = the judge's on test."""
     images, labels = write_idx(data_root, 400, "test", seed=2)  # the same reference, written again
@@ -391,6 +393,7 @@ def test_cli_scores_an_npz(data_root: Path, tmp_path: Path) -> None:
     assert record["cond_acc"] == pytest.approx(record["judge_accuracy"])
 
 
+@pytest.mark.integration
 def test_cli_scores_an_rgb_npz(tmp_path: Path) -> None:
     """CIFAR-10's own test images in the npz layout [N, 32, 32, 3] score as the reference itself."""
     images, labels = write_cifar(tmp_path / "cifar", 640)["test"]
@@ -401,6 +404,7 @@ def test_cli_scores_an_rgb_npz(tmp_path: Path) -> None:
     assert record["cond_acc"] == pytest.approx(record["judge_accuracy"])
 
 
+@pytest.mark.integration
 def test_cli_scores_unlabelled_samples_of_unlabelled_data(flat_root: Path, tmp_path: Path) -> None:
     """A flat folder has no classes: the npz needs no labels, and there are no class metrics."""
     cfg = data_config(flat_root, "folder")

@@ -222,6 +222,7 @@ def test_a_wrong_name_or_option_is_one_line_naming_the_key(plugin: ModuleType, o
     assert message in err and len(err.splitlines()) == 1, err
 
 
+@pytest.mark.integration
 def test_imports_names_the_module_for_the_command_line(tmp_path: Path) -> None:
     """``imports`` loads the user's module in the trainer's own process (every rank runs it), and a sampler
     of its checkpoint, with nothing but the config; a module that cannot be imported is a config error."""

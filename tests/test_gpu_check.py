@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO, exited, run, wait_until
 
+pytestmark = pytest.mark.integration  # starts processes or services
+
 MAX_FILES = 8  # what the device tool brings back from $OUT
 CUDA_ONLY = {"nccl_shared_gpu", "sync_batchnorm_resnet", "fp16_r1", "compile_ddp"}  # skipped, with a reason, on CPU
 

@@ -18,6 +18,7 @@ def test_importing_loads_no_torch(module):
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
 
 
+@pytest.mark.integration
 def test_resolving_a_config_loads_the_registries_it_names():
     """The built-in names register on first lookup: a config is still checked against all of them."""
     code = ("import gan_dist.config as c, gan_dist.configio as io; "

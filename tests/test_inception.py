@@ -22,7 +22,7 @@ from conftest import _class_pattern, run, write_cifar, write_idx
 from test_evaluate import ONE_RANK, data_config, one_thread, train_tiny  # noqa: F401 (one_thread: autouse)
 from torch import nn
 
-import gan_dist
+import gan_dist.evaluation
 from gan_dist import cli, evaluate
 from gan_dist.config import Config, EvalConfig, ModelConfig
 from gan_dist.evaluation import scores as metrics
@@ -87,6 +87,7 @@ class Images(torch.utils.data.Dataset):
 # ------------------------------------------------------------------------------ torch-fidelity's numbers
 
 
+@pytest.mark.integration
 def test_scores_equal_torch_fidelity_calculate_metrics(weights: Path, tmp_path: Path) -> None:
     """An npz scored end to end against CIFAR's test split equals ``calculate_metrics`` on the same images
     (without labels: Inception's scores read none, even on labelled data)."""
@@ -131,6 +132,7 @@ def test_our_kid_for_the_judge_is_torch_fidelitys_kid() -> None:
         (theirs["kernel_inception_distance_mean"], theirs["kernel_inception_distance_std"]), rel=1e-4)
 
 
+@pytest.mark.integration
 def test_one_channel_is_replicated_and_float_images_are_rounded_to_pixels(weights: Path) -> None:
     from gan_dist.evaluation.inception import Inception
 
@@ -145,6 +147,7 @@ def test_one_channel_is_replicated_and_float_images_are_rounded_to_pixels(weight
 # ------------------------------------------------------------------------------------ ranks, cache, training
 
 
+@pytest.mark.integration
 def test_checkpoint_two_gloo_ranks_equal_one_rank_on_one_channel_data(weights: Path, tmp_path: Path) -> None:
     """MNIST-format data (one channel, replicated): 2 ranks embed and cache the reference, 1 rank agrees."""
     write_idx(tmp_path / "data", 32, "train", seed=1)
@@ -172,6 +175,7 @@ def test_checkpoint_two_gloo_ranks_equal_one_rank_on_one_channel_data(weights: P
         assert (shared - alone).abs().max() <= 1e-5 * shared.abs().max()  # float32 sums over other batches
 
 
+@pytest.mark.integration
 def test_reference_features_are_cached_per_content_split_and_weights(weights: Path, tmp_path: Path) -> None:
     write_idx(tmp_path / "data", 8, "train", seed=1)
     write_idx(tmp_path / "data", 4, "test", seed=2)
@@ -198,6 +202,7 @@ def test_reference_features_are_cached_per_content_split_and_weights(weights: Pa
     assert changed.info["reference_key"] != first.info["reference_key"]
 
 
+@pytest.mark.integration
 def test_training_evaluates_in_inceptions_space_and_keeps_best_by_its_fid(weights: Path, tmp_path: Path,
                                                                         capsys: pytest.CaptureFixture[str]) -> None:
     write_idx(tmp_path / "data", 32, "train", seed=1)
@@ -272,7 +277,7 @@ def test_without_torch_fidelity_inception_is_a_config_error(monkeypatch: pytest.
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # import torch_fidelity now fails
     monkeypatch.delitem(sys.modules, "gan_dist.evaluation.inception", raising=False)
-    monkeypatch.delattr(gan_dist, "inception", raising=False)
+    monkeypatch.delattr(gan_dist.evaluation, "inception", raising=False)
     assert evaluate.main(["--npz", "none.npz", "eval.features=inception", "eval.inception_weights=w.pth"]) == 2
     assert capsys.readouterr().err == ("config error: eval.features=inception needs torch-fidelity: "
                                        "pip install -e '.[metrics]'\n")

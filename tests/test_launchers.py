@@ -79,6 +79,7 @@ def test_sbatch_options_for_what_the_script_does_not_ask_reach_it(tmp_path, caps
         assert f"#SBATCH --{option}" in script
 
 
+@pytest.mark.integration  # sbatch reads the configuration of a running cluster
 @pytest.mark.skipif(shutil.which("sbatch") is None, reason="no sbatch here")
 def test_the_table_of_sbatch_options_has_every_option_of_the_installed_sbatch():
     shown = subprocess.run(["sbatch", "--help"], capture_output=True, text=True, check=True).stdout

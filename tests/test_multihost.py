@@ -29,7 +29,8 @@ from hosts import CLUSTER_NET, Host, Hosts, unavailable
 from gan_dist import cli
 from gan_dist.checkpoint import load_file
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif((why := unavailable()) is not None, reason=f"no hosts: {why}")]
+pytestmark = [pytest.mark.slow, pytest.mark.integration,
+              pytest.mark.skipif((why := unavailable()) is not None, reason=f"no hosts: {why}")]
 
 STEPS = 30
 TIMEOUT_S = 15

@@ -24,6 +24,8 @@ from conftest import (
     write_folder,
 )
 
+pytestmark = pytest.mark.integration  # starts processes or services
+
 STEPS = 60
 STOP_LATENCY_STEPS = 2
 """A stop signal seen at step k is agreed on during step k+1 and acted on by step k+2 (README, "When a job dies")."""

@@ -89,6 +89,7 @@ def tile(flavour: str) -> int:
     return SIDE[FLAVOURS[flavour][0]] + 2
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_grid_at_the_training_seed_is_the_training_grid(runs, flavour, tmp_path, capsys):
     """Rows are classes and the checkpoint round-trips: seed 0 (train.seed) redraws samples/step_2.png."""
@@ -235,6 +236,7 @@ def test_each_output_has_its_own_stream(runs, tmp_path, capsys):
         assert np.array_equal(npz["images"], together["images"])
 
 
+@pytest.mark.integration
 def test_no_ema_uses_the_raw_generator(runs, tmp_path, capsys):
     ema = checkpoint(runs["ema"])
     default, raw = outputs(capsys, ema, tmp_path / "ema"), outputs(capsys, ema, tmp_path / "raw", "--no-ema")
@@ -310,6 +312,7 @@ def test_unwritable_output(runs, tmp_path, capsys):
     assert code == 2 and err.startswith("error: cannot write") and len(err.splitlines()) == 1
 
 
+@pytest.mark.integration
 def test_module_entry_point_exit_status(tmp_path):
     """``python -m gan_dist.sample`` itself: status 2 and one line on stderr, no traceback."""
     proc = subprocess.run([sys.executable, "-m", "gan_dist.sample", "--checkpoint", str(tmp_path / "none.pt"),

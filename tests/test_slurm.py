@@ -31,6 +31,8 @@ from torch.distributed import TCPStore
 
 from launch import slurm
 
+pytestmark = pytest.mark.integration  # starts processes or services
+
 LOCAL = str(REPO / "configs/slurm/local.yaml")
 N_IMAGES = 2000  # 125 steps per epoch at 2 ranks x batch 8: no epoch ends mid-test to write samples
 TASKS = (0, 1)

@@ -41,7 +41,7 @@ UP_S = 300  # a fresh machine installs the packages first (about 10-20 s), then 
 DOWN_S = 120
 TWO_NODES = ("--nodes", "2", "--tasks-per-node", "1")
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.integration]
 
 
 def _script(command: str, *args: str, log: Path, timeout: float) -> int:

@@ -15,6 +15,8 @@ from PIL import Image
 from gan_dist import evaluate
 from gan_dist.evaluation import judge
 
+pytestmark = pytest.mark.integration  # starts processes or services
+
 
 def test_torchrun_two_ranks_writes_run_dir_from_rank0_only(tmp_path, idx_root):
     run_dir = tmp_path / "run"
@@ -30,7 +32,7 @@ def test_torchrun_two_ranks_writes_run_dir_from_rank0_only(tmp_path, idx_root):
         assert {"step", "epoch", "d_loss", "g_loss", "d_real", "d_fake", "images_per_s"} <= r.keys()
         assert 0 < r["d_real"] < 1 and r["images_per_s"] > 0
     assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["step_16.png", "step_8.png"]
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_16.pt"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["saved.json", "step_16.pt"]
     assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "config.yaml", "metrics.jsonl", "samples"]
 
 

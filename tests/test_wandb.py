@@ -6,8 +6,11 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from conftest import base_overrides, run, torchrun_cmd
+
+pytestmark = pytest.mark.integration  # starts processes or services
 
 SECRET = "0123456789abcdef0123456789abcdef01234567"
 

@@ -82,7 +82,7 @@ IDX_KINDS = {"images": (0x803, read_image_file), "labels": (0x801, read_label_fi
 
 def idx_description(name: str, source: str) -> DatasetInfo:
     """mnist's or fashion_mnist's description at its own shape and official sizes, without reading it
-    (KeyError for any other name): what records written before descriptions existed were made from."""
+    (KeyError for any other name): what a record that carries no description of its data was made from."""
     classes = tuple(IDX_DATASETS[name].classes)
     return DatasetInfo(name, 1, 28, len(classes), classes, {"train": 60000, "test": 10000}, source)
 

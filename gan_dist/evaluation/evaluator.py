@@ -122,8 +122,8 @@ class Evaluator:
     or else trains or loads the judge, and embeds the reference (Inception's: cached) and its k-NN
     radii once. ``run`` then costs one generation of ``eval.n_samples`` images and their features (split over
     the ranks), and the metrics on the gathered features (on every rank alike: two 10k×10k distance
-    passes, KID's 100 subsets and a few 128×128 eigendecompositions per class, seconds on one CPU core
-    in the judge's 128 features). Lower FID and KID are better.
+    passes, KID's 100 subsets and a few 128×128 eigendecompositions per class in the judge's 128 features;
+    their cost: docs/QUALITY.md, "Cost during training"). Lower FID and KID are better.
     """
 
     def __init__(self, cfg: Config, env: DistEnv, spec: JudgeSpec = DEFAULT_SPEC,

@@ -10,8 +10,8 @@ three), resized by its TensorFlow-1-compatible bilinear resize to 299×299.
 Nothing is downloaded: ``eval.inception_weights`` names torch-fidelity's weights file, and a path that
 is unset, missing, or holds other tensors is a config error before any work. The reference split's
 features are cached under ``eval.features_dir``, keyed like the judge by the split's pixels and labels
-(a content hash), its name and the weights' hash: embedding CIFAR-10's 50k training images takes
-minutes on a GPU, and reading them back a second.
+(a content hash), its name and the weights' hash: the reference is embedded once, and read back after
+(the cost of each: docs/QUALITY.md, "Two feature spaces").
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -279,7 +280,7 @@ def load_or_train(cfg: DataConfig, judge_dir: str | Path, env: DistEnv, spec: Ju
         return judge
     if env.is_main:
         print(f"judge: none cached for this data and recipe; training one on {len(data.train[1])} images "
-              f"({spec.samples:,} seen), to be cached as {path}", flush=True)
+              f"({spec.samples:,} seen), to be cached as {path}", file=sys.stderr, flush=True)  # stdout: results
     net, seconds = _train(spec, data, env, stop)
     n_train = len(data.train[1])
     info = {

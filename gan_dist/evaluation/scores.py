@@ -121,7 +121,7 @@ def knn_radii(features: torch.Tensor, k: int, chunk: int = CHUNK) -> torch.Tenso
     if features.shape[0] <= k:
         raise ValueError(f"k-NN radii with k={k} need more than {k} points, got {features.shape[0]}")
     # The (k+1)-th smallest distance of a row counts the point itself, at distance 0. topk, not
-    # kthvalue: on CPU it is 4x faster on 2048×10k rows.
+    # kthvalue: the faster of the two on CPU (docs/QUALITY.md, "Cost during training").
     return torch.cat([torch.cdist(rows, features).topk(k + 1, dim=1, largest=False).values[:, k]
                       for rows in features.split(chunk)])
 

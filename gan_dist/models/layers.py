@@ -39,8 +39,8 @@ class ConditionalBatchNorm2d(nn.Module):
 
 
 def upgrade_state(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """``state`` with the keys of checkpoints saved when ``ConditionalBatchNorm2d`` was a BatchNorm subclass (its
-    statistics and affine at its own level) moved into its ``norm`` child, as ``model`` holds them now."""
+    """``state`` with a ``ConditionalBatchNorm2d``'s statistics and affine found at its own level (the keys of a
+    BatchNorm subclass) moved into its ``norm`` child, where ``model`` holds them."""
     state = dict(state)
     for name, module in model.named_modules():
         if isinstance(module, ConditionalBatchNorm2d):

@@ -129,7 +129,7 @@ class Checkpointer(Component):
         self._write_manifest(written & {p.name for _, p in self._by_step()})
 
     def _manifest(self) -> set[str]:
-        """The rolling checkpoints this run wrote. Runs from before the manifest start it from the files that
+        """The rolling checkpoints this run wrote. A folder without a manifest starts it from the files that
         read as gan_dist checkpoints."""
         path = self.folder / MANIFEST
         try:

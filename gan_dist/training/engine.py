@@ -95,14 +95,14 @@ class GANEngine:
         if not env.distributed:
             return module
         # torch 2.14 deprecates broadcast_buffers for forward_sync_buffers, which still syncs at init;
-        # broadcast_buffers=False is the spelling with the same meaning on every torch from 2.4.
+        # broadcast_buffers=False is the spelling with the same meaning on every torch pyproject.toml allows.
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
             return DDP(
                 module,
                 device_ids=[env.device.index] if env.device.type == "cuda" else None,
                 # BatchNorm stats stay per rank (or SyncBatchNorm): broadcasting them before each of D's
-                # two forwards rewrites buffers that autograd saved, an in-place error in recent PyTorch.
+                # two forwards rewrites buffers that autograd saved: backward then fails with an in-place error.
                 broadcast_buffers=False,
                 bucket_cap_mb=cfg.dist.bucket_cap_mb,
                 gradient_as_bucket_view=cfg.dist.gradient_as_bucket_view,

@@ -112,6 +112,9 @@ class GANLoss:
                        functools.partial(self._discriminate, nets.D), gen)
         for term in due:
             weighted, reported = term(phase)
+            if not reported.keys() <= set(term.metrics):
+                raise ValueError(f"loss.{term.name} reports {', '.join(sorted(reported.keys() - set(term.metrics)))}, "
+                                 f"which it does not declare in metrics ({', '.join(term.metrics) or 'none'})")
             loss = loss + weighted
             metrics |= reported
         self._observe(real_logits, fake_logits)
