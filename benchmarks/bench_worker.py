@@ -5,7 +5,6 @@ how its steps are timed and split into phases, and the result it writes for the 
 # No ``from __future__ import annotations``: DDP checks a comm hook's annotations as live objects.
 import argparse
 import contextlib
-import dataclasses
 import itertools
 import json
 import resource
@@ -41,6 +40,7 @@ from gan_dist.configio import load_config
 from gan_dist.data.cache import load_split
 from gan_dist.dist import DistEnv, StepAgreement, setup, teardown, usable_cores
 from gan_dist.evaluation.diversity import ZSpread
+from gan_dist.training.losses import Networks
 from gan_dist.training.position import Position, iterations
 from gan_dist.training.trainer import build
 
@@ -254,7 +254,7 @@ class EngineWorkload(Workload):
     def instrument(self, clock: PhaseClock) -> None:
         super().instrument(clock)
         if self.times_comm:
-            for module in (self.engine.nets.G, self.engine.nets.D):
+            for module in (self.engine.nets.G.step, self.engine.nets.D.step):
                 module = getattr(module, "_orig_mod", module)  # under train.compile, the DDP it compiled
                 if isinstance(module, DDP):
                     module.register_comm_hook(AllReduceTimer(clock), timed_allreduce)
@@ -277,8 +277,7 @@ class EngineWorkload(Workload):
         slow afterwards. CUDA graphs are not stepped meanwhile."""
         eng = self.engine
         nets, graphed = eng.nets, eng.graphed
-        bare = {k: getattr(getattr(nets, k), "_orig_mod", getattr(nets, k)) for k in ("G", "D", "fake_G")}
-        eng.nets, eng.graphed = dataclasses.replace(nets, **bare), False
+        eng.nets, eng.graphed = Networks(nets.G.eager(), nets.D.eager()), False
         try:
             yield
         finally:

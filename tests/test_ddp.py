@@ -142,8 +142,8 @@ def _check_options(env: DistEnv, out: Path) -> None:
         eng = GANEngine(load_config(None, overrides), env, DIGITS)
         counts = {"G": 0, "D": 0}
 
-        eng.nets.G.register_comm_hook(None, _counting_hook(counts, "G"))
-        eng.nets.D.register_comm_hook(None, _counting_hook(counts, "D"))
+        eng.nets.G.step.register_comm_hook(None, _counting_hook(counts, "G"))
+        eng.nets.D.step.register_comm_hook(None, _counting_hook(counts, "D"))
         torch.manual_seed(env.rank)  # different real data on each rank
         n_critic = load_config(None, overrides).train.n_critic
         for step in range(STEPS):

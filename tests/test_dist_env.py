@@ -58,7 +58,7 @@ def test_force_ddp_at_world_size_1_wraps_both_networks_and_trains_identically():
         try:
             assert env.distributed == forced
             engine = GANEngine(cfg, env, DIGITS)
-            assert isinstance(engine.nets.G, DDP) == forced and isinstance(engine.nets.D, DDP) == forced
+            assert isinstance(engine.nets.G.step, DDP) == forced and isinstance(engine.nets.D.step, DDP) == forced
             agreement = dist.StepAgreement(env)
             for step in range(3):
                 engine.iteration(step, [batch])

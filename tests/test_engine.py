@@ -268,7 +268,7 @@ def test_bcr_penalty_matches_a_direct_computation():
     real, labels = batch(6)
     z, fake_labels = eng.noise.draw(0, 0, 6)
     with torch.no_grad():
-        fake = eng.nets.fake_G(z, fake_labels)
+        fake = eng.nets.G.no_grad(z, fake_labels)
         gen, augment, D = torch.Generator().manual_seed(3), Augment(AugmentConfig(), CPU, 6), eng.discriminator
         expected = sum((D(x, y) - D(augment.transform(x, ("translation", "cutout"), gen), y)).square().mean()
                        for x, y in ((real, labels), (fake, fake_labels)))

@@ -55,7 +55,7 @@ def test_r1_and_r2_penalties_match_a_direct_computation():
     real, labels = batch(6)
     z, fake_labels = eng.noise.draw(0, 0, 6)
     with torch.no_grad():
-        fake = eng.nets.fake_G(z, fake_labels)
+        fake = eng.nets.G.no_grad(z, fake_labels)
 
     def direct(x: torch.Tensor, y: torch.Tensor) -> float:
         x = x.clone().requires_grad_(True)

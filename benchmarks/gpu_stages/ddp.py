@@ -47,8 +47,8 @@ def ddp_option(mode: Mode, env: DistEnv, cfg: Config) -> dict[str, int]:
     and D's gradients never all-reduced in the G step."""
     run = Run(cfg, env)
     eng, counts = run.engine, Counter()
-    eng.nets.G.register_comm_hook(None, counting_hook(counts, "G"))
-    eng.nets.D.register_comm_hook(None, counting_hook(counts, "D"))
+    eng.nets.G.step.register_comm_hook(None, counting_hook(counts, "G"))
+    eng.nets.D.step.register_comm_hook(None, counting_hook(counts, "D"))
     run.train(mode.sizes.steps)
     before = dict(counts)
     eng.g_step(*eng.noise.draw(run.step, 0, cfg.train.batch_size), run.step, next(run.batches)[0])

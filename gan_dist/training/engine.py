@@ -28,7 +28,7 @@ from gan_dist.models.ema import EMA
 from gan_dist.models.layers import upgrade_state
 from gan_dist.seeds import NoiseStream, Stream
 from gan_dist.training.augment import Augment
-from gan_dist.training.losses import GANLoss, LossStats, Networks
+from gan_dist.training.losses import GANLoss, LossStats, Network, Networks
 from gan_dist.training.ramps import Ramps, ema_decay
 
 if TYPE_CHECKING:
@@ -70,12 +70,7 @@ class GANEngine:
             raise ConfigError("dist.sync_batchnorm: SyncBatchNorm needs CUDA; on CPU each rank keeps its own stats")
         if cfg.dist.sync_batchnorm and env.distributed:
             g, d = nn.SyncBatchNorm.convert_sync_batchnorm(g), nn.SyncBatchNorm.convert_sync_batchnorm(d)
-        self.generator, self.discriminator = g.to(env.device), d.to(env.device)
-        G, D = self._wrap(self.generator, cfg, env), self._wrap(self.discriminator, cfg, env)
-        # The bare G makes the D step's fakes (no DDP hooks under no_grad); each call site is compiled.
-        fake_G, compiled_G, compiled_D = (_compiled(m, cfg.train.compile) for m in (self.generator, G, D))
-        self.nets = Networks(G=compiled_G, D=compiled_D, fake_G=fake_G, discriminator=self.discriminator,
-                             d_ddp=D if isinstance(D, DDP) else None)
+        self.nets = Networks(*(self._network(m.to(env.device), cfg, env) for m in (g, d)))
         self.graphed = cfg.train.compile == "reduce-overhead" and env.device.type == "cuda"
         self.opt_g = _adam(self.generator, cfg.optim.g_lr, cfg.optim.g_betas)
         self.opt_d = _adam(self.discriminator, cfg.optim.d_lr, cfg.optim.d_betas)
@@ -89,6 +84,23 @@ class GANEngine:
             raise ValueError("train.labels=data draws labels by the training split's class counts: pass them")
         weights = class_counts if cfg.train.labels == "data" else None
         self.noise = NoiseStream(cfg.train.seed, env.rank, cfg.model.z_dim, self.label_classes, env.device, weights)
+
+    @classmethod
+    def _network(cls, module: nn.Module, cfg: Config, env: DistEnv) -> Network:
+        """``module`` at its call sites, each compiled when ``train.compile`` is on: behind DDP where it trains,
+        bare where it runs without gradient (no DDP hooks: G making D's fakes)."""
+        ddp = cls._wrap(module, cfg, env)
+        return Network(module, _compiled(ddp, cfg.train.compile), ddp if isinstance(ddp, DDP) else None,
+                       _compiled(module, cfg.train.compile))
+
+    @property
+    def generator(self) -> nn.Module:
+        """G's weights: the network as built, under no wrapper."""
+        return self.nets.G.module
+
+    @property
+    def discriminator(self) -> nn.Module:
+        return self.nets.D.module
 
     @staticmethod
     def _wrap(module: nn.Module, cfg: Config, env: DistEnv) -> nn.Module:

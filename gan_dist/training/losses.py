@@ -10,6 +10,7 @@ raw (no sigmoid in D) and the objectives run in float32, outside autocast.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,25 +33,39 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
-class Networks:
-    """What the phases run: ``G`` and ``D`` train (behind DDP and compile when on); ``fake_G`` is the bare G
-    that makes D's fakes under no_grad; ``discriminator`` is the bare D, frozen in G's phase, and
-    ``d_ddp`` its DDP wrapper (None on one process), whose ``no_sync`` keeps D out of G's all-reduce."""
+class Network:
+    """One network and where it is called: ``module`` holds its weights (the bare network); ``step`` is where it
+    trains (behind DDP and torch.compile when on); ``ddp`` is that DDP wrapper (None on one process); ``no_grad``
+    is where it runs without gradient (compiled when on, without DDP's hooks), as G does for D's fakes."""
 
-    G: nn.Module
-    D: nn.Module
-    fake_G: nn.Module
-    discriminator: nn.Module
-    d_ddp: DDP | None
+    module: nn.Module
+    step: nn.Module
+    ddp: DDP | None
+    no_grad: nn.Module
+
+    def eager(self) -> Network:
+        """The same network and weights with torch.compile's wrappers taken off."""
+        def bare(m: nn.Module) -> nn.Module:
+            return getattr(m, "_orig_mod", m)
+        return dataclasses.replace(self, step=bare(self.step), no_grad=bare(self.no_grad))
+
+
+@dataclass(frozen=True)
+class Networks:
+    """What the phases run: ``G`` and ``D``."""
+
+    G: Network
+    D: Network
 
     @contextlib.contextmanager
     def frozen_d(self) -> Iterator[None]:
-        self.discriminator.requires_grad_(False)
+        """G's phase: D takes no gradient, and its DDP's ``no_sync`` keeps it out of G's all-reduce."""
+        self.D.module.requires_grad_(False)
         try:
-            with self.d_ddp.no_sync() if self.d_ddp is not None else contextlib.nullcontext():
+            with self.D.ddp.no_sync() if self.D.ddp is not None else contextlib.nullcontext():
                 yield
         finally:
-            self.discriminator.requires_grad_(True)
+            self.D.module.requires_grad_(True)
 
 
 class GANLoss:
@@ -97,19 +112,19 @@ class GANLoss:
         """D on a real and a fake batch, its terms that are due, and backward; ``d_step`` counts D steps from 0 (it
         schedules the lazy terms), ``gen`` draws the augmentation and then the terms' randomness."""
         with torch.no_grad(), self.amp.autocast():
-            fake = nets.fake_G(z, fake_labels)
+            fake = nets.G.no_grad(z, fake_labels)
         due = [t for t in self.terms if t.due(d_step)]
         if any(t.input_grad == "real" for t in due):
             real = real.detach().requires_grad_(True)
         if any(t.input_grad == "fake" for t in due):
             fake = fake.detach().requires_grad_(True)
         real_seen, fake_seen = self.augment(real, gen), self.augment(fake, gen)
-        real_logits = self._discriminate(nets.D, real_seen, labels)
-        fake_logits = self._discriminate(nets.D, fake_seen, fake_labels)
+        real_logits = self._discriminate(nets.D.step, real_seen, labels)
+        fake_logits = self._discriminate(nets.D.step, fake_seen, fake_labels)
         loss, metrics = self.objective.d(real_logits, fake_logits)
         metrics["d_loss"] = loss.detach()
         phase = DPhase(real, fake, labels, fake_labels, real_seen, fake_seen, real_logits, fake_logits,
-                       functools.partial(self._discriminate, nets.D), gen)
+                       functools.partial(self._discriminate, nets.D.step), gen)
         for term in due:
             weighted, reported = term(phase)
             if not reported.keys() <= set(term.metrics):
@@ -136,13 +151,13 @@ class GANLoss:
         objective that pairs also scores ``real`` (images, labels), with no gradient to anything."""
         with nets.frozen_d():
             with self.amp.autocast():
-                fake = nets.G(z, fake_labels)
-            fake_logits = self._discriminate(nets.D, self.augment(fake, gen), fake_labels)
+                fake = nets.G.step(z, fake_labels)
+            fake_logits = self._discriminate(nets.D.step, self.augment(fake, gen), fake_labels)
             if self.objective.pairs:
                 if real is None:
                     raise ValueError(f"loss.kind={self.kind} compares fakes with reals: G's phase needs a real batch")
                 with torch.no_grad():
-                    real_logits = self._discriminate(nets.D, self.augment(real[0], gen), real[1])
+                    real_logits = self._discriminate(nets.D.step, self.augment(real[0], gen), real[1])
                 loss = self.objective.g(fake_logits, real_logits)
             else:
                 loss = self.objective.g(fake_logits)
