@@ -382,6 +382,10 @@ class WandbConfig:
     name: str | None = opt(None, "run name; default: the run_dir's name")
     group: str | None = opt(None, "run group")
     tags: tuple[str, ...] = opt((), "run tags")
+    log_model: Literal["none", "best", "last", "all"] = opt(
+        "none", "checkpoints as W&B model artifacts (one sequence per run, model-<run id>): best: best.pt each time "
+        "an evaluation rewrites it (alias best); last: the newest checkpoint when the process ends (latest, "
+        "step-N); all: both, and every checkpoint as it is saved")
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ from gan_dist.dist import setup, teardown
 from gan_dist.evaluation.evaluator import NEIGHBOURS, Evaluator, check_features, shape_text
 from gan_dist.evaluation.judge import DEFAULT_SPEC, JudgeSpec
 from gan_dist.models.base import label_count
-from gan_dist.models.loading import load_generator
+from gan_dist.models.loading import generator_from_checkpoint
 
 if TYPE_CHECKING:
     pass
@@ -150,7 +150,7 @@ def check_reference(path: str, trained_on: DatasetInfo, reference: Split, num_cl
 def evaluate(args: argparse.Namespace, spec: JudgeSpec) -> dict[str, Any] | None:
     """The JSON record of one evaluation on rank 0, None on the other ranks; every rank runs it."""
     if args.checkpoint:
-        generator, cfg, trained_on = load_generator(args.checkpoint, "cpu", use_ema=not args.no_ema)
+        generator, cfg, trained_on = generator_from_checkpoint(args.checkpoint, "cpu", use_ema=not args.no_ema)
         cfg = resolve(to_dict(cfg), args.overrides)
         rows = class_rows(label_count(cfg.model, trained_on))
         n_samples = rows * args.n_per_class if args.n_per_class is not None else cfg.eval.n_samples

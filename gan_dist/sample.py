@@ -48,7 +48,7 @@ from gan_dist.config import UsageError
 from gan_dist.data.classes import GRID_ROWS, class_rows, grid_classes, row_names
 from gan_dist.data.pixels import to_pixels
 from gan_dist.models.base import label_count
-from gan_dist.models.loading import generate, load_generator
+from gan_dist.models.loading import generate, generator_from_checkpoint
 from gan_dist.seeds import Stream, latents
 from gan_dist.training.samples import SampleWriter, fixed_noise, save_grid
 
@@ -190,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def write(args: argparse.Namespace) -> int:
     """Every output asked for, from G rebuilt out of the checkpoint."""
-    generator, cfg, info = load_generator(args.checkpoint, args.device, use_ema=not args.no_ema)
+    generator, cfg, info = generator_from_checkpoint(args.checkpoint, args.device, use_ema=not args.no_ema)
     num_classes = label_count(cfg.model, info)
     classes = grid_classes(num_classes)
     which = "EMA of G" if cfg.ema.enabled and not args.no_ema else "G"

@@ -16,7 +16,7 @@ from PIL import Image
 from gan_dist import sample, train
 from gan_dist.data.classes import GRID_ROWS, grid_classes
 from gan_dist.models.base import label_count
-from gan_dist.models.loading import generate, load_generator
+from gan_dist.models.loading import generate, generator_from_checkpoint
 from gan_dist.seeds import Stream, derive_seed
 from gan_dist.training.samples import fixed_noise
 
@@ -179,7 +179,7 @@ def test_interpolation_size(runs, flavour, rows, tmp_path, capsys):
 def test_walks_end_where_they_should(runs, flavour):
     """Both latent walks join z0 to z1, and label walk k runs from the image of the k-th grid class to the next's."""
     steps = 4
-    generator, cfg, info = load_generator(checkpoint(runs[flavour]))
+    generator, cfg, info = generator_from_checkpoint(checkpoint(runs[flavour]))
     classes = grid_classes(label_count(cfg.model, info))
     images = sample.walks(generator, cfg.model.z_dim, steps, 0, torch.device("cpu"), classes)
     rows = len(classes) or GRID_ROWS
@@ -203,7 +203,7 @@ def test_walks_end_where_they_should(runs, flavour):
 
 def test_embedding_path_matches_labels(runs):
     """Feeding G the table's own rows is the same as feeding it the class ids."""
-    generator, cfg, _ = load_generator(checkpoint(runs["dcgan"]))
+    generator, cfg, _ = generator_from_checkpoint(checkpoint(runs["dcgan"]))
     z = sample.latents(cfg.model.z_dim, 10, 0, 0)
     from_table = sample.generate_from_embeddings(generator, z, generator.embed.weight)
     torch.testing.assert_close(from_table, generate(generator, z, torch.arange(10)))
@@ -241,7 +241,7 @@ def test_no_ema_uses_the_raw_generator(runs, tmp_path, capsys):
     ema = checkpoint(runs["ema"])
     default, raw = outputs(capsys, ema, tmp_path / "ema"), outputs(capsys, ema, tmp_path / "raw", "--no-ema")
     assert not np.array_equal(default["images"], raw["images"])
-    generator, cfg, _ = load_generator(ema, use_ema=False)
+    generator, cfg, _ = generator_from_checkpoint(ema, use_ema=False)
     z = sample.latents(cfg.model.z_dim, 3 * 10, 0, Stream.NPZ)
     assert np.array_equal(raw["images"], sample.to_uint8(generate(generator, z, torch.tensor(raw["labels"]))))
     plain = checkpoint(runs["mlp"])  # no EMA saved: --no-ema changes nothing

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import base_overrides, run, torchrun_cmd
+from conftest import base_overrides, run, torchrun_cmd, write_folder
 
 pytestmark = pytest.mark.integration  # starts processes or services
 
@@ -118,3 +118,38 @@ def test_api_key_is_never_written(tmp_path, idx_root):
     written = [path for path in tmp_path.rglob("*") if path.is_file()]
     assert run_files(run_dir)[0] in written  # the scan sees W&B's own files
     assert [path for path in written if SECRET.encode() in path.read_bytes()] == []
+
+
+def artifacts(path: Path) -> list[tuple[str, list[str], dict]]:
+    return [(a["name"], sorted(a["aliases"]), json.loads(a["metadata"])) for r in records(path)
+            if r.get("type") == "artifact" for a in [r["artifact"]]]
+
+
+def test_checkpoints_become_model_artifacts_with_aliases_across_a_resume(tmp_path):
+    root = tmp_path / "images"
+    write_folder(root, {"a": 40, "b": 40}, size=16)
+    run_dir, env = tmp_path / "run", {"WANDB_DATA_DIR": str(tmp_path / "wandb_data")}
+    for steps in (4, 6):
+        proc = run([sys.executable, "-m", "gan_dist.train", *wandb_overrides(run_dir, root, **{
+            "data.name": "folder", "data.split": "train", "train.max_steps": steps, "checkpoint.every_steps": 2,
+            "eval.every_steps": 2, "eval.n_samples": 40, "eval.judge_dir": tmp_path / "judges",
+            "log.wandb.log_model": "all"})], env_extra=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    first, second = (artifacts(f) for f in run_files(run_dir))
+    name = f"model-{run_id(run_files(run_dir)[0])}"
+    assert {n for n, _, _ in first + second} == {name}  # one sequence, continued by the resumed run
+    rolling = [(aliases, meta) for _, aliases, meta in first + second if meta["file"] != "best.pt"]
+    assert rolling == [(["latest", f"step-{s}"], {"step": s, "file": f"step_{s}.pt"}) for s in (2, 4, 6)]
+    best = [(meta["file"], meta["step"]) for _, aliases, meta in first + second if "best" in aliases]
+    assert best[0] == ("best.pt", 2) and {file for file, _ in best} == {"best.pt"}  # W&B adds latest to each
+
+
+def test_log_model_last_logs_the_newest_checkpoint_once(tmp_path, idx_root):
+    run_dir = tmp_path / "run"
+    proc = run([sys.executable, "-m", "gan_dist.train", *wandb_overrides(run_dir, idx_root, **{
+        "train.max_steps": 4, "checkpoint.every_steps": 2, "log.wandb.log_model": "last"})],
+        env_extra={"WANDB_DATA_DIR": str(tmp_path / "wandb_data")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (path,) = run_files(run_dir)
+    assert [(aliases, meta) for _, aliases, meta in artifacts(path)] == [
+        (["latest", "step-4"], {"step": 4, "file": "step_4.pt"})]

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     pass
 
 
-def load_generator(path: str | Path, device: torch.device | str = "cpu",
+def generator_from_checkpoint(path: str | Path, device: torch.device | str = "cpu",
                    use_ema: bool = True) -> tuple[nn.Module, Config, DatasetInfo]:
     """G (its EMA when saved and ``use_ema``) in eval mode, rebuilt from the config and data description
     the checkpoint carries, so no data is needed.
@@ -30,7 +30,7 @@ def load_generator(path: str | Path, device: torch.device | str = "cpu",
 
 def generator_from_state(state: dict, path: Path, device: torch.device | str = "cpu",
                          use_ema: bool = True) -> tuple[nn.Module, Config, DatasetInfo]:
-    """``load_generator`` on a checkpoint already read from ``path``."""
+    """``generator_from_checkpoint`` on a checkpoint already read from ``path``."""
     run, engine = state["run"], state["engine"]
     try:
         cfg = resolve(run["config"])  # its ``imports`` first: G may be a user's architecture

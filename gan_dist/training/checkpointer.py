@@ -54,6 +54,8 @@ class Checkpointer(Component):
         """The newest rolling checkpoint this run wrote or resumed from."""
         self.named: set[str] = set()
         """Files in the folder that this run did not write, already named on the console."""
+        self.listeners: list[Callable[[Path, int], None]] = []
+        """Told of every file saved, on rank 0 (the logger's W&B artifacts)."""
         if env.is_main:
             self.folder.mkdir(parents=True, exist_ok=True)
             for stale in self.folder.glob(".step_*.pt.tmp*"):  # left by a crash mid-write
@@ -109,6 +111,8 @@ class Checkpointer(Component):
             self.last_save, self.last_saved = time.monotonic(), path
         if self.env.is_main:
             print(f"saved {path}", flush=True)
+            for listener in self.listeners:
+                listener(path, step)
         return path
 
     def _prune(self, step: int, saved: str) -> None:

@@ -89,6 +89,8 @@ class MetricLogger(Component):
         self.run_dir, self.path = run_dir, run_dir / "metrics.jsonl"
         self.learning_rates, self.probes = learning_rates, probes
         self.wandb = None
+        self.newest: tuple[Path, int] | None = None
+        """log_model=last: the newest checkpoint this process saved, logged when it closes."""
         self.replay_until = last_logged_step(self.path) if env.is_main else 0
         self.batch = batch_per_rank
         n, device = len(self.names), env.device
@@ -116,7 +118,36 @@ class MetricLogger(Component):
             self.wandb = start_wandb(self.cfg.wandb, self.run_dir, config, run_id)
         return self.wandb.id if self.wandb is not None else run_id
 
+    def checkpoint_saved(self, path: Path, step: int) -> None:
+        """Rank 0, after each save: the file as a W&B model artifact, as ``log.wandb.log_model`` asks."""
+        policy = self.cfg.wandb.log_model
+        if self.wandb is None or policy == "none":
+            return
+        if path.name == "best.pt":
+            if policy in ("best", "all"):
+                self._log_model(path, step, ["best"])
+        elif policy == "all":
+            self._log_model(path, step, ["latest", f"step-{step}"])
+        elif policy == "last":
+            self.newest = path, step
+
+    def _log_model(self, path: Path, step: int, aliases: list[str]) -> None:
+        """One version of the run's model artifact (W&B copies the file: pruning cannot take it away)."""
+        try:
+            import wandb
+
+            artifact = wandb.Artifact(f"model-{self.wandb.id}", type="model", metadata={"step": step,
+                                                                                          "file": path.name})
+            artifact.add_file(str(path), name=path.name)
+            self.wandb.log_artifact(artifact, aliases=aliases)
+        except Exception as e:  # as W&B's start: never fatal
+            print(f"warning: W&B did not take {path} as an artifact ({type(e).__name__}: "
+                  f"{str(e).splitlines()[0][:160]})", file=sys.stderr, flush=True)
+
     def close(self) -> None:
+        if self.newest is not None:
+            self._log_model(*self.newest, ["latest", f"step-{self.newest[1]}"])
+            self.newest = None
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None

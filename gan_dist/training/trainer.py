@@ -172,6 +172,7 @@ class Trainer:
                   *Evaluation.notes(cfg.eval, self.pos, self.total_steps))
         env.raise_together(self._write_config() if env.is_main else None)
         self.logger = MetricLogger.build(cfg.log, ctx)
+        self.checkpointer.listeners.append(self.logger.checkpoint_saved)
         ctx = dataclasses.replace(ctx, sink=self.logger, save=self.checkpointer.save)
         self.components: list[Component] = [self.logger, SampleWriter.build(cfg.log, ctx),
                                             *Evaluation.build(cfg.eval, ctx, self.pos, self.total_steps),
