@@ -15,6 +15,7 @@ import torch
 from conftest import REPO, write_cifar, write_folder
 
 from gan_dist import export, load_generator, sample, train
+from gan_dist.config import DatasetInfo
 from gan_dist.models.export import KEY, NotAnExport, fold
 from gan_dist.models.loading import generate, generator_from_checkpoint
 from gan_dist.seeds import Stream, latents
@@ -93,6 +94,12 @@ def test_every_format_reproduces_gan_dist_sample(arch, checkpoints, tmp_path):
 
     safe = load_generator(exported(ck, "safetensors", tmp_path / "g.safetensors"))
     images = safe.sample(N_PER_CLASS, seed=SEED)
+    fresh = subprocess.run([sys.executable, "-c", "import sys, numpy, gan_dist; numpy.save(sys.argv[2], gan_dist."
+                            f"load_generator(sys.argv[1]).sample({N_PER_CLASS}, seed={SEED}).numpy())",
+                            str(tmp_path / "g.safetensors"), str(tmp_path / "fresh.npy")], capture_output=True,
+                           text=True, timeout=300)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert np.array_equal(np.load(tmp_path / "fresh.npy"), images.numpy())
     pixels = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     assert np.array_equal(pixels.squeeze(-1) if info.channels == 1 else pixels, expected["images"])
 
@@ -236,3 +243,33 @@ def test_the_readmes_snippets_generate_a_batch_of_64(checkpoints, tmp_path):
         proc = subprocess.run([sys.executable, "-c", snippets[name] + check], capture_output=True, text=True,
                               cwd=tmp_path, timeout=300)
         assert proc.returncode == 0, (name, proc.stderr[-3000:])
+
+
+SHAPES = {"mnist": (1, 28, 10), "fashion_mnist": (1, 28, 10), "cifar10": (3, 32, 10), "folder": (3, None, 9)}
+"""(channels, resolution, classes) of each shipped recipe's dataset; a folder's resolution is the recipe's."""
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_every_shipped_recipes_generator_exports_to_every_format(recipe, tmp_path):
+    """At the recipe's own widths (not a training run's: a fresh G of the recipe, in eval mode)."""
+    import onnxruntime
+
+    from gan_dist.configio import load_config
+    from gan_dist.models.base import build_generator
+    from gan_dist.models.export import SAVERS, Description, ExportedGenerator
+
+    cfg = load_config(REPO / "configs" / recipe, [])
+    channels, resolution, classes = SHAPES[cfg.data.name]
+    info = DatasetInfo(cfg.data.name, channels, resolution or cfg.data.resolution, classes,
+                       tuple(f"c{i}" for i in range(classes)), {"train": 100}, "test")
+    torch.manual_seed(0)
+    model = ExportedGenerator(build_generator(cfg.model, info), Description.of(cfg, info, False, 0, False))
+    z, labels = torch.randn(5, cfg.model.z_dim), torch.arange(5) % classes
+    with torch.no_grad():
+        want = model(z, labels).numpy()
+    for fmt, saver in SAVERS.items():
+        saver(model, tmp_path / fmt)
+    assert np.array_equal(load_generator(tmp_path / "safetensors")(z, labels).numpy(), want)
+    assert np.abs(torch.jit.load(tmp_path / "torchscript")(z, labels).numpy() - want).max() <= 1e-5
+    got = onnxruntime.InferenceSession(tmp_path / "onnx").run(None, {"z": z.numpy(), "labels": labels.numpy()})[0]
+    assert np.abs(got - want).max() <= 1e-4
