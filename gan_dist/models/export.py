@@ -96,9 +96,9 @@ class ExportedGenerator(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, classes: int | Sequence[int] | None = None, seed: int = 0,
                batch: int = 1000) -> torch.Tensor:
-        """``n`` images per class of ``classes`` (default: every class), class-major. Their latents are the
-        ones ``python -m gan_dist.sample --npz --n-per-class n --seed seed`` draws, so with every class
-        these are that file's images."""
+        """``n`` images per class of ``classes`` (default: every class), class-major, from latents drawn as
+        ``python -m gan_dist.sample --npz --n-per-class n --seed seed`` draws them: with every class, these
+        are that file's images."""
         rows = max(self.description.num_classes, 1)
         picked = list(range(rows)) if classes is None else [classes] if isinstance(classes, int) else list(classes)
         if n < 1 or not picked or any(not 0 <= c < rows for c in picked):
