@@ -100,8 +100,7 @@ def test_every_format_reproduces_gan_dist_sample(arch, checkpoints, tmp_path):
                            text=True, timeout=300)
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     assert np.array_equal(np.load(tmp_path / "fresh.npy"), images.numpy())
-    pixels = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    assert np.array_equal(pixels.squeeze(-1) if info.channels == 1 else pixels, expected["images"])
+    assert np.array_equal(sample.to_uint8(images), expected["images"])
 
     labels = torch.from_numpy(expected["labels"])
     z = latents(cfg.model.z_dim, len(labels), SEED, Stream.NPZ)
@@ -123,13 +122,13 @@ def test_the_batch_is_free_and_uint8_folds_the_pixels(checkpoints, tmp_path):
     ck = checkpoints["resnet"]
     generator, cfg, _ = generator_from_checkpoint(ck)
     z, labels = torch.randn(64, cfg.model.z_dim), torch.arange(64) % 10
-    want = ((generate(generator, z, labels) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    want = sample.to_uint8(generate(generator, z, labels))
     script, ort, meta = run_foreign(tmp_path, z.numpy(), labels.numpy(),
                                     exported(ck, "torchscript", tmp_path / "g.pt", "--uint8"),
                                     exported(ck, "onnx", tmp_path / "g.onnx", "--uint8"))
     assert script.dtype == ort.dtype == np.uint8 and script.shape == (64, 32, 32, 3)
-    assert np.array_equal(script, want.numpy())
-    assert np.abs(ort.astype(int) - want.numpy().astype(int)).max() <= 1  # a value on a rounding edge
+    assert np.array_equal(script, want)
+    assert np.abs(ort.astype(int) - want.astype(int)).max() <= 1  # a value on a rounding edge
     assert meta["onnx"]["output"] == "uint8 [N, 32, 32, 3] pixels"
 
 
